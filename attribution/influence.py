@@ -1,0 +1,232 @@
+"""Influence scores τ(q, n) = ∇m(q)ᵀ (G + λI)⁻¹ ∇L(x_n) / N, and the methods built from them.
+
+Sign and unit: τ(q, n) is the first-order predicted *increase* of the query's measurement (by
+default its diffusion loss) if training image n were removed and the model retrained:
+τ > 0 → n is a proponent (it makes q more likely). The features carry the 1/N; scores are inner
+products of query features ψ (projected ∇m, no preconditioner) and training features φ.
+
+Every method is a configuration of the same machinery (`METHODS`):
+preconditioner × GGN type × weight sharing × training function × measurement × normalisation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+from tqdm.auto import tqdm
+
+from attribution.curvature import Curvature, CurvatureConfig, fit_curvature
+from attribution.data import ImageDataset
+from attribution.features import FeatureMap, gradient_features, model_layer_shapes
+from attribution.measurements import Measurement
+from attribution.projection import Projection, make_projection
+
+QUERY_KEY = -1  # all queries share the same draws (common random numbers on the query side)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    preconditioner: str  # identity | kfac | kfac-exact | ekfac | trak | pixel
+    ggn: str = "model"
+    sharing: str = "expand"
+    train_fn: str = "loss"
+    measurement: str = "loss"
+    normalize: bool = False
+    damping: float = 1e-8
+    description: str = ""
+
+
+METHODS: dict[str, MethodSpec] = {
+    "ekfac": MethodSpec("ekfac", description="EK-FAC influence, K-FAC-expand, MC GGN (recommended)"),
+    "kfac": MethodSpec("kfac", description="K-FAC-expand influence, MC GGN, factored damping (fast path)"),
+    "kfac-exact-damping": MethodSpec("kfac-exact", description="K-FAC-expand, exact damping"),
+    "kfac-reduce": MethodSpec("kfac", sharing="reduce", description="K-FAC-reduce influence, MC GGN"),
+    "kfac-empirical": MethodSpec("kfac", ggn="loss", description="K-FAC-expand, empirical Fisher"),
+    "ekfac-empirical": MethodSpec("ekfac", ggn="loss", description="EK-FAC-expand, empirical Fisher"),
+    "trak": MethodSpec("trak", ggn="loss", damping=1e-3,
+                       description="TRAK: (ΦᵀΦ+λ)⁻¹ in projected space, loss both sides"),
+    "dtrak": MethodSpec("trak", ggn="loss", train_fn="square_norm", measurement="square_norm",
+                        damping=1e-3, description="D-TRAK: TRAK with the square-norm function both sides"),
+    "journey-trak": MethodSpec("trak", ggn="loss", measurement="trajectory", damping=1e-3,
+                               description="Journey-TRAK: TRAK, loss along the query's own trajectory"),
+    "gradcos": MethodSpec("identity", normalize=True, description="gradient cosine similarity"),
+    "gradsim": MethodSpec("identity", description="gradient dot product (TracIn, one checkpoint)"),
+    "pixel": MethodSpec("pixel", normalize=True, description="pixel-space cosine similarity (no model)"),
+}
+
+
+@dataclass
+class AttributionConfig:
+    """Everything that fixes the scores. `dim=None` means no projection (small models only)."""
+
+    method: str = "ekfac"
+    draws: int = 8
+    query_draws: int = 32
+    curvature_draws: int = 4
+    dim: int | None = 4096
+    damping: float | None = None  # relative; None: the method's default
+    measurement: str | None = None  # None: the method's default
+    t_range: tuple[int, int] | None = None
+    normalize: bool | None = None
+    seed: int = 0
+    batch_size: int = 32
+    stratified: bool = True
+    antithetic: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.t_range is not None:
+            self.t_range = tuple(self.t_range)
+
+    @property
+    def spec(self) -> MethodSpec:
+        s = METHODS[self.method]
+        return replace(s, damping=self.damping if self.damping is not None else s.damping,
+                       measurement=self.measurement or s.measurement,
+                       normalize=s.normalize if self.normalize is None else self.normalize)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _normalize(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=1, keepdim=True).clamp(min=1e-30)
+
+
+class Attributor:
+    """Influence of training images on queries, for one model, training set and configuration.
+
+    >>> att = Attributor(model, train_dataset, AttributionConfig(method="ekfac"))
+    >>> scores = att.scores(query_images)          # (Q, N), positive = proponent
+    """
+
+    def __init__(self, model, train: ImageDataset, config: AttributionConfig | None = None,
+                 device: str | torch.device | None = None, progress: bool = True):
+        self.model = model
+        self.train = train
+        self.config = config or AttributionConfig()
+        self.device = torch.device(device) if device else next(model.unet.parameters()).device
+        self.progress = progress
+        self.spec = self.config.spec
+        self.curvature: Curvature | None = None
+        self.projection: Projection | None = None
+        self.trak_inverse: torch.Tensor | None = None
+        self._fmaps: dict[str, FeatureMap] = {}
+        if self.spec.preconditioner == "trak" and self.config.dim is None:
+            raise ValueError("TRAK-style methods need a projection (dim); the unprojected ΦᵀΦ is too large")
+
+    # ---- setup -------------------------------------------------------------------------------
+    @property
+    def n_train(self) -> int:
+        return len(self.train)
+
+    @property
+    def uses_model(self) -> bool:
+        return self.spec.preconditioner != "pixel"
+
+    def curvature_config(self) -> CurvatureConfig:
+        kind = "ekfac" if self.spec.preconditioner == "ekfac" else "kfac"
+        return CurvatureConfig(kind=kind, ggn=self.spec.ggn, sharing=self.spec.sharing,
+                               draws=self.config.curvature_draws, seed=self.config.seed,
+                               damping=self.spec.damping, stratified=self.config.stratified)
+
+    def fit(self, curvature: Curvature | None = None, projection: Projection | None = None) -> Attributor:
+        """Fit (or take) the curvature and make (or take) the projection."""
+        if not self.uses_model:
+            return self
+        shapes = model_layer_shapes(self.model.unet)
+        self.projection = projection or make_projection(shapes, self.config.dim, self.config.seed)
+        if self.spec.preconditioner in ("kfac", "kfac-exact", "ekfac"):
+            self.curvature = curvature or fit_curvature(
+                self.model, self.train.images, list(range(self.n_train)), self.curvature_config(),
+                batch_size=self.config.batch_size, progress=self.progress, device=self.device)
+        return self
+
+    def feature_map(self, side: str) -> FeatureMap:
+        """The train-side (preconditioned, 1/N) or query-side (plain) feature map."""
+        if self.projection is None:
+            self.fit()
+        if side not in self._fmaps:
+            shapes = model_layer_shapes(self.model.unet)
+            pre = self.spec.preconditioner
+            if side == "query" or pre in ("identity", "trak"):
+                self._fmaps[side] = FeatureMap(shapes, self.projection, "identity", device=self.device,
+                                               scale=1.0 if side == "query" else 1.0 / self.n_train)
+            else:
+                self._fmaps[side] = FeatureMap(shapes, self.projection, pre, self.curvature,
+                                               scale=1.0 / self.n_train, device=self.device)
+        return self._fmaps[side]
+
+    @property
+    def dim(self) -> int:
+        if not self.uses_model:
+            return self.train.images[0].numel()
+        return self.feature_map("train").dim
+
+    # ---- features ----------------------------------------------------------------------------
+    def raw_train_features(self, rows: list[int] | None = None, progress: bool | None = None) -> torch.Tensor:
+        """Training features before any dataset-level transform (TRAK's ΦᵀΦ, normalisation)."""
+        rows = list(range(self.n_train)) if rows is None else list(rows)
+        images = self.train.images[rows]
+        if not self.uses_model:
+            return images.flatten(1).float()
+        return gradient_features(
+            self.model, self.feature_map("train"), images, rows, Measurement(self.spec.train_fn),
+            self.config.draws, self.config.seed, self.config.batch_size, self.config.stratified,
+            self.config.antithetic, progress=self.progress if progress is None else progress,
+            desc="training features", device=self.device)
+
+    def fit_trak(self, raw: torch.Tensor) -> None:
+        """TRAK's preconditioner (ΦᵀΦ/N + λI)⁻¹ from all raw training features (N, D)."""
+        f = (raw.double().T @ raw.double()) / raw.shape[0]
+        lam = self.spec.damping * torch.linalg.eigvalsh(f).clamp(min=0).mean()
+        self.trak_inverse = torch.linalg.inv(f + lam * torch.eye(f.shape[0], dtype=f.dtype)).float()
+
+    def finish_train_features(self, raw: torch.Tensor) -> torch.Tensor:
+        """Dataset-level transforms of raw training features: TRAK's inverse, normalisation."""
+        if self.spec.preconditioner == "trak":
+            if self.trak_inverse is None:
+                raise RuntimeError("fit_trak() must see all training features first")
+            raw = raw @ self.trak_inverse  # symmetric, so rows are (F+λI)⁻¹ φ
+        return _normalize(raw) if self.spec.normalize else raw
+
+    def train_features(self) -> torch.Tensor:
+        """All training features (N, D), ready for inner products with query features."""
+        raw = self.raw_train_features()
+        if self.spec.preconditioner == "trak":
+            self.fit_trak(raw)
+        return self.finish_train_features(raw)
+
+    def query_features(self, images: torch.Tensor,
+                       trajectory: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """ψ (Q, D) for query images (Q, C, H, W) in [-1, 1]."""
+        if not self.uses_model:
+            psi = images.flatten(1).float()
+        else:
+            meas = Measurement(self.spec.measurement, t_range=self.config.t_range)
+            psi = gradient_features(
+                self.model, self.feature_map("query"), images, [QUERY_KEY] * images.shape[0], meas,
+                self.config.query_draws, self.config.seed, self.config.batch_size,
+                self.config.stratified, self.config.antithetic, trajectory=trajectory,
+                progress=False, device=self.device)
+        return _normalize(psi) if self.spec.normalize else psi
+
+    # ---- scores ------------------------------------------------------------------------------
+    def scores(self, images: torch.Tensor, trajectory=None, train_features: torch.Tensor | None = None) -> torch.Tensor:
+        """τ (Q, N) for query images. Without a projection, streams over training batches."""
+        psi = self.query_features(images, trajectory)
+        if train_features is not None:
+            return psi @ train_features.T
+        if self.uses_model and self.config.dim is None and self.spec.preconditioner != "trak":
+            out = torch.empty(psi.shape[0], self.n_train)
+            bs = self.config.batch_size
+            for i in tqdm(range(0, self.n_train, bs), desc="scores (unprojected)",
+                          disable=not self.progress):
+                rows = list(range(i, min(self.n_train, i + bs)))
+                phi = self.finish_train_features(self.raw_train_features(rows, progress=False))
+                out[:, i:i + len(rows)] = psi @ phi.T
+            return out
+        return psi @ self.train_features().T

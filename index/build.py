@@ -1,0 +1,234 @@
+"""Offline index builder: curvature, features in resumable shards, FAISS store, manifest.
+
+    attribution index build --model MODEL_DIR --data DATA --out INDEX_DIR [--method …]
+    torchrun --nproc-per-node 2 -m index.build --out INDEX_DIR …      (data-parallel)
+
+A build writes `build.json` (its settings) first; finished pieces are renamed into place
+atomically, so a killed build rerun with the same settings continues from its finished shards
+and gives the same index. Different settings in the same folder start a new build. Under
+torchrun each rank computes every world-size-th shard and its share of the curvature sums
+(all-reduced); rank 0 assembles the index.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from attribution.curvature import Curvature
+from attribution.data import ImageDataset, load_dataset, to_uint8
+from attribution.influence import AttributionConfig, Attributor
+from attribution.model import DiffusionModel, load_model, pick_device
+from index.manifest import CODE_VERSION, FORMAT_VERSION, settings_key, write_json
+from index.store import FAISS_TYPES, make_faiss, write_faiss
+
+SHARD = 256  # images per shard (a multiple of every batch size used)
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class Dist:
+    """torch.distributed when launched by torchrun (gloo on CPU, NCCL on GPUs), else one process."""
+
+    def __init__(self, device: torch.device):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        if self.world > 1 and not torch.distributed.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            torch.distributed.init_process_group(backend)
+
+    def allreduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.world == 1:
+            return x
+        x = x.clone()
+        torch.distributed.all_reduce(x)
+        return x
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def close(self) -> None:
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def build_settings(model: DiffusionModel, data: ImageDataset, cfg: AttributionConfig, model_path: str,
+                   data_spec: str) -> dict:
+    return {"model": {"path": str(model_path), "weights_sha256": model.weights_sha256(),
+                      "config": dict(model.unet.config)},
+            "data": {"source": data_spec, "n": len(data), "sha256": data.fingerprint(),
+                     "channels": int(data.images.shape[1]), "size": int(data.images.shape[2])},
+            "method": cfg.to_dict(), "format_version": FORMAT_VERSION}
+
+
+def build_index(model: DiffusionModel, data: ImageDataset, out: str | Path, cfg: AttributionConfig,
+                faiss_type: str = "flat", model_path: str = "", data_spec: str = "",
+                device: torch.device | str | None = None, progress: bool = True,
+                thumbs: bool = True) -> Path:
+    """Build (or resume) an index of `data` under `out`; returns the folder."""
+    out = Path(out)
+    device = pick_device(str(device) if device else None)
+    dist = Dist(device)
+    settings = build_settings(model, data, cfg, model_path, data_spec)
+    settings["faiss"] = faiss_type
+    key = settings_key(settings)
+    if dist.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        prev = json.loads((out / "build.json").read_text()) if (out / "build.json").exists() else None
+        if prev is not None and prev.get("key") != key:
+            _say(f"{out}: holds a build with other settings; starting a new build there")
+            for name in ("shards", "manifest.json", "curvature.safetensors", "projection.safetensors",
+                         "features.faiss", "items.jsonl", "thumbs.npy"):
+                p = out / name
+                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        if (out / "manifest.json").exists() and prev is not None and prev.get("key") == key:
+            _say(f"{out}: the index is already built with these settings")
+        write_json(out / "build.json", {"key": key, "settings": settings})
+        (out / "shards").mkdir(exist_ok=True)
+    dist.barrier()
+    if (out / "manifest.json").exists():
+        dist.close()
+        return out
+    t0 = time.time()
+    model.to(device)
+    att = Attributor(model, data, cfg, device=device, progress=progress and dist.rank == 0)
+    n = len(data)
+    shards = [(s, min(n, s + SHARD)) for s in range(0, n, SHARD)]
+    mine = shards[dist.rank::dist.world]
+
+    # 1. curvature (all ranks contribute their shards' sums), 2. projection
+    curv_path, proj_path = out / "curvature.safetensors", out / "projection.safetensors"
+    needs_curv = att.spec.preconditioner in ("kfac", "kfac-exact", "ekfac")
+    curvature = None
+    if needs_curv and curv_path.exists():
+        curvature = Curvature.load(curv_path)
+        _say(f"reusing the fitted curvature in {curv_path}")
+    elif needs_curv:
+        from attribution.curvature import fit_curvature
+
+        rows = [i for s, e in mine for i in range(s, e)]
+        _say(f"fitting {att.curvature_config().kind.upper()} curvature on {n} images "
+             f"× {cfg.curvature_draws} draws ({dist.world} process(es))")
+        curvature = fit_curvature(model, data.images[rows], rows, att.curvature_config(),
+                                  batch_size=cfg.batch_size, progress=progress and dist.rank == 0,
+                                  device=device, allreduce=dist.allreduce)
+        curvature.meta["n_images"] = n
+        if dist.rank == 0:
+            tmp = curv_path.with_name(curv_path.name + ".tmp")
+            curvature.save(tmp)
+            os.replace(tmp, curv_path)
+    t_curv = time.time() - t0
+    att.fit(curvature=curvature)
+    if dist.rank == 0 and att.projection is not None and not proj_path.exists():
+        tmp = proj_path.with_name(proj_path.name + ".tmp")
+        att.projection.save(tmp)
+        os.replace(tmp, proj_path)
+
+    # 3. training features, shard by shard (finished shards are skipped)
+    todo = [(s, e) for s, e in mine if not (out / "shards" / f"{s:07d}-{e:07d}.safetensors").exists()]
+    if dist.rank == 0:
+        _say(f"computing features for {n} images ({len(shards) - len(todo) * dist.world} of "
+             f"{len(shards)} shards already done), D = {att.dim}, {cfg.draws} draws per image")
+    t1 = time.time()
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=sum(e - s for s, e in todo), desc="features", unit="img",
+               disable=not (progress and dist.rank == 0))
+    for s, e in todo:
+        raw = att.raw_train_features(list(range(s, e)), progress=False)
+        _save_atomic({"raw": raw}, out / "shards" / f"{s:07d}-{e:07d}.safetensors")
+        bar.update(e - s)
+    bar.close()
+    t_feat = time.time() - t1
+    dist.barrier()
+    if dist.rank == 0:
+        raw = torch.cat([load_file(str(out / "shards" / f"{s:07d}-{e:07d}.safetensors"))["raw"]
+                         for s, e in shards])
+        if att.spec.preconditioner == "trak":
+            att.fit_trak(raw)
+            _save_atomic({"trak_inverse": att.trak_inverse}, out / "trak.safetensors")
+        feats = att.finish_train_features(raw).numpy().astype(np.float32)
+        index = make_faiss(feats, faiss_type)
+        write_faiss(index, out / "features.faiss")
+        with open(out / "items.jsonl.tmp", "w") as f:
+            for i in range(n):
+                f.write(json.dumps({"row": i, "label": int(data.labels[i]), "source": data.sources[i]}) + "\n")
+        os.replace(out / "items.jsonl.tmp", out / "items.jsonl")
+        if thumbs:
+            np.save(out / "thumbs.tmp.npy", to_uint8(data.images).squeeze(-1) if data.images.shape[1] == 1
+                    else to_uint8(data.images))
+            os.replace(out / "thumbs.tmp.npy", out / "thumbs.npy")
+        manifest = {**settings, "code_version": CODE_VERSION, "key": key,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "projection": {"total_dim": att.dim,
+                                   "per_layer": att.projection.dims if att.projection else None,
+                                   "dtype": "float32"},
+                    "faiss": {"type": faiss_type, "metric": "inner_product", "ntotal": int(index.ntotal)},
+                    "build": {"seconds_curvature": round(t_curv, 2), "seconds_features": round(t_feat, 2),
+                              "processes": dist.world,
+                              "images_per_second": round(sum(e - s for s, e in todo) / max(t_feat, 1e-9), 2)}}
+        write_json(out / "manifest.json", manifest)
+        _say(f"index written to {out} ({n} images, D = {att.dim}, {time.time() - t0:.0f} s)")
+    dist.barrier()
+    dist.close()
+    return out
+
+
+def config_from_args(a: argparse.Namespace) -> AttributionConfig:
+    return AttributionConfig(method=a.method, draws=a.draws, curvature_draws=a.curvature_draws,
+                             query_draws=a.query_draws, dim=a.dim or None, seed=a.seed,
+                             batch_size=a.batch_size)
+
+
+def add_build_args(p: argparse.ArgumentParser) -> None:
+    d = AttributionConfig()
+    p.add_argument("--model", default=None, help="model folder (default: assets/mnist-unet)")
+    p.add_argument("--data", default="mnist", help="'mnist' (embedded, 5,000 images) or an image folder")
+    p.add_argument("--out", required=True, help="index folder to write (resumed if present)")
+    p.add_argument("--method", default=d.method)
+    p.add_argument("--dim", type=int, default=d.dim, help="feature budget D per image (0: unprojected)")
+    p.add_argument("--draws", type=int, default=d.draws, help="(t, ε) draws per training image")
+    p.add_argument("--curvature-draws", type=int, default=d.curvature_draws)
+    p.add_argument("--query-draws", type=int, default=d.query_draws)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--faiss", choices=FAISS_TYPES, default="flat")
+    p.add_argument("--n", type=int, default=None, help="index only the first N images")
+    p.add_argument("--device", default=None)
+
+
+def run_build(a: argparse.Namespace) -> Path:
+    device = pick_device(a.device)
+    model = load_model(a.model, device=device)
+    data = load_dataset(a.data, channels=model.channels, size=model.size, n=a.n)
+    return build_index(model, data, a.out, config_from_args(a), a.faiss,
+                       model_path=str(a.model or "default"), data_spec=a.data, device=device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="index.build", description=__doc__)
+    add_build_args(p)
+    run_build(p.parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

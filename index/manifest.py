@@ -1,0 +1,63 @@
+"""The index manifest: what an index was built from, and the checks that refuse a mismatch."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+FORMAT_VERSION = 1
+CODE_VERSION = "0.1.0"
+
+
+class IndexLoadError(ValueError):
+    """An index that cannot be used as asked; the message says why and how to rebuild."""
+
+
+
+
+def settings_key(settings: dict) -> str:
+    """A short hash of everything that determines the features (model, data, method, seeds)."""
+    blob = json.dumps(settings, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+def read_manifest(index_dir: str | Path) -> dict:
+    index_dir = Path(index_dir)
+    path = index_dir / "manifest.json"
+    if not index_dir.is_dir():
+        raise IndexLoadError(f"{index_dir}: index folder not found; build it with `attribution index build`")
+    if not path.is_file():
+        hint = " (a build was started here but has not finished; rerun it to resume)" \
+            if (index_dir / "build.json").exists() else ""
+        raise IndexLoadError(f"{index_dir}: no manifest.json, so this is not a finished index{hint}")
+    try:
+        m = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise IndexLoadError(f"{path}: corrupted manifest ({e}); rebuild the index") from None
+    if m.get("format_version") != FORMAT_VERSION:
+        raise IndexLoadError(f"{index_dir}: index format version {m.get('format_version')!r}, this code "
+                          f"reads version {FORMAT_VERSION}; rebuild it with `attribution index build`")
+    return m
+
+
+def check_model(manifest: dict, weights_sha256: str, index_dir) -> None:
+    want = manifest["model"]["weights_sha256"]
+    if want != weights_sha256:
+        raise IndexLoadError(f"{index_dir}: the index was built for another model (weights sha256 "
+                          f"{want[:12]}…, this model {weights_sha256[:12]}…); rebuild it for this model "
+                          f"with `attribution index build --model … --out {index_dir}`")
+
+
+def check_data(manifest: dict, fingerprint: str, index_dir) -> None:
+    want = manifest["data"]["sha256"]
+    if want != fingerprint:
+        raise IndexLoadError(f"{index_dir}: the index was built from other training data (fingerprint "
+                          f"{want[:12]}…, given data {fingerprint[:12]}…); rebuild it for this data")

@@ -1,0 +1,183 @@
+"""Loading and searching a built index; the query path shared by the CLI and the app.
+
+    idx = load(INDEX_DIR, model)                 # refuses another model / format / broken files
+    res = idx.query(image)                       # top-k proponents and opponents with scores
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from attribution.influence import AttributionConfig, Attributor
+from attribution.projection import Projection
+from index.manifest import IndexLoadError, check_data, check_model, read_manifest
+
+FAISS_TYPES = ("flat", "ivf", "hnsw")
+
+
+def make_faiss(feats: np.ndarray, kind: str = "flat", nlist: int | None = None) -> faiss.Index:
+    """An inner-product FAISS index over `feats` (N, D) float32."""
+    n, d = feats.shape
+    feats = np.ascontiguousarray(feats, dtype=np.float32)
+    if kind == "flat":
+        index = faiss.IndexFlatIP(d)
+    elif kind == "ivf":
+        nlist = nlist or max(1, min(4096, int(4 * np.sqrt(n))))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(feats)
+        index.nprobe = max(1, nlist // 8)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
+    else:
+        raise ValueError(f"unknown FAISS index type {kind!r}; choose one of {', '.join(FAISS_TYPES)}")
+    index.add(feats)
+    return index
+
+
+def write_faiss(index: faiss.Index, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    faiss.write_index(index, str(tmp))
+    tmp.replace(path)
+
+
+@dataclass
+class Hit:
+    rank: int
+    row: int
+    score: float
+    label: int
+    source: str
+
+
+@dataclass
+class QueryResult:
+    proponents: list[Hit]
+    opponents: list[Hit]
+    timings: dict[str, float] = field(default_factory=dict)
+    all_scores: np.ndarray | None = None
+
+    def to_dict(self) -> dict:
+        return {"proponents": [h.__dict__ for h in self.proponents],
+                "opponents": [h.__dict__ for h in self.opponents], "timings_s": self.timings}
+
+
+class Index:
+    """A loaded index: FAISS store, items, thumbnails, and the query-side feature map."""
+
+    def __init__(self, path: Path, manifest: dict, faiss_index: faiss.Index, items: list[dict],
+                 thumbs: np.ndarray | None, attributor: Attributor | None):
+        self.path = path
+        self.manifest = manifest
+        self.faiss = faiss_index
+        self.items = items
+        self.thumbs = thumbs
+        self.attributor = attributor
+
+    def __len__(self) -> int:
+        return self.faiss.ntotal
+
+    @property
+    def method(self) -> str:
+        return self.manifest["method"]["method"]
+
+    def all_features(self) -> np.ndarray:
+        """(N, D) stored training features (flat indexes only)."""
+        return self.faiss.reconstruct_n(0, self.faiss.ntotal)
+
+    def search(self, psi: np.ndarray, k: int = 16) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """psi (Q, D) -> (top scores, top rows, bottom scores, bottom rows), each (Q, k).
+
+        Top = largest τ (proponents, descending); bottom = smallest τ (opponents, ascending),
+        found by searching with −ψ.
+        """
+        psi = np.ascontiguousarray(psi, dtype=np.float32)
+        k = min(k, self.faiss.ntotal)
+        s_top, i_top = self.faiss.search(psi, k)
+        s_bot, i_bot = self.faiss.search(-psi, k)
+        return s_top, i_top, -s_bot, i_bot
+
+    def query_features(self, images: torch.Tensor, trajectory=None) -> np.ndarray:
+        if self.attributor is None:
+            raise IndexLoadError("this index was loaded without a model; pass the model to load()")
+        return self.attributor.query_features(images, trajectory).numpy()
+
+    def hits(self, scores: np.ndarray, rows: np.ndarray) -> list[Hit]:
+        return [Hit(r + 1, int(i), float(s), int(self.items[i]["label"]), self.items[i]["source"])
+                for r, (s, i) in enumerate(zip(scores, rows)) if i >= 0]
+
+    def query(self, image: torch.Tensor, k: int = 16, trajectory=None, with_all: bool = False) -> QueryResult:
+        """One query image (C, H, W) in [-1, 1] -> top-k proponents and opponents."""
+        t0 = time.perf_counter()
+        psi = self.query_features(image.unsqueeze(0), trajectory)
+        t1 = time.perf_counter()
+        s_top, i_top, s_bot, i_bot = self.search(psi, k)
+        t2 = time.perf_counter()
+        res = QueryResult(self.hits(s_top[0], i_top[0]), self.hits(s_bot[0], i_bot[0]),
+                          {"query_gradient": t1 - t0, "search": t2 - t1})
+        if with_all and isinstance(self.faiss, faiss.IndexFlat):
+            res.all_scores = (self.all_features() @ psi[0]).astype(np.float32)
+        return res
+
+
+def load(index_dir: str | Path, model=None, data_fingerprint: str | None = None,
+         device: str | torch.device | None = None) -> Index:
+    """Load an index folder; with `model`, refuse an index built for another model."""
+    index_dir = Path(index_dir)
+    manifest = read_manifest(index_dir)
+    if model is not None:
+        check_model(manifest, model.weights_sha256(), index_dir)
+    if data_fingerprint is not None:
+        check_data(manifest, data_fingerprint, index_dir)
+    try:
+        fx = faiss.read_index(str(index_dir / "features.faiss"))
+    except RuntimeError as e:
+        raise IndexLoadError(f"{index_dir / 'features.faiss'}: unreadable or truncated FAISS file "
+                             f"({str(e).splitlines()[0][:120]}); rebuild the index") from None
+    n = manifest["data"]["n"]
+    if fx.ntotal != n or fx.d != manifest["projection"]["total_dim"]:
+        raise IndexLoadError(f"{index_dir}: features.faiss holds {fx.ntotal}×{fx.d} vectors, the manifest "
+                             f"says {n}×{manifest['projection']['total_dim']}; rebuild the index")
+    try:
+        items = [json.loads(line) for line in (index_dir / "items.jsonl").read_text().splitlines()]
+    except (OSError, json.JSONDecodeError) as e:
+        raise IndexLoadError(f"{index_dir / 'items.jsonl'}: unreadable ({e}); rebuild the index") from None
+    if len(items) != n:
+        raise IndexLoadError(f"{index_dir / 'items.jsonl'}: {len(items)} items, expected {n}; rebuild the index")
+    thumbs = None
+    if (index_dir / "thumbs.npy").exists():
+        try:
+            thumbs = np.load(index_dir / "thumbs.npy", allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise IndexLoadError(f"{index_dir / 'thumbs.npy'}: unreadable ({e}); rebuild the index") from None
+    att = None
+    if model is not None:
+        cfg = AttributionConfig(**{k: v for k, v in manifest["method"].items()})
+        att = Attributor(model, _NoData(n), cfg, device=device, progress=False)
+        if att.uses_model:
+            try:
+                att.projection = Projection.load(index_dir / "projection.safetensors")
+            except Exception as e:  # safetensors raises several types on a damaged file
+                raise IndexLoadError(f"{index_dir / 'projection.safetensors'}: unreadable ({e}); "
+                                     "rebuild the index") from None
+        if att.spec.preconditioner == "trak" and (index_dir / "trak.safetensors").exists():
+            att.trak_inverse = load_file(str(index_dir / "trak.safetensors"))["trak_inverse"]
+    return Index(index_dir, manifest, fx, items, thumbs, att)
+
+
+class _NoData:
+    """Stands in for the training set on the query side, where only its size is needed."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.images = None
+
+    def __len__(self) -> int:
+        return self.n
