@@ -82,13 +82,14 @@ def build_settings(model: DiffusionModel, data: ImageDataset, cfg: AttributionCo
 def build_index(model: DiffusionModel, data: ImageDataset, out: str | Path, cfg: AttributionConfig,
                 faiss_type: str = "flat", model_path: str = "", data_spec: str = "",
                 device: torch.device | str | None = None, progress: bool = True,
-                thumbs: bool = True) -> Path:
+                thumbs: bool = True, shard_size: int = SHARD) -> Path:
     """Build (or resume) an index of `data` under `out`; returns the folder."""
     out = Path(out)
     device = pick_device(str(device) if device else None)
     dist = Dist(device)
     settings = build_settings(model, data, cfg, model_path, data_spec)
     settings["faiss"] = faiss_type
+    settings["shard_size"] = shard_size
     key = settings_key(settings)
     if dist.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -111,7 +112,7 @@ def build_index(model: DiffusionModel, data: ImageDataset, out: str | Path, cfg:
     model.to(device)
     att = Attributor(model, data, cfg, device=device, progress=progress and dist.rank == 0)
     n = len(data)
-    shards = [(s, min(n, s + SHARD)) for s in range(0, n, SHARD)]
+    shards = [(s, min(n, s + shard_size)) for s in range(0, n, shard_size)]
     mine = shards[dist.rank::dist.world]
 
     # 1. curvature (all ranks contribute their shards' sums), 2. projection
@@ -212,6 +213,7 @@ def add_build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--faiss", choices=FAISS_TYPES, default="flat")
     p.add_argument("--n", type=int, default=None, help="index only the first N images")
+    p.add_argument("--shard-size", type=int, default=SHARD, help="images per resumable shard")
     p.add_argument("--device", default=None)
 
 
@@ -220,7 +222,8 @@ def run_build(a: argparse.Namespace) -> Path:
     model = load_model(a.model, device=device)
     data = load_dataset(a.data, channels=model.channels, size=model.size, n=a.n)
     return build_index(model, data, a.out, config_from_args(a), a.faiss,
-                       model_path=str(a.model or "default"), data_spec=a.data, device=device)
+                       model_path=str(a.model or "default"), data_spec=a.data, device=device,
+                       shard_size=a.shard_size)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,202 @@
+"""Evaluation: the LDS ground truth (models retrained on random halves) and the LDS itself.
+
+Ground truth (built once, resumably): N training images, a full-data model, Q queries generated
+by it (with their sampling trajectories) plus real held-out images, M random 50% subsets each
+trained with S seeds, and every query's loss under every model measured with common random
+numbers (the same fixed draws for every model). Training also uses common random numbers: run
+(subset j, seed s) uses the initialisation and per-step timestep/noise draws of seed s, whatever
+the subset. Each finished model's measurements are saved as soon as it is done.
+
+LDS of query q: Spearman over subsets j between Σ_{i∈S_j} τ(q, i) and −m(q; θ_{S_j}) (τ > 0 =
+proponent, so a subset full of proponents should have a *low* loss), mean ± s.e. over queries.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from scipy.stats import spearmanr
+
+from attribution.data import mnist
+from attribution.measurements import Measurement, evaluate
+from attribution.model import build_model, load_model, save_model
+from attribution.sample import sample
+from attribution.train import TrainConfig, train
+
+
+@dataclass
+class GroundTruthConfig:
+    n_train: int = 1000
+    size: int = 16
+    preset: str = "mnist16"
+    n_generated: int = 50
+    n_real: int = 10
+    subsets: int = 32
+    seeds: int = 2
+    fraction: float = 0.5
+    steps: int = 400
+    full_steps: int = 800
+    batch_size: int = 64
+    lr: float = 2e-3
+    measure_draws: int = 256
+    trajectory_steps: int = 50
+    seed: int = 0
+
+
+def _atomic_np(path: Path, arr: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp.npy")
+    np.save(tmp, arr)
+    os.replace(tmp, path)
+
+
+def measure(model, queries: torch.Tensor, draws: int, seed: int) -> np.ndarray:
+    """Each query's diffusion loss (Q,) under `model`, with draws fixed by (seed, query index)."""
+    rows = Measurement("loss").rows(queries, list(range(queries.shape[0])), draws, seed,
+                                    model.alphas_cumprod())
+    return evaluate(model.unet, rows).numpy()
+
+
+def train_config(cfg: GroundTruthConfig, seed: int, steps: int | None = None) -> TrainConfig:
+    return TrainConfig(steps=steps or cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=seed,
+                       warmup=min(100, (steps or cfg.steps) // 10), ema_decay=0.995,
+                       checkpoint_every=10**9)
+
+
+def build_groundtruth(out: str | Path, cfg: GroundTruthConfig | None = None, progress: bool = True,
+                      log=print) -> Path:
+    """Build (or resume) the ground truth under `out`."""
+    cfg = cfg or GroundTruthConfig()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_path = out / "config.json"
+    if cfg_path.exists() and json.loads(cfg_path.read_text()) != asdict(cfg):
+        raise ValueError(f"{out}: holds a ground truth with another config; use another folder")
+    cfg_path.write_text(json.dumps(asdict(cfg), indent=2))
+    data = mnist(size=cfg.size)
+    train_images = data.images[:cfg.n_train]
+    real = data.images[cfg.n_train:cfg.n_train + cfg.n_real]
+
+    full_dir = out / "full-model"
+    if not (full_dir / "unet").exists():
+        log(f"training the full-data model on {cfg.n_train} images ({cfg.full_steps} steps)")
+        model = train(build_model(cfg.preset, seed=cfg.seed), train_images,
+                      train_config(cfg, cfg.seed, cfg.full_steps), progress=progress)
+        save_model(model, full_dir, extra={"groundtruth": asdict(cfg)})
+    full = load_model(full_dir)
+
+    q_path = out / "queries.safetensors"
+    if not q_path.exists():
+        log(f"generating {cfg.n_generated} queries (DDIM {cfg.trajectory_steps} steps)")
+        s = sample(full, cfg.n_generated, seed=cfg.seed + 1, sampler="ddim", steps=cfg.trajectory_steps,
+                   keep_trajectory=True, progress=progress)
+        save_file({"generated": s.images, "real": real.contiguous(), "timesteps": s.timesteps,
+                   "states": s.states.contiguous()}, str(q_path))
+    q = load_file(str(q_path))
+    queries = torch.cat([q["generated"], q["real"]])
+
+    mask_path = out / "masks.npy"
+    if not mask_path.exists():
+        rng = np.random.default_rng(cfg.seed + 2)
+        k = int(round(cfg.fraction * cfg.n_train))
+        masks = np.zeros((cfg.subsets, cfg.n_train), dtype=bool)
+        for j in range(cfg.subsets):
+            masks[j, rng.choice(cfg.n_train, k, replace=False)] = True
+        _atomic_np(mask_path, masks)
+    masks = np.load(mask_path)
+    if not (out / "full_measurements.npy").exists():
+        _atomic_np(out / "full_measurements.npy", measure(full, queries, cfg.measure_draws, cfg.seed + 3))
+
+    mdir = out / "measurements"
+    mdir.mkdir(exist_ok=True)
+    todo = [(j, s) for s in range(cfg.seeds) for j in range(cfg.subsets)
+            if not (mdir / f"{j:03d}-{s}.npy").exists()]
+    log(f"{cfg.subsets * cfg.seeds - len(todo)} of {cfg.subsets * cfg.seeds} subset models done; "
+        f"training the remaining {len(todo)}")
+    t0 = time.time()
+    for n_done, (j, s) in enumerate(todo):
+        rows = torch.from_numpy(np.flatnonzero(masks[j]))
+        model = train(build_model(cfg.preset, seed=cfg.seed + 100 + s), train_images[rows],
+                      train_config(cfg, cfg.seed + 100 + s), progress=False)
+        _atomic_np(mdir / f"{j:03d}-{s}.npy", measure(model, queries, cfg.measure_draws, cfg.seed + 3))
+        el = time.time() - t0
+        log(f"model {n_done + 1}/{len(todo)} (subset {j}, seed {s}) done; "
+            f"{el / (n_done + 1) * (len(todo) - n_done - 1) / 60:.0f} min left")
+    meas = np.stack([np.stack([np.load(mdir / f"{j:03d}-{s}.npy") for s in range(cfg.seeds)])
+                     for j in range(cfg.subsets)])  # (M, S, Q)
+    _atomic_np(out / "measurements.npy", meas.astype(np.float32))
+    return out
+
+
+@dataclass
+class GroundTruth:
+    masks: np.ndarray  # (M, N) bool
+    measurements: np.ndarray  # (M, S, Q) query losses
+    queries: torch.Tensor  # (Q, C, H, W)
+    trajectory: tuple[torch.Tensor, torch.Tensor] | None  # for the generated queries only
+    n_generated: int
+    train_images: torch.Tensor
+    model_dir: Path
+    config: GroundTruthConfig
+
+
+def load_groundtruth(path: str | Path) -> GroundTruth:
+    path = Path(path)
+    cfg = GroundTruthConfig(**json.loads((path / "config.json").read_text()))
+    q = load_file(str(path / "queries.safetensors"))
+    data = mnist(size=cfg.size)
+    return GroundTruth(np.load(path / "masks.npy"), np.load(path / "measurements.npy"),
+                       torch.cat([q["generated"], q["real"]]), (q["timesteps"], q["states"]),
+                       q["generated"].shape[0], data.images[:cfg.n_train], path / "full-model", cfg)
+
+
+def lds_per_query(scores: np.ndarray, masks: np.ndarray, measurements: np.ndarray) -> np.ndarray:
+    """Spearman per query between Σ_{i∈S_j} τ(q,i) and −m(q; θ_{S_j}).
+
+    scores (Q, N); masks (M, N); measurements (M, Q) (already averaged over seeds).
+    """
+    pred = masks.astype(np.float64) @ scores.T.astype(np.float64)  # (M, Q)
+    out = np.empty(scores.shape[0])
+    for q in range(scores.shape[0]):
+        out[q] = spearmanr(pred[:, q], -measurements[:, q]).statistic
+    return np.nan_to_num(out)
+
+
+def mean_se(x: np.ndarray) -> tuple[float, float]:
+    x = np.asarray(x, dtype=np.float64)
+    return float(x.mean()), float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0
+
+
+def seed_agreement(measurements: np.ndarray) -> np.ndarray:
+    """Per query, Spearman over subsets between seed 0 and seed 1 losses (the retraining noise)."""
+    m = measurements
+    return np.nan_to_num(np.array([spearmanr(m[:, 0, q], m[:, 1, q]).statistic for q in range(m.shape[2])]))
+
+
+def method_lds(gt: GroundTruth, cfg, progress: bool = True, device=None) -> dict:
+    """Scores of one method on the ground truth's queries, and its LDS (mean ± s.e., per query)."""
+    from attribution.data import ImageDataset
+    from attribution.influence import Attributor
+
+    model = load_model(gt.model_dir, device=device or "cpu")
+    n = gt.train_images.shape[0]
+    train_ds = ImageDataset(gt.train_images, torch.full((n,), -1), [str(i) for i in range(n)])
+    t0 = time.time()
+    att = Attributor(model, train_ds, cfg, progress=progress).fit()
+    queries = gt.queries
+    traj = None
+    if att.spec.measurement == "trajectory":  # only generated queries have a trajectory
+        queries, traj = gt.queries[:gt.n_generated], gt.trajectory
+    scores = att.scores(queries, trajectory=traj).numpy()
+    seconds = time.time() - t0
+    target = gt.measurements.mean(axis=1)[:, :queries.shape[0]]
+    per_q = lds_per_query(scores, gt.masks, target)
+    mean, se = mean_se(per_q)
+    return {"method": cfg.method, "config": cfg.to_dict(), "lds": mean, "se": se,
+            "per_query": per_q.tolist(), "seconds": seconds, "n_queries": int(queries.shape[0])}

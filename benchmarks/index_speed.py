@@ -1,0 +1,186 @@
+"""Index efficiency and query latency (issue 4), measured side by side in one run.
+
+    python benchmarks/index_speed.py [--model DIR] [--index DIR] [--big]
+
+1. Feature-building throughput, in (image × draw)/s, of the K-FAC fast path and the EK-FAC
+   materialised path, each divided by plain batched forward+backward (with parameter gradients)
+   of the same model on the same rows; the three are interleaved round by round.
+2. Build time of the default index and bytes per training image on disk (from its manifest).
+3. Query latency with the default index: image -> top-16, median and p95 over 30 queries.
+4. FAISS search alone: the 5,000-vector flat index, and 1,000,000 synthetic vectors (IVF-PQ) with --big.
+
+Writes benchmarks/results/index_speed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from attribution.data import mnist  # noqa: E402
+from attribution.features import FeatureMap, gradient_features, model_layer_shapes  # noqa: E402
+from attribution.influence import AttributionConfig, Attributor  # noqa: E402
+from attribution.measurements import Measurement  # noqa: E402
+from attribution.model import load_model  # noqa: E402
+
+
+def plain_step(model, x0, keys, k, seed):
+    """Plain batched forward + backward of the diffusion loss (parameter gradients), same rows."""
+    rows = Measurement("loss").rows(x0, keys, k, seed, model.alphas_cumprod())
+    unet = model.unet
+    for p in unet.parameters():
+        p.requires_grad_(True)
+        p.grad = None
+    loss = (unet(rows.x, rows.t).sample - rows.y).pow(2).mean()
+    loss.backward()
+    for p in unet.parameters():
+        p.requires_grad_(False)
+
+
+def throughput(model, images, draws: int, batch: int, rounds: int) -> dict:
+    shapes = model_layer_shapes(model.unet)
+    att_k = Attributor(model, _Data(images), AttributionConfig(method="kfac", curvature_draws=2,
+                                                               batch_size=batch), progress=False).fit()
+    att_e = Attributor(model, _Data(images), AttributionConfig(method="ekfac", curvature_draws=2,
+                                                               batch_size=batch), progress=False)
+    t0 = time.perf_counter()
+    att_e.fit(projection=att_k.projection)
+    t_fit_ekfac = time.perf_counter() - t0
+    fk = FeatureMap(shapes, att_k.projection, "kfac", att_k.curvature)
+    fe = FeatureMap(shapes, att_e.projection, "ekfac", att_e.curvature)
+    x0 = images[:batch]
+    keys = list(range(batch))
+    meas = Measurement("loss")
+    times = {"plain": [], "kfac": [], "ekfac": []}
+    runs = {
+        "plain": lambda: plain_step(model, x0, keys, draws, 0),
+        "kfac": lambda: gradient_features(model, fk, x0, keys, meas, draws, 0, batch, progress=False),
+        "ekfac": lambda: gradient_features(model, fe, x0, keys, meas, draws, 0, batch, progress=False),
+    }
+    for f in runs.values():  # warm-up
+        f()
+    for _ in range(rounds):
+        for name, f in runs.items():
+            t = time.perf_counter()
+            f()
+            times[name].append(time.perf_counter() - t)
+    rate = {n: batch * draws / statistics.median(v) for n, v in times.items()}
+    return {"rows_per_s": rate, "ratio_kfac_to_plain": rate["kfac"] / rate["plain"],
+            "ratio_ekfac_to_plain": rate["ekfac"] / rate["plain"], "batch_images": batch, "draws": draws,
+            "feature_dim": fk.dim, "seconds_fit_ekfac_on": [len(images), t_fit_ekfac]}
+
+
+class _Data:
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self):
+        return self.images.shape[0]
+
+
+def query_latency(model, index_dir: Path, n: int = 30) -> dict:
+    from index.store import load
+
+    t0 = time.perf_counter()
+    idx = load(index_dir, model)
+    t_load = time.perf_counter() - t0
+    qs = mnist(n=n, seed=123).images
+    idx.query(qs[0])
+    lat, search = [], []
+    for q in qs:
+        t = time.perf_counter()
+        res = idx.query(q, k=16)
+        lat.append(time.perf_counter() - t)
+        search.append(res.timings["search"])
+    m = idx.manifest
+    disk = sum(p.stat().st_size for p in index_dir.rglob("*") if p.is_file() and "shards" not in p.parts)
+    shards = sum(p.stat().st_size for p in (index_dir / "shards").glob("*"))
+    return {"load_s": t_load, "median_s": statistics.median(lat), "p95_s": float(np.percentile(lat, 95)),
+            "search_median_s": statistics.median(search), "n": len(idx), "dim": m["projection"]["total_dim"],
+            "query_draws": m["method"]["query_draws"], "build": m["build"],
+            "bytes_per_image": disk / len(idx), "bytes_per_image_with_shards": (disk + shards) / len(idx)}
+
+
+def faiss_search(d: int, n: int, big: bool) -> dict:
+    import faiss
+
+    rng = np.random.default_rng(0)
+    out = {}
+    x = rng.standard_normal((n, d), dtype=np.float32)
+    q = rng.standard_normal((16, d), dtype=np.float32)
+    idx = faiss.IndexFlatIP(d)
+    idx.add(x)
+    out[f"flat_{n}"] = _time_search(idx, q)
+    if big:
+        nbig, nlist, m = 1_000_000, 1024, 64
+        quant = faiss.IndexFlatIP(d)
+        ivf = faiss.IndexIVFPQ(quant, d, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
+        t = time.perf_counter()
+        ivf.train(rng.standard_normal((40_000, d), dtype=np.float32))
+        for _ in range(nbig // 50_000):
+            ivf.add(rng.standard_normal((50_000, d), dtype=np.float32))
+        ivf.nprobe = 16
+        out["ivfpq_1000000"] = {**_time_search(ivf, q), "build_s": time.perf_counter() - t,
+                                "bytes_per_vector": m, "nlist": nlist, "nprobe": 16}
+    return out
+
+
+def _time_search(index, q) -> dict:
+    index.search(q[:1], 16)
+    ts = []
+    for i in range(len(q)):
+        t = time.perf_counter()
+        index.search(q[i:i + 1], 16)
+        ts.append(time.perf_counter() - t)
+    return {"median_s": statistics.median(ts)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default=None)
+    p.add_argument("--index", default=str(ROOT / "indexes" / "mnist-ekfac"))
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--big", action="store_true", help="also 1,000,000 synthetic vectors (IVF-PQ)")
+    a = p.parse_args()
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
+    model = load_model(a.model)
+    images = mnist(n=256).images
+    res = {"threads": torch.get_num_threads(), "model_parameters": sum(p.numel() for p in model.unet.parameters())}
+    res["throughput"] = throughput(model, images, draws=8, batch=32, rounds=a.rounds)
+    if Path(a.index, "manifest.json").exists():
+        res["query"] = query_latency(model, Path(a.index))
+    res["faiss"] = faiss_search(res["throughput"]["feature_dim"], 5000, a.big)
+    out = ROOT / "benchmarks" / "results" / "index_speed.json"
+    out.write_text(json.dumps(res, indent=2))
+    t = res["throughput"]
+    print("| measure | value |\n|---|---|")
+    print(f"| plain fwd+bwd, (image×draw)/s | {t['rows_per_s']['plain']:.0f} |")
+    print(f"| K-FAC fast path features, (image×draw)/s | {t['rows_per_s']['kfac']:.0f} "
+          f"(ratio {t['ratio_kfac_to_plain']:.2f}) |")
+    print(f"| EK-FAC materialised features, (image×draw)/s | {t['rows_per_s']['ekfac']:.0f} "
+          f"(ratio {t['ratio_ekfac_to_plain']:.2f}) |")
+    if "query" in res:
+        q = res["query"]
+        print(f"| query image -> top-16, median / p95 | {q['median_s'] * 1e3:.0f} / {q['p95_s'] * 1e3:.0f} ms |")
+        print(f"| bytes per training image (index / with shards) | {q['bytes_per_image']:.0f} / "
+              f"{q['bytes_per_image_with_shards']:.0f} |")
+        print(f"| default index build: curvature / features | {q['build']['seconds_curvature']:.0f} s / "
+              f"{q['build']['seconds_features']:.0f} s |")
+    for k, v in res["faiss"].items():
+        print(f"| FAISS search {k}, median | {v['median_s'] * 1e3:.2f} ms |")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
