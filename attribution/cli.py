@@ -128,7 +128,8 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
 
     if a.eval_cmd == "groundtruth":
         cfg = ev.GroundTruthConfig(subsets=a.subsets, seeds=a.seeds, steps=a.steps, n_train=a.n_train)
-        ev.build_groundtruth(a.out, cfg, log=_say)
+        i, n = (int(x) for x in a.worker.split("/"))
+        ev.build_groundtruth(a.out, cfg, log=_say, worker=(i, n))
         _say(f"ground truth ready in {a.out}")
         return
     gt = ev.load_groundtruth(a.groundtruth)
@@ -225,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seeds", type=int, default=2)
     g.add_argument("--steps", type=int, default=400)
     g.add_argument("--n-train", type=int, default=1000)
+    g.add_argument("--worker", default="0/1", help="i/n: train every n-th model from i (n processes)")
     g.set_defaults(func=cmd_evaluate)
     lds = evs.add_parser("lds", help="LDS of one or more methods on a ground truth")
     lds.add_argument("--groundtruth", default="benchmarks/groundtruth")

@@ -70,8 +70,12 @@ def train_config(cfg: GroundTruthConfig, seed: int, steps: int | None = None) ->
 
 
 def build_groundtruth(out: str | Path, cfg: GroundTruthConfig | None = None, progress: bool = True,
-                      log=print) -> Path:
-    """Build (or resume) the ground truth under `out`."""
+                      log=print, worker: tuple[int, int] = (0, 1)) -> Path:
+    """Build (or resume) the ground truth under `out`.
+
+    `worker` = (i, n): this process trains every n-th remaining model starting at i, so n
+    processes can share the work; the one that finds all models done assembles the result.
+    """
     cfg = cfg or GroundTruthConfig()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -116,7 +120,7 @@ def build_groundtruth(out: str | Path, cfg: GroundTruthConfig | None = None, pro
     mdir = out / "measurements"
     mdir.mkdir(exist_ok=True)
     todo = [(j, s) for s in range(cfg.seeds) for j in range(cfg.subsets)
-            if not (mdir / f"{j:03d}-{s}.npy").exists()]
+            if not (mdir / f"{j:03d}-{s}.npy").exists()][worker[0]::worker[1]]
     log(f"{cfg.subsets * cfg.seeds - len(todo)} of {cfg.subsets * cfg.seeds} subset models done; "
         f"training the remaining {len(todo)}")
     t0 = time.time()
@@ -128,6 +132,11 @@ def build_groundtruth(out: str | Path, cfg: GroundTruthConfig | None = None, pro
         el = time.time() - t0
         log(f"model {n_done + 1}/{len(todo)} (subset {j}, seed {s}) done; "
             f"{el / (n_done + 1) * (len(todo) - n_done - 1) / 60:.0f} min left")
+    missing = [(j, s) for s in range(cfg.seeds) for j in range(cfg.subsets)
+               if not (mdir / f"{j:03d}-{s}.npy").exists()]
+    if missing:
+        log(f"{len(missing)} models are still being trained by other workers")
+        return out
     meas = np.stack([np.stack([np.load(mdir / f"{j:03d}-{s}.npy") for s in range(cfg.seeds)])
                      for j in range(cfg.subsets)])  # (M, S, Q)
     _atomic_np(out / "measurements.npy", meas.astype(np.float32))

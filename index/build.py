@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import sys
 import time
@@ -185,6 +186,7 @@ def build_index(model: DiffusionModel, data: ImageDataset, out: str | Path, cfg:
                     "faiss": {"type": faiss_type, "metric": "inner_product", "ntotal": int(index.ntotal)},
                     "build": {"seconds_curvature": round(t_curv, 2), "seconds_features": round(t_feat, 2),
                               "processes": dist.world,
+                              "peak_rss_mb_rank0": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                               "images_per_second": round(sum(e - s for s, e in todo) / max(t_feat, 1e-9), 2)}}
         write_json(out / "manifest.json", manifest)
         _say(f"index written to {out} ({n} images, D = {att.dim}, {time.time() - t0:.0f} s)")
