@@ -65,13 +65,10 @@ class Recording:
         self.layers = layers
         self.inputs: dict[str, torch.Tensor] = {}
         self.outputs: dict[str, torch.Tensor] = {}
-        self._a: dict[str, torch.Tensor] = {}
 
     def a(self, name: str) -> torch.Tensor:
-        """a (R, P, I') of a layer (computed once per forward)."""
-        if name not in self._a:
-            self._a[name] = inputs_as_rows(self.layers[name], self.inputs[name].detach())
-        return self._a[name]
+        """a (R, P, I') of a layer (formed on demand, not kept: im2col copies are large)."""
+        return inputs_as_rows(self.layers[name], self.inputs[name].detach())
 
     def backward(self, out: torch.Tensor, cotangent: torch.Tensor,
                  retain_graph: bool = False) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
