@@ -188,8 +188,11 @@ def seed_agreement(measurements: np.ndarray) -> np.ndarray:
     return np.nan_to_num(np.array([spearmanr(m[:, 0, q], m[:, 1, q]).statistic for q in range(m.shape[2])]))
 
 
-def method_lds(gt: GroundTruth, cfg, progress: bool = True, device=None) -> dict:
-    """Scores of one method on the ground truth's queries, and its LDS (mean ± s.e., per query)."""
+def method_lds(gt: GroundTruth, cfg, progress: bool = True, device=None, curvature_cache: dict | None = None) -> dict:
+    """Scores of one method on the ground truth's queries, and its LDS (mean ± s.e., per query).
+
+    `curvature_cache` (a dict) shares fitted curvatures between configurations that agree on them.
+    """
     from attribution.data import ImageDataset
     from attribution.influence import Attributor
 
@@ -197,7 +200,11 @@ def method_lds(gt: GroundTruth, cfg, progress: bool = True, device=None) -> dict
     n = gt.train_images.shape[0]
     train_ds = ImageDataset(gt.train_images, torch.full((n,), -1), [str(i) for i in range(n)])
     t0 = time.time()
-    att = Attributor(model, train_ds, cfg, progress=progress).fit()
+    att = Attributor(model, train_ds, cfg, progress=progress)
+    key = repr(att.curvature_config())
+    att.fit(curvature=(curvature_cache or {}).get(key))
+    if curvature_cache is not None and att.curvature is not None:
+        curvature_cache[key] = att.curvature
     queries = gt.queries
     traj = None
     if att.spec.measurement == "trajectory":  # only generated queries have a trajectory

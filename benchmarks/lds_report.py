@@ -1,0 +1,117 @@
+"""The LDS table (issue 6): every method side by side on the committed ground truth.
+
+    python benchmarks/lds_report.py [--groundtruth benchmarks/groundtruth] [--quick]
+
+Writes benchmarks/results/lds.json (per-query LDS of every row, paired differences to EK-FAC)
+and benchmarks/results/lds.png, and prints the markdown table kept in the README.
+Damping is never tuned here: every method runs at its a-priori default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from attribution import evaluation as ev  # noqa: E402
+from attribution.influence import AttributionConfig  # noqa: E402
+
+K, DIM = 8, 4096
+ROWS = [  # (row label, config overrides)
+    ("EK-FAC (expand, GGN_model), D=4096", dict(method="ekfac")),
+    ("EK-FAC, unprojected", dict(method="ekfac", dim=None)),
+    ("K-FAC expand, D=4096", dict(method="kfac")),
+    ("K-FAC expand, unprojected", dict(method="kfac", dim=None)),
+    ("K-FAC expand, exact damping, D=4096", dict(method="kfac-exact-damping")),
+    ("K-FAC reduce, D=4096", dict(method="kfac-reduce")),
+    ("K-FAC empirical Fisher, D=4096", dict(method="kfac-empirical")),
+    ("TRAK, D=4096", dict(method="trak")),
+    ("D-TRAK, D=4096", dict(method="dtrak")),
+    ("Journey-TRAK, D=4096 (generated queries)", dict(method="journey-trak")),
+    ("gradient cosine, D=4096", dict(method="gradcos")),
+    ("pixel cosine", dict(method="pixel")),
+    ("EK-FAC, K=32", dict(method="ekfac", draws=32)),
+    ("EK-FAC, K=128", dict(method="ekfac", draws=128)),
+    ("EK-FAC, D=1024", dict(method="ekfac", dim=1024)),
+    ("EK-FAC, D=16384", dict(method="ekfac", dim=16384)),
+]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--groundtruth", default=str(ROOT / "benchmarks" / "groundtruth"))
+    p.add_argument("--quick", action="store_true", help="only the first rows, K=2 (smoke test)")
+    p.add_argument("--only", nargs="*", default=None, help="row labels (prefix match) to run")
+    a = p.parse_args()
+    gt = ev.load_groundtruth(a.groundtruth)
+    out_json = ROOT / "benchmarks" / "results" / "lds.json"
+    done = {r["label"]: r for r in json.loads(out_json.read_text())["rows"]} if out_json.exists() and not a.quick else {}
+    cache: dict = {}
+    rows = ROWS[:3] if a.quick else ROWS
+    for label, over in rows:
+        if label in done or (a.only and not any(label.startswith(o) for o in a.only)):
+            continue
+        cfg = AttributionConfig(**{"draws": 2 if a.quick else K, "dim": DIM, **over})
+        t0 = time.time()
+        r = ev.method_lds(gt, cfg, progress=False, curvature_cache=cache)
+        r["label"] = label
+        done[label] = r
+        print(f"{label}: {r['lds']:.3f} ± {r['se']:.3f} ({time.time() - t0:.0f} s)", flush=True)
+        if not a.quick:
+            _write(out_json, gt, done)
+    _write(out_json, gt, done, final=True)
+
+
+def _write(out_json: Path, gt, done: dict, final: bool = False) -> None:
+    noise = ev.seed_agreement(gt.measurements) if gt.measurements.shape[1] > 1 else None
+    ref = done.get(ROWS[0][0])
+    for r in done.values():
+        if ref is not None and r is not ref:
+            n = min(len(r["per_query"]), len(ref["per_query"]))
+            d = np.asarray(r["per_query"][:n]) - np.asarray(ref["per_query"][:n])
+            r["paired_diff_vs_ekfac"] = dict(zip(("mean", "se"), ev.mean_se(d)))
+    res = {"rows": list(done.values()), "groundtruth": vars(gt.config) if hasattr(gt.config, "__dict__") else {},
+           "models": int(gt.measurements.shape[0] * gt.measurements.shape[1])}
+    if noise is not None:
+        res["seed_agreement"] = dict(zip(("mean", "se"), ev.mean_se(noise)))
+    out_json.write_text(json.dumps(res, indent=2))
+    if not final:
+        return
+    print("\n| method | LDS (mean ± s.e.) | paired diff. vs EK-FAC | time |\n|---|---|---|---|")
+    for r in done.values():
+        pd = r.get("paired_diff_vs_ekfac")
+        pd_s = f"{pd['mean']:+.3f} ± {pd['se']:.3f}" if pd else "—"
+        print(f"| {r['label']} | {r['lds']:.3f} ± {r['se']:.3f} | {pd_s} | {r['seconds']:.0f} s |")
+    if noise is not None:
+        print(f"| exact retraining (seed-to-seed Spearman) | {res['seed_agreement']['mean']:.3f} ± "
+              f"{res['seed_agreement']['se']:.3f} | | |")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        labels = [r["label"] for r in done.values()]
+        vals = [r["lds"] for r in done.values()]
+        errs = [r["se"] for r in done.values()]
+        fig, ax = plt.subplots(figsize=(8, 0.35 * len(labels) + 1))
+        ax.barh(labels[::-1], vals[::-1], xerr=errs[::-1], color="#4c72b0")
+        if noise is not None:
+            ax.axvline(res["seed_agreement"]["mean"], color="k", ls="--", label="seed-to-seed (retraining noise)")
+            ax.legend(loc="lower right", fontsize=8)
+        ax.set_xlabel("LDS (Spearman), mean ± s.e. over queries")
+        fig.tight_layout()
+        fig.savefig(out_json.with_suffix(".png"), dpi=110)
+    except Exception as e:  # the table matters more than the plot
+        print(f"(no plot: {e})")
+
+
+if __name__ == "__main__":
+    main()
