@@ -129,6 +129,18 @@ class Curvature:
         return cls(CurvatureConfig(**json.loads(md["config"])), tensors, json.loads(md.get("meta", "{}")))
 
 
+def rotated_gradient(g: torch.Tensor, a: torch.Tensor, qs: torch.Tensor, qa: torch.Tensor) -> torch.Tensor:
+    """Q_Sᵀ (Σ_p g_p a_pᵀ) Q_A for g (B, P, O), a (B, P, I') -> (B, O, I').
+
+    Rotates the P vectors first when positions are few (P·(O² + I'²) flops per item), else
+    forms the gradient first (O·I'·(P + O + I') flops per item); the result is the same.
+    """
+    p, o, i = g.shape[1], g.shape[2], a.shape[2]
+    if p * (o * o + i * i) <= o * i * (o + i):
+        return (g @ qs).transpose(1, 2) @ (a @ qa)
+    return qs.T @ (g.transpose(1, 2) @ a) @ qa
+
+
 def _eigh(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     e, q = torch.linalg.eigh(m.double())
     return e.clamp(min=0).float(), q.float()
@@ -206,7 +218,7 @@ def fit_curvature(model, images: torch.Tensor, keys: list[int] | None = None,
                                                  "curvature: EK-FAC eigenvalues", progress):
                 for name, a, g in _backward_all(rec, out, cots):
                     qa, qs = tensors[f"{name}.QA"].to(a.device), tensors[f"{name}.QS"].to(g.device)
-                    rot = torch.einsum("rpo,rpi->roi", g @ qs, a @ qa)
+                    rot = rotated_gradient(g, a, qs, qa)
                     lam[name] = lam.get(name, 0) + rot.pow(2).sum(0).double()
             for name in layers:
                 tensors[f"{name}.lam"] = (total(lam[name]) / n_rows).float()

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from attribution.capture import forward, grad_enabled_params, layer_shape, tracked_layers
-from attribution.curvature import Curvature
+from attribution.curvature import Curvature, rotated_gradient
 from attribution.measurements import Measurement, Rows
 from attribution.projection import Projection
 
@@ -73,7 +73,7 @@ class FeatureMap:
             f = (g @ m_out.T).transpose(1, 2) @ (a @ m_in.T)
         else:
             qs, qa, inv, r_out, r_in = op
-            rot = (g @ qs).transpose(1, 2) @ (a @ qa)
+            rot = rotated_gradient(g, a, qs, qa)
             f = r_out @ (rot * inv) @ r_in.T
         return f.flatten(1) * self.scale
 
