@@ -21,6 +21,7 @@ from attribution.data import ImageDataset
 from attribution.features import FeatureMap, gradient_features, model_layer_shapes
 from attribution.measurements import Measurement
 from attribution.projection import Projection, make_projection
+from attribution.train import hash_seed
 
 QUERY_KEY = -1  # all queries share the same draws (common random numbers on the query side)
 
@@ -64,6 +65,7 @@ class AttributionConfig:
     draws: int = 8
     query_draws: int = 32
     curvature_draws: int = 4
+    curvature_images: int | None = 1000  # a seeded random subset fits the curvature; None: all
     dim: int | None = 4096
     damping: float | None = None  # relative; None: the method's default
     measurement: str | None = None  # None: the method's default
@@ -133,6 +135,14 @@ class Attributor:
                                draws=self.config.curvature_draws, seed=self.config.seed,
                                damping=self.spec.damping, stratified=self.config.stratified)
 
+    def curvature_rows(self) -> list[int]:
+        """The training rows the curvature is fitted on (sorted; a seeded subset if configured)."""
+        n, k = self.n_train, self.config.curvature_images
+        if k is None or k >= n:
+            return list(range(n))
+        g = torch.Generator().manual_seed(hash_seed(self.config.seed, 17))
+        return sorted(torch.randperm(n, generator=g)[:k].tolist())
+
     def fit(self, curvature: Curvature | None = None, projection: Projection | None = None) -> Attributor:
         """Fit (or take) the curvature and make (or take) the projection."""
         if not self.uses_model:
@@ -140,8 +150,9 @@ class Attributor:
         shapes = model_layer_shapes(self.model.unet)
         self.projection = projection or make_projection(shapes, self.config.dim, self.config.seed)
         if self.spec.preconditioner in ("kfac", "kfac-exact", "ekfac"):
+            rows = self.curvature_rows()
             self.curvature = curvature or fit_curvature(
-                self.model, self.train.images, list(range(self.n_train)), self.curvature_config(),
+                self.model, self.train.images[rows], rows, self.curvature_config(),
                 batch_size=self.config.batch_size, progress=self.progress, device=self.device)
         return self
 

@@ -126,13 +126,15 @@ def build_index(model: DiffusionModel, data: ImageDataset, out: str | Path, cfg:
     elif needs_curv:
         from attribution.curvature import fit_curvature
 
-        rows = [i for s, e in mine for i in range(s, e)]
-        _say(f"fitting {att.curvature_config().kind.upper()} curvature on {n} images "
+        crows = att.curvature_rows()
+        batches = [crows[i:i + cfg.batch_size] for i in range(0, len(crows), cfg.batch_size)]
+        rows = [r for b in batches[dist.rank::dist.world] for r in b]
+        _say(f"fitting {att.curvature_config().kind.upper()} curvature on {len(crows)} of {n} images "
              f"× {cfg.curvature_draws} draws ({dist.world} process(es))")
         curvature = fit_curvature(model, data.images[rows], rows, att.curvature_config(),
                                   batch_size=cfg.batch_size, progress=progress and dist.rank == 0,
                                   device=device, allreduce=dist.allreduce)
-        curvature.meta["n_images"] = n
+        curvature.meta["n_images"] = len(crows)
         if dist.rank == 0:
             tmp = curv_path.with_name(curv_path.name + ".tmp")
             curvature.save(tmp)
@@ -197,6 +199,7 @@ def build_index(model: DiffusionModel, data: ImageDataset, out: str | Path, cfg:
 
 def config_from_args(a: argparse.Namespace) -> AttributionConfig:
     return AttributionConfig(method=a.method, draws=a.draws, curvature_draws=a.curvature_draws,
+                             curvature_images=a.curvature_images or None,
                              query_draws=a.query_draws, dim=a.dim or None, seed=a.seed,
                              batch_size=a.batch_size)
 
@@ -210,6 +213,8 @@ def add_build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dim", type=int, default=d.dim, help="feature budget D per image (0: unprojected)")
     p.add_argument("--draws", type=int, default=d.draws, help="(t, ε) draws per training image")
     p.add_argument("--curvature-draws", type=int, default=d.curvature_draws)
+    p.add_argument("--curvature-images", type=int, default=d.curvature_images,
+                   help="fit the curvature on a seeded subset of this many images (0: all)")
     p.add_argument("--query-draws", type=int, default=d.query_draws)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
