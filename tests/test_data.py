@@ -1,0 +1,335 @@
+"""The data loaders: the embedded MNIST subset, image folders, fingerprints and bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from attribution.data import DataError, fingerprint, grid, image_folder, load_dataset, mnist, save_images
+
+LEVEL = 1 / 127.5  # one 8-bit grey level in [-1, 1] units
+
+
+def level(v: float) -> float:
+    """8-bit value -> [-1, 1]."""
+    return v / 127.5 - 1.0
+
+
+@pytest.fixture(scope="module")
+def full_mnist():
+    return mnist()
+
+
+# ----------------------------------------------------------------------------- MNIST subset
+
+
+def test_mnist_shape_range_dtype(full_mnist):
+    ds = full_mnist
+    assert ds.images.shape == (5000, 1, 28, 28)
+    assert ds.images.dtype == torch.float32
+    assert ds.labels.shape == (5000,) and ds.labels.dtype == torch.int64
+    assert len(ds) == 5000 and len(ds.sources) == 5000
+    assert ds.images.min().item() == -1.0 and ds.images.max().item() == 1.0
+    # pixels are 8-bit levels
+    u8 = (ds.images + 1) * 127.5
+    assert torch.allclose(u8, u8.round(), atol=1e-4)
+    # MNIST: a black background
+    assert (ds.images == -1).float().mean() > 0.5
+
+
+def test_mnist_labels_balanced(full_mnist):
+    counts = torch.bincount(full_mnist.labels, minlength=10)
+    assert counts.tolist() == [500] * 10
+    # the shuffle mixes classes: the first 500 rows hold every digit
+    assert set(full_mnist.labels[:500].tolist()) == set(range(10))
+
+
+def test_mnist_shuffle_deterministic(full_mnist):
+    again = mnist()
+    assert torch.equal(again.images, full_mnist.images)
+    assert torch.equal(again.labels, full_mnist.labels)
+    assert again.sources == full_mnist.sources
+    assert again.fingerprint() == full_mnist.fingerprint()
+    # rows are a permutation of the 5000 source rows
+    assert sorted(int(s.split(":")[1]) for s in full_mnist.sources) == list(range(5000))
+    other = mnist(seed=1)
+    assert other.sources != full_mnist.sources
+    assert sorted(other.sources) == sorted(full_mnist.sources)
+    assert other.fingerprint() != full_mnist.fingerprint()
+    # `n` keeps a prefix of the same shuffle
+    head = mnist(n=100)
+    assert torch.equal(head.images, full_mnist.images[:100])
+    assert head.sources == full_mnist.sources[:100]
+
+
+def test_mnist_resized():
+    ds = mnist(size=8, n=64)
+    assert ds.images.shape == (64, 1, 8, 8)
+    assert ds.images.min() == -1.0 and ds.images.max() <= 1  # black background stays exactly -1
+    u8 = (ds.images + 1) * 127.5
+    assert torch.allclose(u8, u8.round(), atol=1e-3)  # quantised to 8-bit levels like a stored image
+    assert ds.meta["size"] == 8
+
+
+def test_load_dataset_mnist_rgb():
+    ds = load_dataset("mnist", channels=3, size=28, n=10)
+    assert ds.images.shape == (10, 3, 28, 28)
+    assert torch.equal(ds.images[:, 0], ds.images[:, 2])
+
+
+# ----------------------------------------------------------------------------- image folders
+
+
+def _write(path: Path, arr: np.ndarray, **save_kw) -> Path:
+    Image.fromarray(arr).save(path, **save_kw)
+    return path
+
+
+@pytest.fixture()
+def mixed_folder(tmp_path: Path) -> Path:
+    d = tmp_path / "mixed"
+    d.mkdir()
+    # 3_a.png: 10x12 grayscale, uniform 200
+    _write(d / "3_a.png", np.full((12, 10), 200, np.uint8))
+    # b.png: 28x28 RGB pure red
+    red = np.zeros((28, 28, 3), np.uint8)
+    red[..., 0] = 255
+    _write(d / "b.png", red)
+    # c.jpg: 40x30 RGB uniform grey 128 (JPEG of a flat colour is near-exact)
+    _write(d / "c.jpg", np.full((30, 40, 3), 128, np.uint8), quality=95)
+    # d.jpeg: 16x16 grayscale JPEG, uniform 50
+    _write(d / "d.jpeg", np.full((16, 16), 50, np.uint8), quality=95)
+    # hidden files are ignored
+    (d / ".DS_Store").write_bytes(b"\x00\x01junk")
+    return d
+
+
+def test_image_folder_grayscale(mixed_folder: Path):
+    ds = image_folder(mixed_folder, channels=1, size=16)
+    assert ds.images.shape == (4, 1, 16, 16)
+    assert ds.images.dtype == torch.float32
+    assert [Path(s).name for s in ds.sources] == ["3_a.png", "b.png", "c.jpg", "d.jpeg"]
+    assert ds.labels.tolist() == [3, -1, -1, -1]
+    means = ds.images.mean(dim=(1, 2, 3))
+    # red -> L = 0.299 * 255 = 76
+    expected = torch.tensor([level(200), level(76), level(128), level(50)])
+    assert torch.allclose(means, expected, atol=2 * LEVEL), (means, expected)
+    # flat images stay flat after resizing
+    assert (ds.images.amax(dim=(1, 2, 3)) - ds.images.amin(dim=(1, 2, 3))).max() <= 2 * LEVEL
+
+
+def test_image_folder_rgb(mixed_folder: Path):
+    ds = image_folder(mixed_folder, channels=3, size=(8, 12))
+    assert ds.images.shape == (4, 3, 8, 12)
+    assert ds.images.min() >= -1 and ds.images.max() <= 1
+    # grayscale -> the same value in all three channels
+    assert torch.allclose(ds.images[0], torch.full((3, 8, 12), level(200)), atol=LEVEL / 2)
+    # red stays red
+    red = ds.images[1].mean(dim=(1, 2))
+    assert torch.allclose(red, torch.tensor([1.0, -1.0, -1.0]), atol=LEVEL / 2)
+    # load_dataset on a folder
+    same = load_dataset(str(mixed_folder), channels=3, size=8)
+    assert same.images.shape == (4, 3, 8, 8)
+    assert len(load_dataset(str(mixed_folder), channels=1, size=8, n=2)) == 2
+
+
+def test_rgba_composited_on_black(tmp_path: Path):
+    d = tmp_path / "rgba"
+    d.mkdir()
+    px = np.zeros((2, 2, 4), np.uint8)
+    px[0, 0] = (255, 255, 255, 0)      # fully transparent white -> black
+    px[0, 1] = (255, 255, 255, 255)    # opaque white -> white
+    px[1, 0] = (200, 200, 200, 128)    # half-transparent grey -> 200 * 128/255 ~ 100
+    px[1, 1] = (0, 0, 255, 255)        # opaque blue
+    _write(d / "x.png", px)
+    assert Image.open(d / "x.png").mode == "RGBA"
+    gray = image_folder(d, channels=1, size=2).images[0, 0]
+    assert gray[0, 0].item() == pytest.approx(-1.0, abs=1e-6)
+    assert gray[0, 1].item() == pytest.approx(1.0, abs=1e-6)
+    assert gray[1, 0].item() == pytest.approx(level(200 * 128 / 255), abs=1.01 * LEVEL)
+    assert gray[1, 1].item() == pytest.approx(level(0.114 * 255), abs=1.01 * LEVEL)
+    rgb = image_folder(d, channels=3, size=2).images[0]
+    assert torch.allclose(rgb[:, 0, 0], torch.full((3,), -1.0))
+    assert torch.allclose(rgb[:, 0, 1], torch.full((3,), 1.0))
+    assert torch.allclose(rgb[:, 1, 1], torch.tensor([-1.0, -1.0, 1.0]))
+
+
+def test_16bit_png_scaled_to_8bit(tmp_path: Path):
+    d = tmp_path / "deep"
+    d.mkdir()
+    arr = np.array([[0, 65535], [257 * 100, 257 * 200]], dtype=np.uint16)
+    Image.fromarray(arr).save(d / "a.png")
+    assert Image.open(d / "a.png").mode.startswith("I")  # really stored as 16 bit
+    # a dark 16-bit image: all values below 256 must stay dark, not be read as 8-bit
+    dark = np.array([[0, 255], [128, 255]], dtype=np.uint16)
+    Image.fromarray(dark).save(d / "b.png")
+    ds = image_folder(d, channels=1, size=2)
+    a = ds.images[0, 0]
+    assert a[0, 0].item() == pytest.approx(-1.0, abs=1e-6)
+    assert a[0, 1].item() == pytest.approx(1.0, abs=1e-6)
+    assert a[1, 0].item() == pytest.approx(level(100), abs=1.01 * LEVEL)
+    assert a[1, 1].item() == pytest.approx(level(200), abs=1.01 * LEVEL)
+    b = ds.images[1, 0]
+    assert b.max().item() <= level(1) + 1e-6
+
+
+# ----------------------------------------------------------------------------- fingerprints
+
+
+def test_fingerprint_stable_and_sensitive(tmp_path: Path):
+    d = tmp_path / "fp"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    arrs = [rng.integers(0, 256, (8, 8), dtype=np.uint8) for _ in range(3)]
+    for i, a in enumerate(arrs):
+        _write(d / f"{i}.png", a)
+    fp1 = image_folder(d, channels=1, size=8).fingerprint()
+    fp2 = image_folder(d, channels=1, size=8).fingerprint()
+    assert fp1 == fp2 and len(fp1) == 64
+    # stable across float round-off
+    imgs = image_folder(d, channels=1, size=8).images
+    assert fingerprint(imgs + 1e-4) == fp1
+    # one pixel, one level
+    arrs[1][3, 5] = arrs[1][3, 5] + 1 if arrs[1][3, 5] < 255 else 254
+    _write(d / "1.png", arrs[1])
+    assert image_folder(d, channels=1, size=8).fingerprint() != fp1
+    # row order matters
+    assert fingerprint(imgs.flip(0)) != fp1
+
+
+def test_save_images_round_trip(tmp_path: Path):
+    ds = mnist(n=6)
+    paths = save_images(ds.images, tmp_path / "out", prefix="s_", labels=ds.labels)
+    assert [p.name for p in paths][0] == f"{int(ds.labels[0])}_s_00000.png"
+    back = image_folder(tmp_path / "out", channels=1, size=28)
+    # files are sorted by name, so compare as a multiset of fingerprints per row
+    rows = sorted(fingerprint(x[None]) for x in back.images)
+    assert rows == sorted(fingerprint(x[None]) for x in ds.images)
+    assert sorted(back.labels.tolist()) == sorted(ds.labels.tolist())
+    g = grid(ds.images, nrow=4, pad=2)
+    assert g.size == (4 * 30 + 2, 2 * 30 + 2)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _good(d: Path) -> None:
+    d.mkdir(parents=True, exist_ok=True)
+    _write(d / "good.png", np.full((8, 8), 10, np.uint8))
+
+
+def _assert_names(err: pytest.ExceptionInfo, name: str) -> None:
+    assert name in str(err.value), str(err.value)
+
+
+def test_truncated_png(tmp_path: Path):
+    d = tmp_path / "trunc"
+    _good(d)
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (64, 64), dtype=np.uint8)).save(d / "bad.png")
+    data = (d / "bad.png").read_bytes()
+    (d / "bad.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError) as err:
+        image_folder(d, channels=1, size=8)
+    _assert_names(err, "bad.png")
+
+
+def test_png_cut_inside_header(tmp_path: Path):
+    d = tmp_path / "trunc2"
+    _good(d)
+    data = (d / "good.png").read_bytes()
+    (d / "bad.png").write_bytes(data[:20])
+    with pytest.raises(DataError) as err:
+        image_folder(d, channels=1, size=8)
+    _assert_names(err, "bad.png")
+
+
+def test_truncated_jpeg(tmp_path: Path):
+    d = tmp_path / "truncj"
+    _good(d)
+    rng = np.random.default_rng(2)
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(d / "bad.jpg", quality=90)
+    data = (d / "bad.jpg").read_bytes()
+    (d / "bad.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError) as err:
+        image_folder(d, channels=1, size=8)
+    _assert_names(err, "bad.jpg")
+
+
+def test_text_file_named_png(tmp_path: Path):
+    d = tmp_path / "fake"
+    _good(d)
+    (d / "fake.png").write_text("this is not a PNG\n")
+    with pytest.raises(DataError) as err:
+        image_folder(d, channels=1, size=8)
+    _assert_names(err, "fake.png")
+
+
+def test_non_image_file(tmp_path: Path):
+    d = tmp_path / "notes"
+    _good(d)
+    (d / "notes.txt").write_text("hello\n")
+    with pytest.raises(DataError) as err:
+        image_folder(d, channels=1, size=8)
+    _assert_names(err, "notes.txt")
+
+
+def test_empty_folder(tmp_path: Path):
+    d = tmp_path / "empty_here"
+    d.mkdir()
+    with pytest.raises(DataError) as err:
+        image_folder(d, channels=1, size=8)
+    _assert_names(err, "empty_here")
+    assert "empty" in str(err.value)
+
+
+def test_missing_folder(tmp_path: Path):
+    d = tmp_path / "not_there"
+    with pytest.raises(DataError) as err:
+        load_dataset(str(d), channels=1, size=8)
+    _assert_names(err, "not_there")
+
+
+def test_file_instead_of_folder(tmp_path: Path):
+    _good(tmp_path / "f")
+    with pytest.raises(DataError) as err:
+        image_folder(tmp_path / "f" / "good.png", channels=1, size=8)
+    _assert_names(err, "good.png")
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _one_error_line(capsys) -> str:
+    out, err = capsys.readouterr()
+    text = out + err
+    assert "Traceback" not in text
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+def test_cli_empty_folder(tmp_path: Path, capsys):
+    from attribution.cli import main
+
+    d = tmp_path / "nothing_inside"
+    d.mkdir()
+    rc = main(["train", "--data", str(d), "--preset", "tiny", "--steps", "1",
+               "--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "m")])
+    assert rc == 2
+    line = _one_error_line(capsys)
+    assert "nothing_inside" in line
+    assert not (tmp_path / "m").exists()
+
+
+def test_cli_missing_model(tmp_path: Path, capsys):
+    from attribution.cli import main
+
+    rc = main(["sample", "--model", str(tmp_path / "no_model"), "--n", "1", "--out", str(tmp_path / "s")])
+    assert rc == 2
+    assert "no_model" in _one_error_line(capsys)
