@@ -51,6 +51,19 @@ def inputs_as_rows(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return a
 
 
+def project_inputs(m: nn.Module, x: torch.Tensor, m_in: torch.Tensor) -> torch.Tensor:
+    """(a @ m_inᵀ) for every row and position, (R, P, k), without forming a (no im2col copy).
+
+    `m_in` (k, I') acts on the layer input with its bias column on the constant 1: for a conv this
+    is itself a convolution with k output channels.
+    """
+    w, b = (m_in[:, :-1], m_in[:, -1]) if m.bias is not None else (m_in, None)
+    if isinstance(m, nn.Conv2d):
+        y = F.conv2d(x, w.reshape(-1, *m.weight.shape[1:]), b, m.stride, m.padding, m.dilation)
+        return y.flatten(2).transpose(1, 2)
+    return F.linear(x.reshape(x.shape[0], -1, x.shape[-1]), w, b)
+
+
 def outputs_as_rows(m: nn.Module, g: torch.Tensor) -> torch.Tensor:
     """Output cotangent -> g (R, P, O)."""
     if isinstance(m, nn.Conv2d):
@@ -70,16 +83,21 @@ class Recording:
         """a (R, P, I') of a layer (formed on demand, not kept: im2col copies are large)."""
         return inputs_as_rows(self.layers[name], self.inputs[name].detach())
 
-    def backward(self, out: torch.Tensor, cotangent: torch.Tensor,
-                 retain_graph: bool = False) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
-        """Back-propagate `cotangent` (shape of `out`); yields (name, a, g) per layer."""
+    def cotangents(self, out: torch.Tensor, cotangent: torch.Tensor,
+                   retain_graph: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """Back-propagate `cotangent` (shape of `out`); yields (name, g (R, P, O)) per layer."""
         names = [n for n in self.layers if n in self.outputs]
         grads = torch.autograd.grad(out, [self.outputs[n] for n in names], grad_outputs=cotangent,
                                     retain_graph=retain_graph, allow_unused=True)
         for n, g in zip(names, grads):
-            if g is None:
-                continue
-            yield n, self.a(n), outputs_as_rows(self.layers[n], g.detach())
+            if g is not None:
+                yield n, outputs_as_rows(self.layers[n], g.detach())
+
+    def backward(self, out: torch.Tensor, cotangent: torch.Tensor,
+                 retain_graph: bool = False) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+        """Back-propagate `cotangent` (shape of `out`); yields (name, a, g) per layer."""
+        for n, g in self.cotangents(out, cotangent, retain_graph):
+            yield n, self.a(n), g
 
 
 @contextmanager

@@ -15,7 +15,14 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from attribution.capture import forward, grad_enabled_params, layer_shape, tracked_layers
+from attribution.capture import (
+    forward,
+    grad_enabled_params,
+    inputs_as_rows,
+    layer_shape,
+    project_inputs,
+    tracked_layers,
+)
 from attribution.curvature import Curvature, rotated_gradient
 from attribution.measurements import Measurement, Rows
 from attribution.projection import Projection
@@ -73,8 +80,19 @@ class FeatureMap:
             f = (g @ m_out.T).transpose(1, 2) @ (a @ m_in.T)
         else:
             qs, qa, inv, r_out, r_in = op
-            rot = rotated_gradient(g, a, qs, qa)
-            f = r_out @ (rot * inv) @ r_in.T
+            f = r_out @ (rotated_gradient(g, a, qs, qa) * inv) @ r_in.T
+        return f.flatten(1) * self.scale
+
+    def layer_from_input(self, name: str, module: torch.nn.Module, x: torch.Tensor, g: torch.Tensor,
+                         b: int) -> torch.Tensor:
+        """As `layer`, from the layer's raw input x: the Kronecker path never forms im2col patches."""
+        op = self.ops[name]
+        if len(op) != 2:
+            return self.layer(name, inputs_as_rows(module, x), g, b)
+        m_out, m_in = op
+        ai = project_inputs(module, x, m_in)
+        g = g.reshape(b, -1, g.shape[-1])
+        f = (g @ m_out.T).transpose(1, 2) @ ai.reshape(b, -1, ai.shape[-1])
         return f.flatten(1) * self.scale
 
 
@@ -110,8 +128,8 @@ def gradient_features(model, fmap: FeatureMap, images: torch.Tensor, keys: list[
             rows = measurement.rows(x0, keys[i:i + batch_size], draws, seed, acp, stratified=stratified,
                                     antithetic=antithetic, trajectory=traj)
             eps_hat, rec = forward(model.unet, layers, rows.x, rows.t)
-            parts = {name: fmap.layer(name, a, g, b)
-                     for name, a, g in rec.backward(eps_hat, example_cotangent(eps_hat, rows))}
+            parts = {name: fmap.layer_from_input(name, layers[name], rec.inputs[name].detach(), g, b)
+                     for name, g in rec.cotangents(eps_hat, example_cotangent(eps_hat, rows))}
             out[i:i + b] = torch.cat([parts[name] for name in fmap.names], dim=1).cpu()
             bar.update(b)
     bar.close()

@@ -1,0 +1,38 @@
+"""The Kronecker fast path on raw layer inputs (a convolution) equals the im2col path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attribution.capture import forward, grad_enabled_params, tracked_layers
+from attribution.curvature import CurvatureConfig, fit_curvature
+from attribution.data import mnist
+from attribution.features import FeatureMap, example_cotangent, model_layer_shapes
+from attribution.measurements import Measurement
+from attribution.model import build_model
+from attribution.projection import make_projection
+
+
+@pytest.mark.parametrize("pre,dim", [("identity", None), ("identity", 256), ("kfac", 256), ("ekfac", 256)])
+def test_input_path_equals_rows_path(pre, dim):
+    torch.manual_seed(0)
+    model = build_model("tiny", seed=0)
+    x = mnist(size=8, n=6).images
+    shapes = model_layer_shapes(model.unet)
+    curv = None if pre == "identity" else fit_curvature(
+        model, x, config=CurvatureConfig(kind="ekfac" if pre == "ekfac" else "kfac", draws=2, damping=1e-3),
+        progress=False)
+    fmap = FeatureMap(shapes, make_projection(shapes, dim, seed=1), pre, curv)
+    rows = Measurement("loss").rows(x, list(range(6)), 3, 0, model.alphas_cumprod())
+    layers = tracked_layers(model.unet)
+    with grad_enabled_params(model.unet):
+        out, rec = forward(model.unet, layers, rows.x, rows.t)
+        cot = example_cotangent(out, rows)
+        via_rows = {n: fmap.layer(n, a, g, 6) for n, a, g in rec.backward(out, cot, retain_graph=True)}
+        via_input = {n: fmap.layer_from_input(n, layers[n], rec.inputs[n].detach(), g, 6)
+                     for n, g in rec.cotangents(out, cot)}
+    assert via_rows.keys() == via_input.keys() == set(shapes)
+    for n in shapes:
+        scale = via_rows[n].abs().max().clamp(min=1e-30)
+        assert (via_rows[n] - via_input[n]).abs().max() / scale < 1e-5, n
