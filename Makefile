@@ -14,10 +14,10 @@ $(BIN)/python:
 
 install: $(BIN)/python
 	$(BIN)/pip install -q $(TORCH_PIN)
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q -e . $(TORCH_PIN)
 
 install-dev: install
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev]' $(TORCH_PIN)
 	# curvlinops (via backpack) pulls torchvision, whose PyPI build breaks beside this torch
 	$(BIN)/pip uninstall -y -q torchvision || true
 	bash .ci/install-browser.sh
