@@ -93,3 +93,15 @@ def browser():
         b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield b
         b.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tiny models: one torch thread. Two OpenMP threads on two busy cores spin-wait on each
+    other and run 10-300x slower; one thread also keeps seeded results bitwise reproducible."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import app
@@ -29,15 +28,6 @@ pytestmark = [pytest.mark.filterwarnings("ignore:'future.no_silent_downcasting'"
               pytest.mark.filterwarnings("ignore:The copy keyword is deprecated")]
 STEPS = 10  # sampling steps in these tests (the page default is 50)
 CAPTION = re.compile(r"^#(\d+) · ([+-][0-9.e+-]+) · id (\d+) · label ([0-9?]+)$")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """2 busy cores: one torch thread avoids oversubscription stalls."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -32,15 +32,6 @@ GGNS = ("exact", "loss")
 DAMPING = 1e-2  # relative; for the inverse checks (a dense float32 matrix cannot resolve 1e-8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny ops: one thread (two threads on two busy cores spin-wait, 100× slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def model():
     return build_model("tiny", seed=0)

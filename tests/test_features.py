@@ -23,15 +23,6 @@ from attribution.model import build_model
 from attribution.projection import make_projection
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny ops: one thread (two threads on two busy cores spin-wait, 100× slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def model():
     return build_model("tiny", seed=0)

@@ -50,15 +50,6 @@ class FixedTimestep(nn.Module):
         return self.unet(x, self.t).sample.flatten(1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny ops: one thread (two threads on two busy cores spin-wait, 100× slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def double_model():
     model = build_model("tiny", seed=0)

@@ -24,16 +24,6 @@ def _import_benchmark():
 mq = _import_benchmark()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small convolutions on a shared 2-core machine: one thread avoids OpenMP threads spinning
-    against other jobs (which made steps many times slower when measured)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def digits():
     return mnist()

@@ -28,15 +28,6 @@ TRAIN = TrainConfig(steps=300, batch_size=N, lr=1e-2, warmup=20, ema_decay=0.9, 
                     checkpoint_every=10**9)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny ops: one thread (two threads on two busy cores spin-wait, 100× slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def overfit():
     ds = mnist(size=8, n=N)

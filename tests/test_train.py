@@ -17,18 +17,6 @@ from attribution.train import TrainConfig, batch_rows, step_draws, train
 CFG = TrainConfig(steps=12, batch_size=16, checkpoint_every=4, warmup=3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model gains nothing from threads, and on a shared 2-core machine two OpenMP threads
-    competing with another job make each step ~30x slower (measured: 1.3 s vs 0.04 s per step).
-    Module scope, so that it is set before the module-scoped `trained` run: bitwise resumption
-    holds only at one thread count (reductions are ordered differently with 1 and 2 threads)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def data() -> torch.Tensor:
     return mnist(size=8, n=64).images
