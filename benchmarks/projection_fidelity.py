@@ -62,7 +62,7 @@ def main() -> None:
     out = ROOT / "benchmarks" / "results" / f"projection_fidelity_{a.method}.json"
     out.write_text(json.dumps(res, indent=2))
     print("| D | Spearman (mean / min) | Pearson | top-10 overlap |\n|---|---|---|---|")
-    for d, r in res["dims"].items():
+    for r in res["dims"].values():
         print(f"| {r['actual_dim']} | {r['spearman']:.3f} / {r['spearman_min']:.3f} | {r['pearson']:.3f} | "
               f"{r['top10_overlap']:.2f} |")
     print(f"wrote {out}")
