@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,7 +148,6 @@ def save_model(model: DiffusionModel, path: str | Path, extra: dict | None = Non
         old = path.with_name(path.name + ".old")
         os.replace(path, old)
         os.replace(tmp, path)
-        import shutil
         shutil.rmtree(old)
     else:
         os.replace(tmp, path)
