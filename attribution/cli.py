@@ -25,22 +25,31 @@ def cmd_train(a: argparse.Namespace) -> None:
     from dataclasses import asdict
 
     from attribution.data import load_dataset
-    from attribution.model import PRESETS, build_model, save_model
+    from attribution.model import build_model, load_model, save_model
     from attribution.train import TrainConfig, train
 
-    preset = PRESETS[a.preset]
-    ds = load_dataset(a.data, channels=preset["in_channels"], size=preset["sample_size"], n=a.n)
     cfg = TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
                       ema_decay=a.ema_decay, warmup=a.warmup)
-    model = build_model(a.preset, seed=a.seed)
+    previous = None
+    if a.init:  # continue training a saved model: its (EMA) weights are the starting point
+        model = load_model(a.init)
+        info = Path(a.init) / "training.json"
+        previous = json.loads(info.read_text()) if info.exists() else {"weights_sha256": model.weights_sha256()}
+        name = f"the model in {a.init}"
+    else:
+        model = build_model(a.preset, seed=a.seed)
+        name = f"preset {a.preset!r}"
+    ds = load_dataset(a.data, channels=model.channels, size=model.size, n=a.n)
     n_params = sum(p.numel() for p in model.unet.parameters())
-    _say(f"training preset {a.preset!r} ({n_params / 1e6:.2f}M parameters) on {len(ds)} images "
+    _say(f"training {name} ({n_params / 1e6:.2f}M parameters) on {len(ds)} images "
          f"from {a.data} for {cfg.steps} steps of {cfg.batch_size}; checkpoints in {a.workdir}")
     t0 = time.time()
     model = train(model, ds.images, cfg, workdir=a.workdir, device=a.device or "cpu")
     extra = {"command": " ".join(["attribution", *sys.argv[1:]]), "preset": a.preset,
              "data": a.data, "n": len(ds), "data_sha256": ds.fingerprint(), "config": asdict(cfg),
              "seconds": round(time.time() - t0, 1)}
+    if previous is not None:
+        extra["continued_from"] = previous
     save_model(model, a.out, extra=extra)
     _say(f"saved the EMA model to {a.out} ({time.time() - t0:.0f} s)")
 
@@ -69,6 +78,8 @@ def _method_config(a: argparse.Namespace):
         kw["draws"] = a.draws
     if getattr(a, "dim", None) is not None:
         kw["dim"] = a.dim or None
+    if getattr(a, "projection", None):
+        kw["projection"] = a.projection
     return AttributionConfig(**kw)
 
 
@@ -132,12 +143,24 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
         ev.build_groundtruth(a.out, cfg, log=_say, worker=(i, n))
         _say(f"ground truth ready in {a.out}")
         return
+    if a.eval_cmd == "retrain-top-k":
+        i, n = (int(x) for x in a.worker.split("/"))
+        res = ev.retrain_top_k(a.groundtruth, a.out, a.method, tuple(a.fractions), a.queries, log=_say,
+                               worker=(i, n))
+        if res is not None:
+            for m, r in res["mean_se"].items():
+                _say(f"{m}: " + ", ".join(f"remove {float(f):.0%}: loss rise {v[0]:+.2e} ± {v[1]:.1e}"
+                                          for f, v in r.items()))
+            _say(f"wrote {Path(a.out) / 'retrain_top_k.json'}")
+        return
     gt = ev.load_groundtruth(a.groundtruth)
     results = []
     for method in a.method:
         cfg = AttributionConfig(method=method, draws=a.draws, query_draws=a.query_draws,
-                                curvature_draws=a.curvature_draws, dim=a.dim or None, seed=a.seed)
+                                curvature_draws=a.curvature_draws, dim=a.dim or None, seed=a.seed,
+                                projection=a.projection, damping=a.damping)
         r = ev.method_lds(gt, cfg)
+        r.pop("scores")
         _say(f"{method}: LDS {r['lds']:.3f} ± {r['se']:.3f} over {r['n_queries']} queries ({r['seconds']:.0f} s)")
         results.append(r)
     noise = ev.seed_agreement(gt.measurements) if gt.measurements.shape[1] > 1 else None
@@ -170,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup", type=int, default=100)
     t.add_argument("--ema-decay", type=float, default=0.999)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--init", default=None, help="continue training this model folder (else: a fresh preset)")
     t.add_argument("--workdir", default="runs/train", help="checkpoints (resumed if present)")
     t.add_argument("--out", required=True, help="model folder to write")
     t.add_argument("--device", default=None)
@@ -197,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--method", default="ekfac", choices=list(METHODS))
     sc.add_argument("--draws", type=int, default=None)
     sc.add_argument("--dim", type=int, default=None, help="projection budget D (0: unprojected)")
+    sc.add_argument("--projection", default=None, choices=["sketch", "kronecker"],
+                    help="count sketch (default, faithful) or Kronecker (the K-FAC fast path)")
     sc.add_argument("--seed", type=int, default=0)
     sc.add_argument("--device", default=None)
     sc.set_defaults(func=cmd_scores)
@@ -234,10 +260,22 @@ def build_parser() -> argparse.ArgumentParser:
     lds.add_argument("--draws", type=int, default=8)
     lds.add_argument("--query-draws", type=int, default=32)
     lds.add_argument("--curvature-draws", type=int, default=4)
-    lds.add_argument("--dim", type=int, default=4096, help="0: unprojected")
+    lds.add_argument("--dim", type=int, default=8192, help="0: unprojected")
+    lds.add_argument("--projection", default="sketch", choices=["sketch", "kronecker"])
+    lds.add_argument("--damping", type=float, default=None, help="relative damping (default: the method's)")
     lds.add_argument("--seed", type=int, default=0)
     lds.add_argument("--json", default=None)
     lds.set_defaults(func=cmd_evaluate)
+
+    rt = evs.add_parser("retrain-top-k", help="retrain without each query's top influences (resumable)")
+    rt.add_argument("--groundtruth", default="benchmarks/groundtruth")
+    rt.add_argument("--out", default="benchmarks/retrain_top_k")
+    rt.add_argument("--method", nargs="+", default=["ekfac", "trak", "random"],
+                    help="the first is compared with the others; 'random' removes random images")
+    rt.add_argument("--fractions", type=float, nargs="+", default=[0.02, 0.10])
+    rt.add_argument("--queries", type=int, default=5)
+    rt.add_argument("--worker", default="0/1", help="i/n: train every n-th model from i (n processes)")
+    rt.set_defaults(func=cmd_evaluate)
 
     for name in ("serve", "demo"):
         sv = sub.add_parser(name, help="start the explorer app (builds the default index if missing)")

@@ -215,4 +215,82 @@ def method_lds(gt: GroundTruth, cfg, progress: bool = True, device=None, curvatu
     per_q = lds_per_query(scores, gt.masks, target)
     mean, se = mean_se(per_q)
     return {"method": cfg.method, "config": cfg.to_dict(), "lds": mean, "se": se,
-            "per_query": per_q.tolist(), "seconds": seconds, "n_queries": int(queries.shape[0])}
+            "per_query": per_q.tolist(), "seconds": seconds, "n_queries": int(queries.shape[0]),
+            "scores": scores}
+
+
+def removal_sets(scores: np.ndarray, fraction: float, rng: np.random.Generator | None = None) -> np.ndarray:
+    """(Q, k) training rows to remove per query: the top-k by τ (proponents first), or random."""
+    k = max(1, int(round(fraction * scores.shape[1])))
+    if rng is not None:
+        return np.stack([rng.choice(scores.shape[1], k, replace=False) for _ in range(scores.shape[0])])
+    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+
+
+def retrain_top_k(groundtruth: str | Path, out: str | Path, methods: list[str], fractions=(0.02, 0.10),
+                  n_queries: int = 5, configs: dict | None = None, log=print,
+                  worker: tuple[int, int] = (0, 1)) -> dict | None:
+    """Remove each query's top-k influences (per method, and at random), retrain, measure the rise.
+
+    Every retraining uses the subset models' recipe and seed (`steps`, seed 0 of the ground
+    truth, so the same initialisation and draws); the baseline is that recipe on all N images.
+    Each finished model's losses are saved at once, so a restart loses at most one model.
+    Returns the summary (also written to `out/retrain_top_k.json`) once every model is done.
+    """
+    from attribution.influence import AttributionConfig
+
+    gt = load_groundtruth(groundtruth)
+    cfg, out = gt.config, Path(out)
+    (out / "models").mkdir(parents=True, exist_ok=True)
+    queries = gt.queries[:n_queries]
+    seed = cfg.seed + 100
+    tcfg = train_config(cfg, seed)
+
+    def run(name: str, rows: np.ndarray) -> None:
+        path = out / "models" / f"{name}.npy"
+        if path.exists():
+            return
+        model = train(build_model(cfg.preset, seed=seed), gt.train_images[torch.from_numpy(rows)], tcfg,
+                      progress=False)
+        _atomic_np(path, measure(model, queries, cfg.measure_draws, cfg.seed + 3))
+
+    removed = {}
+    for method in methods:
+        path = out / f"scores-{method}.npy"
+        if method != "random" and not path.exists() and worker[0] == 0:
+            log(f"scores of {method} for {n_queries} queries")
+            c = AttributionConfig(**{"method": method, **(configs or {}).get(method, {})})
+            _atomic_np(path, method_lds(gt, c, progress=False)["scores"][:n_queries])
+        for frac in fractions:
+            if method == "random":
+                sets = removal_sets(np.zeros((n_queries, gt.train_images.shape[0])), frac,
+                                    np.random.default_rng(cfg.seed + 7))
+            elif path.exists():
+                sets = removal_sets(np.load(path), frac)
+            else:
+                continue  # worker 0 computes the scores first
+            for q in range(n_queries):
+                removed[f"{method}-{frac:g}-{q}"] = sets[q]
+    jobs = [("baseline", np.arange(gt.train_images.shape[0]))]
+    jobs += [(name, np.setdiff1d(np.arange(gt.train_images.shape[0]), rem)) for name, rem in removed.items()]
+    jobs = [j for j in jobs if not (out / "models" / f"{j[0]}.npy").exists()][worker[0]::worker[1]]
+    t0 = time.time()
+    for n_done, (name, rows) in enumerate(jobs):
+        run(name, rows)
+        log(f"{name} done ({n_done + 1}/{len(jobs)}; "
+            f"{(time.time() - t0) / (n_done + 1) * (len(jobs) - n_done - 1) / 60:.0f} min left)")
+    names = ["baseline"] + [f"{m}-{f:g}-{q}" for m in methods for f in fractions for q in range(n_queries)]
+    if any(not (out / "models" / f"{n}.npy").exists() for n in names):
+        log("some models are still being trained (by other workers, or scores are missing)")
+        return None
+    base = np.load(out / "models" / "baseline.npy")
+    rise = {m: {f"{f:g}": [float(np.load(out / "models" / f"{m}-{f:g}-{q}.npy")[q] - base[q])
+                           for q in range(n_queries)] for f in fractions} for m in methods}
+    summary = {"n_queries": n_queries, "fractions": list(fractions), "recipe": asdict(tcfg),
+               "baseline_loss": base.tolist(), "rise": rise,
+               "mean_se": {m: {f: mean_se(v) for f, v in r.items()} for m, r in rise.items()},
+               "paired": {f"{a}-vs-{b}": {f"{f:g}": mean_se(np.array(rise[a][f"{f:g}"]) - np.array(rise[b][f"{f:g}"]))
+                                          for f in fractions}
+                          for a in methods[:1] for b in methods[1:]}}
+    (out / "retrain_top_k.json").write_text(json.dumps(summary, indent=2))
+    return summary

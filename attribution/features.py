@@ -2,12 +2,17 @@
 
 For example n with rows r (its K draws) and layer l, the gradient is
 G_n = Σ_{r,p} g_{r,p} a_{r,p}ᵀ (the cotangent already carries the 1/K of the mean over draws),
-and the feature is vec(P_out · Precond(G_n) · P_inᵀ) · scale. Two paths:
+and the feature is Proj(Precond(G_n)) · scale, with Precond = (G + λ)^(−power) per layer
+(power 1: the full inverse on one side; power ½ on both sides, so ⟨ψ, φ⟩ = ∇mᵀ (G + λ)⁻¹ ∇L).
+Three paths:
 
-- Kronecker (``identity``, ``kfac``): Precond(G) = S̃⁻¹ G Ã⁻¹ with factored damping, folded into
-  M_out = P_out S̃⁻¹ and M_in = P_in Ã⁻¹, so φ = Σ_{r,p} (M_out g)(M_in a)ᵀ: G_n is never formed.
-- Materialised (``ekfac``, ``kfac-exact``): Precond(G) = Q_S [(Q_Sᵀ G Q_A) / (Λ + λ)] Q_Aᵀ with
-  exact damping, so φ = (P_out Q_S) [rot / (Λ + λ)] (P_in Q_A)ᵀ with rot formed per example.
+- Kronecker fast path (``identity``, ``kfac`` with a Kronecker projection): Precond(G) =
+  S̃^(−p) G Ã^(−p) with factored damping, folded into M_out = P_out S̃^(−p) and M_in = P_in Ã^(−p),
+  so φ = Σ_{r,p} (M_out g)(M_in a)ᵀ: G_n is never formed.
+- Materialised Kronecker (``ekfac``, ``kfac-exact``): φ = (P_out Q_S) [rot · (Λ + λ)^(−p)] (P_in Q_A)ᵀ
+  with rot = Q_Sᵀ G Q_A formed per example.
+- Sketch (any preconditioner): the count sketch of rot · w (or of G itself for ``identity``),
+  w = (Λ + λ)^(−p) in the Kronecker eigenbasis; each layer adds into the same D buckets.
 """
 
 from __future__ import annotations
@@ -34,12 +39,21 @@ def _mat(p: torch.Tensor | None, n: int) -> torch.Tensor:
     return torch.eye(n) if p is None else p
 
 
+def eigen_weights(curvature: Curvature, name: str, kind: str, power: float) -> torch.Tensor:
+    """(O, I') weights (Λ + λ)^(−power) in the layer's Kronecker eigenbasis."""
+    if kind == "kfac":
+        ea, _, es, _ = curvature.eig(name)
+        da, ds = curvature.factored_damping(name)
+        return torch.outer((es + ds) ** -power, (ea + da) ** -power)
+    return (curvature.eigenvalues(name) + curvature.damping(name)) ** -power
+
+
 class FeatureMap:
     """Maps captured (a, g) of each layer to projected, preconditioned per-example features."""
 
     def __init__(self, layer_shapes: dict[str, tuple[int, int]], projection: Projection,
                  preconditioner: str = "identity", curvature: Curvature | None = None,
-                 scale: float = 1.0, device: str | torch.device = "cpu"):
+                 scale: float = 1.0, device: str | torch.device = "cpu", power: float = 1.0):
         if preconditioner not in PRECONDITIONERS:
             raise ValueError(f"unknown preconditioner {preconditioner!r}")
         if preconditioner != "identity" and curvature is None:
@@ -48,46 +62,72 @@ class FeatureMap:
         self.projection = projection
         self.kind = preconditioner
         self.scale = scale
+        self.sketched = projection.kind == "sketch" and not projection.is_identity
         self.ops: dict[str, tuple[torch.Tensor, ...]] = {}
         for name, (o, i) in layer_shapes.items():
+            if self.sketched:
+                bucket, sign = projection.sketch(name)
+                if preconditioner == "identity":
+                    self.ops[name] = (bucket, sign)
+                else:
+                    _, qa, _, qs = curvature.eig(name)
+                    w = eigen_weights(curvature, name, preconditioner, power)
+                    self.ops[name] = (qs, qa, w, bucket, sign)
+                continue
             p_out, p_in = _mat(projection.p_out(name), o), _mat(projection.p_in(name), i)
             if preconditioner == "identity":
                 self.ops[name] = (p_out, p_in)
             elif preconditioner == "kfac":
                 ea, qa, es, qs = curvature.eig(name)
                 da, ds = curvature.factored_damping(name)
-                a_inv = (qa / (ea + da)) @ qa.T
-                s_inv = (qs / (es + ds)) @ qs.T
+                a_inv = (qa * (ea + da) ** -power) @ qa.T
+                s_inv = (qs * (es + ds) ** -power) @ qs.T
                 self.ops[name] = (p_out @ s_inv, p_in @ a_inv)
             else:
                 _, qa, _, qs = curvature.eig(name)
-                lam = curvature.eigenvalues(name) + curvature.damping(name)
-                self.ops[name] = (qs, qa, 1.0 / lam, p_out @ qs, p_in @ qa)
-            self.ops[name] = tuple(t.float().to(device) for t in self.ops[name])
+                w = eigen_weights(curvature, name, preconditioner, power)
+                self.ops[name] = (qs, qa, w, p_out @ qs, p_in @ qa)
+        self.ops = {n: tuple(t.to(device) if t.dtype == torch.long else t.float().to(device) for t in op)
+                    for n, op in self.ops.items()}
         self.dims = {n: projection.dims[n] for n in self.names}
 
     @property
     def dim(self) -> int:
+        if self.sketched:
+            return self.projection.size
         return sum(ko * ki for ko, ki in self.dims.values())
 
+    def combine(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """Per-layer features (in `names` order) -> (B, D): summed buckets, or concatenated."""
+        return torch.stack(parts).sum(0) if self.sketched else torch.cat(parts, dim=1)
+
     def layer(self, name: str, a: torch.Tensor, g: torch.Tensor, b: int) -> torch.Tensor:
-        """a (B·K, P, I'), g (B·K, P, O) -> (B, k_o·k_i) for B examples with K rows each."""
+        """a (B·K, P, I'), g (B·K, P, O) -> (B, k_o·k_i), or (B, D) for a sketch."""
         op = self.ops[name]
         a = a.reshape(b, -1, a.shape[-1])
         g = g.reshape(b, -1, g.shape[-1])
+        if self.sketched:
+            if len(op) == 2:
+                bucket, sign = op
+                x = g.transpose(1, 2) @ a
+            else:
+                qs, qa, w, bucket, sign = op
+                x = rotated_gradient(g, a, qs, qa) * w
+            out = torch.zeros(b, self.projection.size, dtype=x.dtype, device=x.device)
+            return out.index_add_(1, bucket, x.flatten(1) * sign) * self.scale
         if len(op) == 2:
             m_out, m_in = op
             f = (g @ m_out.T).transpose(1, 2) @ (a @ m_in.T)
         else:
-            qs, qa, inv, r_out, r_in = op
-            f = r_out @ (rotated_gradient(g, a, qs, qa) * inv) @ r_in.T
+            qs, qa, w, r_out, r_in = op
+            f = r_out @ (rotated_gradient(g, a, qs, qa) * w) @ r_in.T
         return f.flatten(1) * self.scale
 
     def layer_from_input(self, name: str, module: torch.nn.Module, x: torch.Tensor, g: torch.Tensor,
                          b: int) -> torch.Tensor:
         """As `layer`, from the layer's raw input x: the Kronecker path never forms im2col patches."""
         op = self.ops[name]
-        if len(op) != 2:
+        if self.sketched or len(op) != 2:
             return self.layer(name, inputs_as_rows(module, x), g, b)
         m_out, m_in = op
         ai = project_inputs(module, x, m_in)
@@ -130,7 +170,7 @@ def gradient_features(model, fmap: FeatureMap, images: torch.Tensor, keys: list[
             eps_hat, rec = forward(model.unet, layers, rows.x, rows.t)
             parts = {name: fmap.layer_from_input(name, layers[name], rec.inputs[name].detach(), g, b)
                      for name, g in rec.cotangents(eps_hat, example_cotangent(eps_hat, rows))}
-            out[i:i + b] = torch.cat([parts[name] for name in fmap.names], dim=1).cpu()
+            out[i:i + b] = fmap.combine([parts[name] for name in fmap.names]).cpu()
             bar.update(b)
     bar.close()
     return out

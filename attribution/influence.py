@@ -2,8 +2,11 @@
 
 Sign and unit: τ(q, n) is the first-order predicted *increase* of the query's measurement (by
 default its diffusion loss) if training image n were removed and the model retrained:
-τ > 0 → n is a proponent (it makes q more likely). The features carry the 1/N; scores are inner
-products of query features ψ (projected ∇m, no preconditioner) and training features φ.
+τ > 0 → n is a proponent (it makes q more likely). The training features carry the 1/N; scores
+are inner products of query features ψ and training features φ. With the count sketch (default)
+the preconditioner is split, ψ = P (G+λ)^(−½) ∇m and φ = P (G+λ)^(−½) ∇L / N; with the Kronecker
+projection it sits on the training side only, ψ = P ∇m and φ = P (G+λ)⁻¹ ∇L / N. Unprojected,
+both give the same numbers; projected, the split one is far more faithful (ARCHITECTURE.md).
 
 Every method is a configuration of the same machinery (`METHODS`):
 preconditioner × GGN type × weight sharing × training function × measurement × normalisation.
@@ -66,7 +69,8 @@ class AttributionConfig:
     query_draws: int = 32
     curvature_draws: int = 4
     curvature_images: int | None = 1000  # a seeded random subset fits the curvature; None: all
-    dim: int | None = 4096
+    dim: int | None = 8192
+    projection: str = "sketch"  # "sketch" (count sketch, split preconditioner) | "kronecker" (fast path)
     damping: float | None = None  # relative; None: the method's default
     measurement: str | None = None  # None: the method's default
     t_range: tuple[int, int] | None = None
@@ -148,7 +152,8 @@ class Attributor:
         if not self.uses_model:
             return self
         shapes = model_layer_shapes(self.model.unet)
-        self.projection = projection or make_projection(shapes, self.config.dim, self.config.seed)
+        self.projection = projection or make_projection(shapes, self.config.dim, self.config.seed,
+                                                        self.config.projection)
         if self.spec.preconditioner in ("kfac", "kfac-exact", "ekfac"):
             rows = self.curvature_rows()
             self.curvature = curvature or fit_curvature(
@@ -156,19 +161,25 @@ class Attributor:
                 batch_size=self.config.batch_size, progress=self.progress, device=self.device)
         return self
 
+    @property
+    def split(self) -> bool:
+        """Whether (G+λ)^(−½) sits on both sides (sketch) rather than (G+λ)⁻¹ on the training side."""
+        return self.projection is not None and self.projection.kind == "sketch"
+
     def feature_map(self, side: str) -> FeatureMap:
-        """The train-side (preconditioned, 1/N) or query-side (plain) feature map."""
+        """The train-side (1/N) or query-side feature map; see the module docstring."""
         if self.projection is None:
             self.fit()
         if side not in self._fmaps:
             shapes = model_layer_shapes(self.model.unet)
             pre = self.spec.preconditioner
-            if side == "query" or pre in ("identity", "trak"):
-                self._fmaps[side] = FeatureMap(shapes, self.projection, "identity", device=self.device,
-                                               scale=1.0 if side == "query" else 1.0 / self.n_train)
+            scale = 1.0 if side == "query" else 1.0 / self.n_train
+            if pre in ("identity", "trak") or (side == "query" and not self.split):
+                fmap = FeatureMap(shapes, self.projection, "identity", device=self.device, scale=scale)
             else:
-                self._fmaps[side] = FeatureMap(shapes, self.projection, pre, self.curvature,
-                                               scale=1.0 / self.n_train, device=self.device)
+                fmap = FeatureMap(shapes, self.projection, pre, self.curvature, scale=scale,
+                                  device=self.device, power=0.5 if self.split else 1.0)
+            self._fmaps[side] = fmap
         return self._fmaps[side]
 
     @property

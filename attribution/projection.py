@@ -1,9 +1,16 @@
-"""Kronecker random projections of per-layer gradients.
+"""Random projections of per-layer gradients: a count sketch (default) or a Kronecker projection.
 
-For a layer gradient G (O × I') the feature is vec(P_out G P_inᵀ) with P_out (k_o × O) and
-P_in (k_i × I') Gaussian, entries N(0, 1/k), so E[PᵀP] = I and inner products of features are
-unbiased estimates of inner products of gradients. Where k ≥ the dimension the side is not
-projected at all (identity, exact). The matrices are stored, never re-derived.
+Both are linear maps P with E[PᵀP] = I, so inner products of features are unbiased estimates of
+inner products of the (preconditioned) gradients. The random numbers are stored, never re-derived.
+
+- ``sketch``: every coordinate (layer, o, i) of every layer's gradient G (O × I') is added, with
+  a random sign, to one of D shared buckets (a count sketch of the whole gradient vector). Its
+  inner-product error is that of a dense Gaussian projection to D numbers, ‖x‖‖y‖/√D, whatever
+  the layer shapes; it needs G formed per example (the materialised path).
+- ``kronecker``: vec(P_out G P_inᵀ) with P_out (k_o × O), P_in (k_i × I') Gaussian, entries
+  N(0, 1/k); where k ≥ the dimension the side is identity. G is never formed (the K-FAC fast
+  path), but the error of a product of two small projections is far larger than that of one
+  projection of the same total size (see ARCHITECTURE.md, "Projection").
 """
 
 from __future__ import annotations
@@ -40,18 +47,30 @@ def split_budget(shapes: dict[str, tuple[int, int]], total: int | None) -> dict[
     return {n: (min(o, lo), min(i, lo)) for n, (o, i) in shapes.items()}
 
 
+KINDS = ("sketch", "kronecker")
+
+
 @dataclass
 class Projection:
-    """Per-layer P_out (k_o × O) and P_in (k_i × I'); a missing matrix means identity."""
+    """Kronecker: per-layer P_out (k_o × O), P_in (k_i × I'), a missing matrix means identity.
+    Sketch: per-layer bucket (O, I') int32 in [0, size) and sign (O, I') int8."""
 
     shapes: dict[str, tuple[int, int]]
     dims: dict[str, tuple[int, int]]
     mats: dict[str, torch.Tensor] = field(default_factory=dict)
     seed: int = 0
+    kind: str = "kronecker"
+    size: int = 0  # the sketch's number of buckets D
 
     @property
     def total(self) -> int:
+        if self.kind == "sketch" and self.mats:
+            return self.size
         return sum(ko * ki for ko, ki in self.dims.values())
+
+    def sketch(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(bucket (O·I',) int64, sign (O·I',) float32) of a layer's flattened gradient."""
+        return self.mats[f"{name}.bucket"].flatten().long(), self.mats[f"{name}.sign"].flatten().float()
 
     @property
     def is_identity(self) -> bool:
@@ -64,7 +83,8 @@ class Projection:
         return self.mats.get(f"{name}.P_in")
 
     def save(self, path: str | Path) -> None:
-        meta = {"shapes": json.dumps(self.shapes), "dims": json.dumps(self.dims), "seed": str(self.seed)}
+        meta = {"shapes": json.dumps(self.shapes), "dims": json.dumps(self.dims), "seed": str(self.seed),
+                "kind": self.kind, "size": str(self.size)}
         save_file({k: v.contiguous() for k, v in self.mats.items()} or {"_empty": torch.zeros(1)},
                   str(path), metadata=meta)
 
@@ -75,11 +95,16 @@ class Projection:
             mats = {k: f.get_tensor(k) for k in f.keys() if k != "_empty"}
         shapes = {k: tuple(v) for k, v in json.loads(md["shapes"]).items()}
         dims = {k: tuple(v) for k, v in json.loads(md["dims"]).items()}
-        return cls(shapes, dims, mats, int(md["seed"]))
+        return cls(shapes, dims, mats, int(md["seed"]), md.get("kind", "kronecker"), int(md.get("size", 0)))
 
 
-def make_projection(shapes: dict[str, tuple[int, int]], total: int | None, seed: int = 0) -> Projection:
-    """Gaussian Kronecker projection with ≈ `total` numbers per example (None: no projection)."""
+def make_projection(shapes: dict[str, tuple[int, int]], total: int | None, seed: int = 0,
+                    kind: str = "sketch") -> Projection:
+    """A projection to ≈ `total` numbers per example (None, or ≥ the parameter count: none)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown projection {kind!r}; choose one of {', '.join(KINDS)}")
+    if kind == "sketch":
+        return make_sketch(shapes, total, seed)
     dims = split_budget(shapes, total)
     mats = {}
     for idx, (name, (o, i)) in enumerate(shapes.items()):
@@ -89,4 +114,17 @@ def make_projection(shapes: dict[str, tuple[int, int]], total: int | None, seed:
             mats[f"{name}.P_out"] = torch.randn(ko, o, generator=g) / ko ** 0.5
         if ki < i:
             mats[f"{name}.P_in"] = torch.randn(ki, i, generator=g) / ki ** 0.5
-    return Projection(dict(shapes), dims, mats, seed)
+    return Projection(dict(shapes), dims, mats, seed, "kronecker")
+
+
+def make_sketch(shapes: dict[str, tuple[int, int]], total: int | None, seed: int = 0) -> Projection:
+    """Count sketch of the whole gradient vector into `total` buckets shared by all layers."""
+    full = {n: (o, i) for n, (o, i) in shapes.items()}
+    if total is None or total >= sum(o * i for o, i in shapes.values()):
+        return Projection(dict(shapes), full, {}, seed, "sketch", 0)
+    mats = {}
+    for idx, (name, (o, i)) in enumerate(shapes.items()):
+        g = torch.Generator().manual_seed(hash_seed(seed, 29, idx))
+        mats[f"{name}.bucket"] = torch.randint(0, total, (o, i), generator=g, dtype=torch.int32)
+        mats[f"{name}.sign"] = (torch.randint(0, 2, (o, i), generator=g) * 2 - 1).to(torch.int8)
+    return Projection(dict(shapes), full, mats, seed, "sketch", total)

@@ -182,7 +182,8 @@ def build_index(model: DiffusionModel, data: ImageDataset, out: str | Path, cfg:
             os.replace(out / "thumbs.tmp.npy", out / "thumbs.npy")
         manifest = {**settings, "code_version": CODE_VERSION, "key": key,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    "projection": {"total_dim": att.dim,
+                    "projection": {"kind": att.projection.kind if att.projection else None,
+                                   "total_dim": att.dim,
                                    "per_layer": att.projection.dims if att.projection else None,
                                    "dtype": "float32"},
                     "faiss": {"type": faiss_type, "metric": "inner_product", "ntotal": int(index.ntotal)},
@@ -201,7 +202,7 @@ def config_from_args(a: argparse.Namespace) -> AttributionConfig:
     return AttributionConfig(method=a.method, draws=a.draws, curvature_draws=a.curvature_draws,
                              curvature_images=a.curvature_images or None,
                              query_draws=a.query_draws, dim=a.dim or None, seed=a.seed,
-                             batch_size=a.batch_size)
+                             batch_size=a.batch_size, projection=a.projection)
 
 
 def add_build_args(p: argparse.ArgumentParser) -> None:
@@ -211,6 +212,8 @@ def add_build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="index folder to write (resumed if present)")
     p.add_argument("--method", default=d.method)
     p.add_argument("--dim", type=int, default=d.dim, help="feature budget D per image (0: unprojected)")
+    p.add_argument("--projection", default=d.projection, choices=["sketch", "kronecker"],
+                   help="count sketch (default, faithful) or Kronecker (the K-FAC fast path)")
     p.add_argument("--draws", type=int, default=d.draws, help="(t, ε) draws per training image")
     p.add_argument("--curvature-draws", type=int, default=d.curvature_draws)
     p.add_argument("--curvature-images", type=int, default=d.curvature_images,

@@ -7,8 +7,8 @@ import json
 import os
 from pathlib import Path
 
-FORMAT_VERSION = 1
-CODE_VERSION = "0.1.0"
+FORMAT_VERSION = 2  # 2: count-sketch projection, preconditioner split over both sides
+CODE_VERSION = "0.2.0"
 
 
 class IndexLoadError(ValueError):

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from attribution.curvature import Curvature
 from attribution.influence import AttributionConfig, Attributor
 from attribution.projection import Projection
 from index.manifest import IndexLoadError, check_data, check_model, read_manifest
@@ -166,6 +167,12 @@ def load(index_dir: str | Path, model=None, data_fingerprint: str | None = None,
                 att.projection = Projection.load(index_dir / "projection.safetensors")
             except Exception as e:  # safetensors raises several types on a damaged file
                 raise IndexLoadError(f"{index_dir / 'projection.safetensors'}: unreadable ({e}); "
+                                     "rebuild the index") from None
+        if att.spec.preconditioner in ("kfac", "kfac-exact", "ekfac") and att.split:
+            try:  # the query side carries half the preconditioner
+                att.curvature = Curvature.load(index_dir / "curvature.safetensors")
+            except Exception as e:
+                raise IndexLoadError(f"{index_dir / 'curvature.safetensors'}: unreadable ({e}); "
                                      "rebuild the index") from None
         if att.spec.preconditioner == "trak" and (index_dir / "trak.safetensors").exists():
             att.trak_inverse = load_file(str(index_dir / "trak.safetensors"))["trak_inverse"]

@@ -14,8 +14,10 @@ from attribution.model import build_model
 from attribution.projection import make_projection
 
 
-@pytest.mark.parametrize("pre,dim", [("identity", None), ("identity", 256), ("kfac", 256), ("ekfac", 256)])
-def test_input_path_equals_rows_path(pre, dim):
+@pytest.mark.parametrize("pre,dim,kind", [("identity", None, "kronecker"), ("identity", 256, "kronecker"),
+                                          ("kfac", 256, "kronecker"), ("ekfac", 256, "kronecker"),
+                                          ("kfac", 256, "sketch")])
+def test_input_path_equals_rows_path(pre, dim, kind):
     torch.manual_seed(0)
     model = build_model("tiny", seed=0)
     x = mnist(size=8, n=6).images
@@ -23,7 +25,7 @@ def test_input_path_equals_rows_path(pre, dim):
     curv = None if pre == "identity" else fit_curvature(
         model, x, config=CurvatureConfig(kind="ekfac" if pre == "ekfac" else "kfac", draws=2, damping=1e-3),
         progress=False)
-    fmap = FeatureMap(shapes, make_projection(shapes, dim, seed=1), pre, curv)
+    fmap = FeatureMap(shapes, make_projection(shapes, dim, seed=1, kind=kind), pre, curv)
     rows = Measurement("loss").rows(x, list(range(6)), 3, 0, model.alphas_cumprod())
     layers = tracked_layers(model.unet)
     with grad_enabled_params(model.unet):
