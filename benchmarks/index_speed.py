@@ -2,11 +2,13 @@
 
     python benchmarks/index_speed.py [--model DIR] [--index DIR] [--big]
 
-1. Feature-building throughput, in (image × draw)/s, of the K-FAC fast path and the EK-FAC
-   materialised path, each divided by plain batched forward+backward (with parameter gradients)
-   of the same model on the same rows; the three are interleaved round by round.
+1. Feature-building throughput, in (image × draw)/s, of the K-FAC fast path (Kronecker
+   projection), of K-FAC and EK-FAC with the count sketch (the default), each divided by plain
+   batched forward+backward (with parameter gradients) of the same model on the same rows; all
+   are interleaved round by round.
 2. Build time of the default index and bytes per training image on disk (from its manifest).
-3. Query latency with the default index: image -> top-16, median and p95 over 30 queries.
+3. Query latency with the default index: image -> top-16, median and p95 over 30 queries (the
+   first 30 training images; how often each is its own top proponent is reported too).
 4. FAISS search alone: the 5,000-vector flat index, and 1,000,000 synthetic vectors (IVF-PQ) with --big.
 
 Writes benchmarks/results/index_speed.json.
@@ -29,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from attribution.data import mnist  # noqa: E402
-from attribution.features import FeatureMap, gradient_features, model_layer_shapes  # noqa: E402
+from attribution.features import gradient_features  # noqa: E402
 from attribution.influence import AttributionConfig, Attributor  # noqa: E402
 from attribution.measurements import Measurement  # noqa: E402
 from attribution.model import load_model  # noqa: E402
@@ -49,25 +51,22 @@ def plain_step(model, x0, keys, k, seed):
 
 
 def throughput(model, images, draws: int, batch: int, rounds: int) -> dict:
-    shapes = model_layer_shapes(model.unet)
-    att_k = Attributor(model, _Data(images), AttributionConfig(method="kfac", curvature_draws=2,
-                                                               batch_size=batch), progress=False).fit()
-    att_e = Attributor(model, _Data(images), AttributionConfig(method="ekfac", curvature_draws=2,
-                                                               batch_size=batch), progress=False)
-    t0 = time.perf_counter()
-    att_e.fit(projection=att_k.projection)
-    t_fit_ekfac = time.perf_counter() - t0
-    fk = FeatureMap(shapes, att_k.projection, "kfac", att_k.curvature)
-    fe = FeatureMap(shapes, att_e.projection, "ekfac", att_e.curvature)
+    def feature_map(method: str, projection: str):
+        att = Attributor(model, _Data(images), AttributionConfig(method=method, curvature_draws=2, batch_size=batch,
+                                                                 projection=projection), progress=False)
+        t0 = time.perf_counter()
+        att.fit()
+        return att.feature_map("train"), time.perf_counter() - t0
+
+    maps = {"kfac-kronecker": feature_map("kfac", "kronecker"), "kfac-sketch": feature_map("kfac", "sketch"),
+            "ekfac-sketch": feature_map("ekfac", "sketch")}
     x0 = images[:batch]
     keys = list(range(batch))
     meas = Measurement("loss")
-    times = {"plain": [], "kfac": [], "ekfac": []}
-    runs = {
-        "plain": lambda: plain_step(model, x0, keys, draws, 0),
-        "kfac": lambda: gradient_features(model, fk, x0, keys, meas, draws, 0, batch, progress=False),
-        "ekfac": lambda: gradient_features(model, fe, x0, keys, meas, draws, 0, batch, progress=False),
-    }
+    runs = {"plain": lambda: plain_step(model, x0, keys, draws, 0)}
+    for name, (fm, _) in maps.items():
+        runs[name] = lambda fm=fm: gradient_features(model, fm, x0, keys, meas, draws, 0, batch, progress=False)
+    times = {n: [] for n in runs}
     for f in runs.values():  # warm-up
         f()
     for _ in range(rounds):
@@ -76,9 +75,9 @@ def throughput(model, images, draws: int, batch: int, rounds: int) -> dict:
             f()
             times[name].append(time.perf_counter() - t)
     rate = {n: batch * draws / statistics.median(v) for n, v in times.items()}
-    return {"rows_per_s": rate, "ratio_kfac_to_plain": rate["kfac"] / rate["plain"],
-            "ratio_ekfac_to_plain": rate["ekfac"] / rate["plain"], "batch_images": batch, "draws": draws,
-            "feature_dim": fk.dim, "seconds_fit_ekfac_on": [len(images), t_fit_ekfac]}
+    return {"rows_per_s": rate, "ratio_to_plain": {n: rate[n] / rate["plain"] for n in maps},
+            "batch_images": batch, "draws": draws, "feature_dim": {n: fm.dim for n, (fm, _) in maps.items()},
+            "seconds_fit_on": {"images": len(images), **{n: t for n, (_, t) in maps.items()}}}
 
 
 class _Data:
@@ -95,19 +94,20 @@ def query_latency(model, index_dir: Path, n: int = 30) -> dict:
     t0 = time.perf_counter()
     idx = load(index_dir, model)
     t_load = time.perf_counter() - t0
-    qs = mnist(n=n, seed=123).images
+    qs = mnist(n=n).images  # the index's first n training images
     idx.query(qs[0])
-    lat, search = [], []
-    for q in qs:
+    lat, search, self_top1 = [], [], 0
+    for i, q in enumerate(qs):
         t = time.perf_counter()
         res = idx.query(q, k=16)
         lat.append(time.perf_counter() - t)
         search.append(res.timings["search"])
+        self_top1 += res.proponents[0].row == i
     m = idx.manifest
     disk = sum(p.stat().st_size for p in index_dir.rglob("*") if p.is_file() and "shards" not in p.parts)
     shards = sum(p.stat().st_size for p in (index_dir / "shards").glob("*"))
     return {"load_s": t_load, "median_s": statistics.median(lat), "p95_s": float(np.percentile(lat, 95)),
-            "search_median_s": statistics.median(search), "n": len(idx), "dim": m["projection"]["total_dim"],
+            "search_median_s": statistics.median(search), "self_top1": self_top1 / n, "n": len(idx), "dim": m["projection"]["total_dim"],
             "query_draws": m["method"]["query_draws"], "build": m["build"],
             "bytes_per_image": disk / len(idx), "bytes_per_image_with_shards": (disk + shards) / len(idx)}
 
@@ -160,19 +160,19 @@ def main() -> None:
     res["throughput"] = throughput(model, images, draws=8, batch=32, rounds=a.rounds)
     if Path(a.index, "manifest.json").exists():
         res["query"] = query_latency(model, Path(a.index))
-    res["faiss"] = faiss_search(res["throughput"]["feature_dim"], 5000, a.big)
+    res["faiss"] = faiss_search(res["throughput"]["feature_dim"]["ekfac-sketch"], 5000, a.big)
     out = ROOT / "benchmarks" / "results" / "index_speed.json"
     out.write_text(json.dumps(res, indent=2))
     t = res["throughput"]
     print("| measure | value |\n|---|---|")
     print(f"| plain fwd+bwd, (image×draw)/s | {t['rows_per_s']['plain']:.0f} |")
-    print(f"| K-FAC fast path features, (image×draw)/s | {t['rows_per_s']['kfac']:.0f} "
-          f"(ratio {t['ratio_kfac_to_plain']:.2f}) |")
-    print(f"| EK-FAC materialised features, (image×draw)/s | {t['rows_per_s']['ekfac']:.0f} "
-          f"(ratio {t['ratio_ekfac_to_plain']:.2f}) |")
+    for n, label in (("kfac-kronecker", "K-FAC, Kronecker fast path"), ("kfac-sketch", "K-FAC, sketch"),
+                     ("ekfac-sketch", "EK-FAC, sketch (default)")):
+        print(f"| {label} features, (image×draw)/s | {t['rows_per_s'][n]:.0f} (ratio {t['ratio_to_plain'][n]:.2f}) |")
     if "query" in res:
         q = res["query"]
         print(f"| query image -> top-16, median / p95 | {q['median_s'] * 1e3:.0f} / {q['p95_s'] * 1e3:.0f} ms |")
+        print(f"| training image is its own top proponent | {q['self_top1']:.0%} of 30 |")
         print(f"| bytes per training image (index / with shards) | {q['bytes_per_image']:.0f} / "
               f"{q['bytes_per_image_with_shards']:.0f} |")
         print(f"| default index build: curvature / features | {q['build']['seconds_curvature']:.0f} s / "
