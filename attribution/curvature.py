@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from attribution.capture import Recording, forward, grad_enabled_params, tracked_layers
 from attribution.measurements import Measurement, Rows
-from attribution.train import hash_seed
+from attribution.seeds import hash_seed
 
 GGN_TYPES = ("model", "loss", "exact")
 SHARING = ("expand", "reduce")

@@ -14,7 +14,6 @@ proponent, so a subset full of proponents should have a *low* loss), mean ± s.e
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from scipy.stats import spearmanr
 
+from attribution.atomic import save_numpy
 from attribution.data import mnist
 from attribution.measurements import Measurement, evaluate
 from attribution.model import build_model, load_model, save_model
@@ -48,12 +48,6 @@ class GroundTruthConfig:
     measure_draws: int = 256
     trajectory_steps: int = 50
     seed: int = 0
-
-
-def _atomic_np(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, arr)
-    os.replace(tmp, path)
 
 
 def measure(model, queries: torch.Tensor, draws: int, seed: int) -> np.ndarray:
@@ -112,10 +106,10 @@ def build_groundtruth(out: str | Path, cfg: GroundTruthConfig | None = None, pro
         masks = np.zeros((cfg.subsets, cfg.n_train), dtype=bool)
         for j in range(cfg.subsets):
             masks[j, rng.choice(cfg.n_train, k, replace=False)] = True
-        _atomic_np(mask_path, masks)
+        save_numpy(mask_path, masks)
     masks = np.load(mask_path)
     if not (out / "full_measurements.npy").exists():
-        _atomic_np(out / "full_measurements.npy", measure(full, queries, cfg.measure_draws, cfg.seed + 3))
+        save_numpy(out / "full_measurements.npy", measure(full, queries, cfg.measure_draws, cfg.seed + 3))
 
     mdir = out / "measurements"
     mdir.mkdir(exist_ok=True)
@@ -128,7 +122,7 @@ def build_groundtruth(out: str | Path, cfg: GroundTruthConfig | None = None, pro
         rows = torch.from_numpy(np.flatnonzero(masks[j]))
         model = train(build_model(cfg.preset, seed=cfg.seed + 100 + s), train_images[rows],
                       train_config(cfg, cfg.seed + 100 + s), progress=False)
-        _atomic_np(mdir / f"{j:03d}-{s}.npy", measure(model, queries, cfg.measure_draws, cfg.seed + 3))
+        save_numpy(mdir / f"{j:03d}-{s}.npy", measure(model, queries, cfg.measure_draws, cfg.seed + 3))
         el = time.time() - t0
         log(f"model {n_done + 1}/{len(todo)} (subset {j}, seed {s}) done; "
             f"{el / (n_done + 1) * (len(todo) - n_done - 1) / 60:.0f} min left")
@@ -139,7 +133,7 @@ def build_groundtruth(out: str | Path, cfg: GroundTruthConfig | None = None, pro
         return out
     meas = np.stack([np.stack([np.load(mdir / f"{j:03d}-{s}.npy") for s in range(cfg.seeds)])
                      for j in range(cfg.subsets)])  # (M, S, Q)
-    _atomic_np(out / "measurements.npy", meas.astype(np.float32))
+    save_numpy(out / "measurements.npy", meas.astype(np.float32))
     return out
 
 
@@ -252,7 +246,7 @@ def retrain_top_k(groundtruth: str | Path, out: str | Path, methods: list[str], 
             return
         model = train(build_model(cfg.preset, seed=seed), gt.train_images[torch.from_numpy(rows)], tcfg,
                       progress=False)
-        _atomic_np(path, measure(model, queries, cfg.measure_draws, cfg.seed + 3))
+        save_numpy(path, measure(model, queries, cfg.measure_draws, cfg.seed + 3))
 
     removed = {}
     for method in methods:
@@ -260,7 +254,7 @@ def retrain_top_k(groundtruth: str | Path, out: str | Path, methods: list[str], 
         if method != "random" and not path.exists() and worker[0] == 0:
             log(f"scores of {method} for {n_queries} queries")
             c = AttributionConfig(**{"method": method, **(configs or {}).get(method, {})})
-            _atomic_np(path, method_lds(gt, c, progress=False)["scores"][:n_queries])
+            save_numpy(path, method_lds(gt, c, progress=False)["scores"][:n_queries])
         for frac in fractions:
             if method == "random":
                 sets = removal_sets(np.zeros((n_queries, gt.train_images.shape[0])), frac,

@@ -24,7 +24,7 @@ from attribution.data import ImageDataset
 from attribution.features import FeatureMap, gradient_features, model_layer_shapes
 from attribution.measurements import Measurement
 from attribution.projection import Projection, make_projection
-from attribution.train import hash_seed
+from attribution.seeds import hash_seed
 
 QUERY_KEY = -1  # all queries share the same draws (common random numbers on the query side)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attribution.train import hash_seed
+from attribution.seeds import hash_seed
 
 MEASUREMENTS = ("loss", "square_norm", "loss_at_t", "elbo", "trajectory")
 TRAIN_FUNCTIONS = ("loss", "square_norm")

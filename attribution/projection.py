@@ -23,7 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from attribution.train import hash_seed
+from attribution.seeds import hash_seed
 
 
 def split_budget(shapes: dict[str, tuple[int, int]], total: int | None) -> dict[str, tuple[int, int]]:

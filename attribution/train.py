@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,7 +18,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from attribution.atomic import save_torch
 from attribution.model import DiffusionModel
+from attribution.seeds import generator
 
 
 @dataclass
@@ -35,18 +36,6 @@ class TrainConfig:
     checkpoint_every: int = 200
 
 
-def _gen(*keys: int) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed(hash_seed(*keys))
-    return g
-
-
-def hash_seed(*keys: int) -> int:
-    """A 63-bit seed from a tuple of integers (stable across runs and platforms)."""
-    h = 1469598103934665603
-    for k in keys:
-        h = ((h ^ (int(k) & 0xFFFFFFFFFFFFFFFF)) * 1099511628211) & 0xFFFFFFFFFFFFFFFF
-    return h >> 1
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -61,22 +50,18 @@ def batch_rows(step: int, n: int, cfg: TrainConfig) -> torch.Tensor:
     bs = min(cfg.batch_size, n)
     per_epoch = n // bs
     epoch, k = divmod(step, per_epoch)
-    perm = torch.randperm(n, generator=_gen(cfg.seed, 1, epoch))
+    perm = torch.randperm(n, generator=generator(cfg.seed, 1, epoch))
     return perm[k * bs:(k + 1) * bs]
 
 
 def step_draws(step: int, bs: int, shape: tuple[int, ...], num_timesteps: int, cfg: TrainConfig):
     """(timesteps (bs,), noise (bs, *shape)) of `step`, independent of which images are used."""
-    g = _gen(cfg.seed, 2, step)
+    g = generator(cfg.seed, 2, step)
     t = torch.randint(0, num_timesteps, (bs,), generator=g)
     eps = torch.randn((bs, *shape), generator=g)
     return t, eps
 
 
-def _save(path: Path, state: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
 
 
 def train(model: DiffusionModel, images: torch.Tensor, cfg: TrainConfig,
@@ -111,7 +96,7 @@ def train(model: DiffusionModel, images: torch.Tensor, cfg: TrainConfig,
 
     def checkpoint(step: int) -> None:
         if ckpt is not None:
-            _save(ckpt, {"unet": unet.state_dict(), "ema": ema.state_dict(),
+            save_torch(ckpt, {"unet": unet.state_dict(), "ema": ema.state_dict(),
                          "opt": opt.state_dict(), "step": step, "config": asdict(cfg)})
 
     n = images.shape[0]

@@ -126,7 +126,7 @@ def ggn_noise(key: int, k: int, shape: tuple[int, ...], seed: int):
     """Our MC-GGN sample z (K, *shape) of image `key` (attribution.curvature.output_cotangents)."""
     import torch
 
-    from attribution.train import hash_seed
+    from attribution.seeds import hash_seed
 
     return torch.randn((k, *shape), generator=torch.Generator().manual_seed(hash_seed(seed, 11, key)))
 

@@ -23,13 +23,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from attribution.atomic import replace_with, save_json, save_numpy, save_tensors, save_text
 from attribution.curvature import Curvature
 from attribution.data import ImageDataset, load_dataset, to_uint8
 from attribution.influence import AttributionConfig, Attributor
 from attribution.model import DiffusionModel, load_model, pick_device
-from index.manifest import CODE_VERSION, FORMAT_VERSION, settings_key, write_json
+from index.manifest import CODE_VERSION, FORMAT_VERSION, settings_key
 from index.store import FAISS_TYPES, make_faiss, write_faiss
 
 SHARD = 256  # images per shard (a multiple of every batch size used)
@@ -65,11 +66,6 @@ class Dist:
             torch.distributed.destroy_process_group()
 
 
-def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
-
 
 def build_settings(model: DiffusionModel, data: ImageDataset, cfg: AttributionConfig, model_path: str,
                    data_spec: str) -> dict:
@@ -103,7 +99,7 @@ def build_index(model: DiffusionModel, data: ImageDataset, out: str | Path, cfg:
                 shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
         if (out / "manifest.json").exists() and prev is not None and prev.get("key") == key:
             _say(f"{out}: the index is already built with these settings")
-        write_json(out / "build.json", {"key": key, "settings": settings})
+        save_json(out / "build.json", {"key": key, "settings": settings})
         (out / "shards").mkdir(exist_ok=True)
     dist.barrier()
     if (out / "manifest.json").exists():
@@ -136,15 +132,11 @@ def build_index(model: DiffusionModel, data: ImageDataset, out: str | Path, cfg:
                                   device=device, allreduce=dist.allreduce)
         curvature.meta["n_images"] = len(crows)
         if dist.rank == 0:
-            tmp = curv_path.with_name(curv_path.name + ".tmp")
-            curvature.save(tmp)
-            os.replace(tmp, curv_path)
+            replace_with(curv_path, curvature.save)
     t_curv = time.time() - t0
     att.fit(curvature=curvature)
     if dist.rank == 0 and att.projection is not None and not proj_path.exists():
-        tmp = proj_path.with_name(proj_path.name + ".tmp")
-        att.projection.save(tmp)
-        os.replace(tmp, proj_path)
+        replace_with(proj_path, att.projection.save)
 
     # 3. training features, shard by shard (finished shards are skipped)
     todo = [(s, e) for s, e in mine if not (out / "shards" / f"{s:07d}-{e:07d}.safetensors").exists()]
@@ -158,7 +150,7 @@ def build_index(model: DiffusionModel, data: ImageDataset, out: str | Path, cfg:
                disable=not (progress and dist.rank == 0))
     for s, e in todo:
         raw = att.raw_train_features(list(range(s, e)), progress=False)
-        _save_atomic({"raw": raw}, out / "shards" / f"{s:07d}-{e:07d}.safetensors")
+        save_tensors(out / "shards" / f"{s:07d}-{e:07d}.safetensors", {"raw": raw})
         bar.update(e - s)
     bar.close()
     t_feat = time.time() - t1
@@ -168,18 +160,15 @@ def build_index(model: DiffusionModel, data: ImageDataset, out: str | Path, cfg:
                          for s, e in shards])
         if att.spec.preconditioner == "trak":
             att.fit_trak(raw)
-            _save_atomic({"trak_inverse": att.trak_inverse}, out / "trak.safetensors")
+            save_tensors(out / "trak.safetensors", {"trak_inverse": att.trak_inverse})
         feats = att.finish_train_features(raw).numpy().astype(np.float32)
         index = make_faiss(feats, faiss_type)
         write_faiss(index, out / "features.faiss")
-        with open(out / "items.jsonl.tmp", "w") as f:
-            for i in range(n):
-                f.write(json.dumps({"row": i, "label": int(data.labels[i]), "source": data.sources[i]}) + "\n")
-        os.replace(out / "items.jsonl.tmp", out / "items.jsonl")
+        save_text(out / "items.jsonl", "".join(
+            json.dumps({"row": i, "label": int(data.labels[i]), "source": data.sources[i]}) + "\n" for i in range(n)))
         if thumbs:
-            np.save(out / "thumbs.tmp.npy", to_uint8(data.images).squeeze(-1) if data.images.shape[1] == 1
-                    else to_uint8(data.images))
-            os.replace(out / "thumbs.tmp.npy", out / "thumbs.npy")
+            save_numpy(out / "thumbs.npy", to_uint8(data.images).squeeze(-1) if data.images.shape[1] == 1
+                       else to_uint8(data.images))
         manifest = {**settings, "code_version": CODE_VERSION, "key": key,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "projection": {"kind": att.projection.kind if att.projection else None,
@@ -191,7 +180,7 @@ def build_index(model: DiffusionModel, data: ImageDataset, out: str | Path, cfg:
                               "processes": dist.world,
                               "peak_rss_mb_rank0": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                               "images_per_second": round(sum(e - s for s, e in todo) / max(t_feat, 1e-9), 2)}}
-        write_json(out / "manifest.json", manifest)
+        save_json(out / "manifest.json", manifest)
         _say(f"index written to {out} ({n} images, D = {att.dim}, {time.time() - t0:.0f} s)")
     dist.barrier()
     dist.close()

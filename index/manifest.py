@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 FORMAT_VERSION = 2  # 2: count-sketch projection, preconditioner split over both sides
@@ -23,10 +22,6 @@ def settings_key(settings: dict) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
 
 
 def read_manifest(index_dir: str | Path) -> dict:
