@@ -6,20 +6,27 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install install-dev demo test lint bench
+.PHONY: install install-dev demo test lint
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-install: $(BIN)/python
+# Stamps: a later `make demo` skips pip unless pyproject.toml changed.
+$(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q $(TORCH_PIN)
 	$(BIN)/pip install -q -e . $(TORCH_PIN)
+	touch $@
 
-install-dev: install
+$(VENV)/.installed-dev: $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[dev]' $(TORCH_PIN)
 	# curvlinops (via backpack) pulls torchvision, whose PyPI build breaks beside this torch
 	$(BIN)/pip uninstall -y -q torchvision || true
+	touch $@
+
+install: $(VENV)/.installed
+
+install-dev: $(VENV)/.installed-dev
 	bash .ci/install-browser.sh
 
 demo: install
@@ -30,6 +37,3 @@ test: install-dev
 
 lint: install-dev
 	$(BIN)/ruff check .
-
-bench: install-dev
-	$(BIN)/python benchmarks/run_all.py
