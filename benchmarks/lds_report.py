@@ -60,7 +60,11 @@ def main() -> None:
             continue
         cfg = AttributionConfig(**{"draws": 2 if a.quick else K, "dim": DIM, **over})
         t0 = time.time()
-        r = ev.method_lds(gt, cfg, progress=False, curvature_cache=cache)
+        try:
+            r = ev.method_lds(gt, cfg, progress=False, curvature_cache=cache)
+        except Exception as e:  # one broken row must not lose the others
+            print(f"{label}: FAILED ({type(e).__name__}: {e})", flush=True)
+            continue
         r.pop("scores")
         r["label"] = label
         done[label] = r
