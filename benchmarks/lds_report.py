@@ -51,7 +51,7 @@ def main() -> None:
     p.add_argument("--only", nargs="*", default=None, help="row labels (prefix match) to run")
     a = p.parse_args()
     gt = ev.load_groundtruth(a.groundtruth)
-    out_json = ROOT / "benchmarks" / "results" / "lds.json"
+    out_json = ROOT / "benchmarks" / "results" / ("lds_quick.json" if a.quick else "lds.json")
     done = {r["label"]: r for r in json.loads(out_json.read_text())["rows"]} if out_json.exists() and not a.quick else {}
     cache: dict = {}
     rows = ROWS[:3] if a.quick else ROWS
