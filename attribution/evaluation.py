@@ -265,8 +265,11 @@ def retrain_top_k(groundtruth: str | Path, out: str | Path, methods: list[str], 
                 continue  # worker 0 computes the scores first
             for q in range(n_queries):
                 removed[f"{method}-{frac:g}-{q}"] = sets[q]
+    # interleaved (fraction, query, method) so a partial run compares the methods on the same queries
+    order = [f"{m}-{f:g}-{q}" for f in fractions for q in range(n_queries) for m in methods]
     jobs = [("baseline", np.arange(gt.train_images.shape[0]))]
-    jobs += [(name, np.setdiff1d(np.arange(gt.train_images.shape[0]), rem)) for name, rem in removed.items()]
+    jobs += [(name, np.setdiff1d(np.arange(gt.train_images.shape[0]), removed[name]))
+             for name in order if name in removed]
     jobs = [j for j in jobs if not (out / "models" / f"{j[0]}.npy").exists()][worker[0]::worker[1]]
     t0 = time.time()
     for n_done, (name, rows) in enumerate(jobs):
