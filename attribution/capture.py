@@ -64,6 +64,26 @@ def project_inputs(m: nn.Module, x: torch.Tensor, m_in: torch.Tensor) -> torch.T
     return F.linear(x.reshape(x.shape[0], -1, x.shape[-1]), w, b)
 
 
+def example_gradients(m: nn.Module, x: torch.Tensor, g: torch.Tensor, b: int) -> torch.Tensor:
+    """G (B, O, I') = Σ_{r,p} g aᵀ over each example's rows, from the raw input x (B·K, ...) and
+    g (B·K, P, O). For a conv this is the weight gradient of each example's K rows
+    (`conv2d_weight`), so no im2col copy is made; the bias column is the sum of g."""
+    if not isinstance(m, nn.Conv2d):
+        a = inputs_as_rows(m, x).reshape(b, -1, layer_shape(m)[1])
+        return g.reshape(b, -1, g.shape[-1]).transpose(1, 2) @ a
+    n, k = x.shape[0], x.shape[0] // b
+    out_hw = [(size + 2 * pad - dil * (ker - 1) - 1) // st + 1 for size, pad, dil, ker, st in
+              zip(x.shape[2:], m.padding, m.dilation, m.kernel_size, m.stride)]
+    go = g.transpose(1, 2).reshape(n, g.shape[2], *out_hw)
+    out = []
+    for i in range(b):
+        xi, gi = x[i * k:(i + 1) * k], go[i * k:(i + 1) * k]
+        w = torch.nn.grad.conv2d_weight(xi, m.weight.shape, gi, m.stride, m.padding, m.dilation, m.groups)
+        parts = [w.reshape(w.shape[0], -1)] + ([gi.sum((0, 2, 3))[:, None]] if m.bias is not None else [])
+        out.append(torch.cat(parts, dim=1))
+    return torch.stack(out)
+
+
 def outputs_as_rows(m: nn.Module, g: torch.Tensor) -> torch.Tensor:
     """Output cotangent -> g (R, P, O)."""
     if isinstance(m, nn.Conv2d):

@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from attribution.capture import (
+    example_gradients,
     forward,
     grad_enabled_params,
     inputs_as_rows,
@@ -107,14 +108,8 @@ class FeatureMap:
         a = a.reshape(b, -1, a.shape[-1])
         g = g.reshape(b, -1, g.shape[-1])
         if self.sketched:
-            if len(op) == 2:
-                bucket, sign = op
-                x = g.transpose(1, 2) @ a
-            else:
-                qs, qa, w, bucket, sign = op
-                x = rotated_gradient(g, a, qs, qa) * w
-            out = torch.zeros(b, self.projection.size, dtype=x.dtype, device=x.device)
-            return out.index_add_(1, bucket, x.flatten(1) * sign) * self.scale
+            x = rotated_gradient(g, a, *op[:2]) * op[2] if len(op) == 5 else g.transpose(1, 2) @ a
+            return self._sketch(x, *op[-2:], b)
         if len(op) == 2:
             m_out, m_in = op
             f = (g @ m_out.T).transpose(1, 2) @ (a @ m_in.T)
@@ -123,11 +118,23 @@ class FeatureMap:
             f = r_out @ (rotated_gradient(g, a, qs, qa) * w) @ r_in.T
         return f.flatten(1) * self.scale
 
+    def _sketch(self, x: torch.Tensor, bucket: torch.Tensor, sign: torch.Tensor, b: int) -> torch.Tensor:
+        """(B, O, I') per-example matrices -> (B, D) buckets, with the layer's scale."""
+        out = torch.zeros(b, self.projection.size, dtype=x.dtype, device=x.device)
+        return out.index_add_(1, bucket, x.flatten(1) * sign) * self.scale
+
     def layer_from_input(self, name: str, module: torch.nn.Module, x: torch.Tensor, g: torch.Tensor,
                          b: int) -> torch.Tensor:
-        """As `layer`, from the layer's raw input x: the Kronecker path never forms im2col patches."""
+        """As `layer`, from the layer's raw input x: no im2col patches are formed (the Kronecker
+        path convolves x with M_in; the sketch path takes each example's conv weight gradient)."""
         op = self.ops[name]
-        if self.sketched or len(op) != 2:
+        if self.sketched:
+            grad = example_gradients(module, x, g, b)
+            if len(op) == 5:
+                qs, qa, w = op[:3]
+                grad = qs.T @ grad @ qa * w
+            return self._sketch(grad, *op[-2:], b)
+        if len(op) != 2:
             return self.layer(name, inputs_as_rows(module, x), g, b)
         m_out, m_in = op
         ai = project_inputs(module, x, m_in)

@@ -16,7 +16,8 @@ from attribution.projection import make_projection
 
 @pytest.mark.parametrize("pre,dim,kind", [("identity", None, "kronecker"), ("identity", 256, "kronecker"),
                                           ("kfac", 256, "kronecker"), ("ekfac", 256, "kronecker"),
-                                          ("kfac", 256, "sketch")])
+                                          ("kfac", 256, "sketch"), ("ekfac", 256, "sketch"),
+                                          ("identity", 256, "sketch")])
 def test_input_path_equals_rows_path(pre, dim, kind):
     torch.manual_seed(0)
     model = build_model("tiny", seed=0)
@@ -35,6 +36,9 @@ def test_input_path_equals_rows_path(pre, dim, kind):
         via_input = {n: fmap.layer_from_input(n, layers[n], rec.inputs[n].detach(), g, 6)
                      for n, g in rec.cotangents(out, cot)}
     assert via_rows.keys() == via_input.keys() == set(shapes)
+    # the sketch path rotates the formed G, the rows path may rotate g and a first: float32
+    # rounding, amplified by (Λ+λ)^(−½) on near-null directions, differs by ~1e-5 of the scale
+    tol = 1e-4 if kind == "sketch" and pre != "identity" else 1e-5
     for n in shapes:
         scale = via_rows[n].abs().max().clamp(min=1e-30)
-        assert (via_rows[n] - via_input[n]).abs().max() / scale < 1e-5, n
+        assert (via_rows[n] - via_input[n]).abs().max() / scale < tol, n
