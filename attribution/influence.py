@@ -163,8 +163,10 @@ class Attributor:
 
     @property
     def split(self) -> bool:
-        """Whether (G+λ)^(−½) sits on both sides (sketch) rather than (G+λ)⁻¹ on the training side."""
-        return self.projection is not None and self.projection.kind == "sketch"
+        """Whether (G+λ)^(−½) sits on both sides (a sketch that projects) rather than (G+λ)⁻¹ on the
+        training side (Kronecker, or unprojected: the same scores, and the query side stays plain)."""
+        p = self.projection
+        return p is not None and p.kind == "sketch" and not p.is_identity
 
     def feature_map(self, side: str) -> FeatureMap:
         """The train-side (1/N) or query-side feature map; see the module docstring."""
