@@ -63,7 +63,7 @@ class FeatureMap:
         self.projection = projection
         self.kind = preconditioner
         self.scale = scale
-        self.sketched = projection.kind == "sketch" and not projection.is_identity
+        self.sketched = projection.is_sketch
         self.ops: dict[str, tuple[torch.Tensor, ...]] = {}
         for name, (o, i) in layer_shapes.items():
             if self.sketched:

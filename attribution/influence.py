@@ -165,8 +165,7 @@ class Attributor:
     def split(self) -> bool:
         """Whether (G+λ)^(−½) sits on both sides (a sketch that projects) rather than (G+λ)⁻¹ on the
         training side (Kronecker, or unprojected: the same scores, and the query side stays plain)."""
-        p = self.projection
-        return p is not None and p.kind == "sketch" and not p.is_identity
+        return self.projection is not None and self.projection.is_sketch
 
     def feature_map(self, side: str) -> FeatureMap:
         """The train-side (1/N) or query-side feature map; see the module docstring."""

@@ -64,9 +64,14 @@ class Projection:
 
     @property
     def total(self) -> int:
-        if self.kind == "sketch" and self.mats:
+        if self.is_sketch:
             return self.size
         return sum(ko * ki for ko, ki in self.dims.values())
+
+    @property
+    def is_sketch(self) -> bool:
+        """A count sketch that actually projects (not the identity)."""
+        return self.kind == "sketch" and not self.is_identity
 
     def sketch(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(bucket (O·I',) int64, sign (O·I',) float32) of a layer's flattened gradient."""
