@@ -129,6 +129,11 @@ class Curvature:
         return cls(CurvatureConfig(**json.loads(md["config"])), tensors, json.loads(md.get("meta", "{}")))
 
 
+def rotate(grad: torch.Tensor, qs: torch.Tensor, qa: torch.Tensor) -> torch.Tensor:
+    """Q_Sᵀ G Q_A for formed gradients G (B, O, I') -> (B, O, I')."""
+    return qs.T @ grad @ qa
+
+
 def rotated_gradient(g: torch.Tensor, a: torch.Tensor, qs: torch.Tensor, qa: torch.Tensor) -> torch.Tensor:
     """Q_Sᵀ (Σ_p g_p a_pᵀ) Q_A for g (B, P, O), a (B, P, I') -> (B, O, I').
 
@@ -138,7 +143,7 @@ def rotated_gradient(g: torch.Tensor, a: torch.Tensor, qs: torch.Tensor, qa: tor
     p, o, i = g.shape[1], g.shape[2], a.shape[2]
     if p * (o * o + i * i) <= o * i * (o + i):
         return (g @ qs).transpose(1, 2) @ (a @ qa)
-    return qs.T @ (g.transpose(1, 2) @ a) @ qa
+    return rotate(g.transpose(1, 2) @ a, qs, qa)
 
 
 def _eigh(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,7 +29,7 @@ from attribution.capture import (
     project_inputs,
     tracked_layers,
 )
-from attribution.curvature import Curvature, rotated_gradient
+from attribution.curvature import Curvature, rotate, rotated_gradient
 from attribution.measurements import Measurement, Rows
 from attribution.projection import Projection
 
@@ -100,7 +100,12 @@ class FeatureMap:
 
     def combine(self, parts: list[torch.Tensor]) -> torch.Tensor:
         """Per-layer features (in `names` order) -> (B, D): summed buckets, or concatenated."""
-        return torch.stack(parts).sum(0) if self.sketched else torch.cat(parts, dim=1)
+        if not self.sketched:
+            return torch.cat(parts, dim=1)
+        out = parts[0].clone()
+        for p in parts[1:]:
+            out += p
+        return out
 
     def layer(self, name: str, a: torch.Tensor, g: torch.Tensor, b: int) -> torch.Tensor:
         """a (B·K, P, I'), g (B·K, P, O) -> (B, k_o·k_i), or (B, D) for a sketch."""
@@ -109,7 +114,7 @@ class FeatureMap:
         g = g.reshape(b, -1, g.shape[-1])
         if self.sketched:
             x = rotated_gradient(g, a, *op[:2]) * op[2] if len(op) == 5 else g.transpose(1, 2) @ a
-            return self._sketch(x, *op[-2:], b)
+            return self._sketch(x, *op[-2:], b, None)
         if len(op) == 2:
             m_out, m_in = op
             f = (g @ m_out.T).transpose(1, 2) @ (a @ m_in.T)
@@ -118,22 +123,24 @@ class FeatureMap:
             f = r_out @ (rotated_gradient(g, a, qs, qa) * w) @ r_in.T
         return f.flatten(1) * self.scale
 
-    def _sketch(self, x: torch.Tensor, bucket: torch.Tensor, sign: torch.Tensor, b: int) -> torch.Tensor:
-        """(B, O, I') per-example matrices -> (B, D) buckets, with the layer's scale."""
-        out = torch.zeros(b, self.projection.size, dtype=x.dtype, device=x.device)
-        return out.index_add_(1, bucket, x.flatten(1) * sign) * self.scale
+    def _sketch(self, x: torch.Tensor, bucket: torch.Tensor, sign: torch.Tensor, b: int,
+                into: torch.Tensor | None) -> torch.Tensor:
+        """(B, O, I') per-example matrices -> (B, D) buckets times the scale, added into `into`."""
+        if into is None:
+            into = torch.zeros(b, self.projection.size, dtype=x.dtype, device=x.device)
+        return into.index_add_(1, bucket, x.flatten(1) * sign, alpha=self.scale)
 
     def layer_from_input(self, name: str, module: torch.nn.Module, x: torch.Tensor, g: torch.Tensor,
-                         b: int) -> torch.Tensor:
+                         b: int, into: torch.Tensor | None = None) -> torch.Tensor:
         """As `layer`, from the layer's raw input x: no im2col patches are formed (the Kronecker
-        path convolves x with M_in; the sketch path takes each example's conv weight gradient)."""
+        path convolves x with M_in; the sketch path takes each example's conv weight gradient).
+        A sketch adds into `into` (B, D) when given and returns it."""
         op = self.ops[name]
         if self.sketched:
             grad = example_gradients(module, x, g, b)
             if len(op) == 5:
-                qs, qa, w = op[:3]
-                grad = qs.T @ grad @ qa * w
-            return self._sketch(grad, *op[-2:], b)
+                grad = rotate(grad, *op[:2]) * op[2]
+            return self._sketch(grad, *op[-2:], b, into)
         if len(op) != 2:
             return self.layer(name, inputs_as_rows(module, x), g, b)
         m_out, m_in = op
@@ -175,9 +182,10 @@ def gradient_features(model, fmap: FeatureMap, images: torch.Tensor, keys: list[
             rows = measurement.rows(x0, keys[i:i + batch_size], draws, seed, acp, stratified=stratified,
                                     antithetic=antithetic, trajectory=traj)
             eps_hat, rec = forward(model.unet, layers, rows.x, rows.t)
-            parts = {name: fmap.layer_from_input(name, layers[name], rec.inputs[name].detach(), g, b)
+            acc = torch.zeros(b, fmap.dim, device=device) if fmap.sketched else None
+            parts = {name: fmap.layer_from_input(name, layers[name], rec.inputs[name].detach(), g, b, acc)
                      for name, g in rec.cotangents(eps_hat, example_cotangent(eps_hat, rows))}
-            out[i:i + b] = fmap.combine([parts[name] for name in fmap.names]).cpu()
+            out[i:i + b] = (acc if fmap.sketched else torch.cat([parts[n] for n in fmap.names], 1)).cpu()
             bar.update(b)
     bar.close()
     return out

@@ -26,13 +26,18 @@ from safetensors.torch import save_file
 from attribution.seeds import hash_seed
 
 
+def _unprojected(shapes: dict[str, tuple[int, int]], total: int | None) -> bool:
+    """No projection: no budget, or one at least the number of parameters."""
+    return total is None or total >= sum(o * i for o, i in shapes.values())
+
+
 def split_budget(shapes: dict[str, tuple[int, int]], total: int | None) -> dict[str, tuple[int, int]]:
     """Per-layer (k_o, k_i): the largest common side s with Σ min(O, s)·min(I', s) ≤ total.
 
     `total` None (or ≥ the number of parameters) leaves every layer unprojected.
     """
     full = {n: (o, i) for n, (o, i) in shapes.items()}
-    if total is None or total >= sum(o * i for o, i in shapes.values()):
+    if _unprojected(shapes, total):
         return full
 
     def size(s: int) -> int:
@@ -124,12 +129,11 @@ def make_projection(shapes: dict[str, tuple[int, int]], total: int | None, seed:
 
 def make_sketch(shapes: dict[str, tuple[int, int]], total: int | None, seed: int = 0) -> Projection:
     """Count sketch of the whole gradient vector into `total` buckets shared by all layers."""
-    full = {n: (o, i) for n, (o, i) in shapes.items()}
-    if total is None or total >= sum(o * i for o, i in shapes.values()):
-        return Projection(dict(shapes), full, {}, seed, "sketch", 0)
+    if _unprojected(shapes, total):
+        return Projection(dict(shapes), dict(shapes), {}, seed, "sketch", 0)
     mats = {}
     for idx, (name, (o, i)) in enumerate(shapes.items()):
         g = torch.Generator().manual_seed(hash_seed(seed, 29, idx))
         mats[f"{name}.bucket"] = torch.randint(0, total, (o, i), generator=g, dtype=torch.int32)
         mats[f"{name}.sign"] = (torch.randint(0, 2, (o, i), generator=g) * 2 - 1).to(torch.int8)
-    return Projection(dict(shapes), full, mats, seed, "sketch", total)
+    return Projection(dict(shapes), dict(shapes), mats, seed, "sketch", total)
