@@ -77,7 +77,7 @@ def _method_config(a: argparse.Namespace):
     if a.draws is not None:
         kw["draws"] = a.draws
     if getattr(a, "dim", None) is not None:
-        kw["dim"] = a.dim or None
+        kw["dim"] = a.dim or None  # absent: the method's default D
     if getattr(a, "projection", None):
         kw["projection"] = a.projection
     return AttributionConfig(**kw)
@@ -135,7 +135,7 @@ def cmd_query(a: argparse.Namespace) -> None:
 
 def cmd_evaluate(a: argparse.Namespace) -> None:
     from attribution import evaluation as ev
-    from attribution.influence import AttributionConfig
+    from attribution.influence import AttributionConfig, dim_arg
 
     if a.eval_cmd == "groundtruth":
         cfg = ev.GroundTruthConfig(subsets=a.subsets, seeds=a.seeds, steps=a.steps, n_train=a.n_train)
@@ -157,7 +157,7 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
     results = []
     for method in a.method:
         cfg = AttributionConfig(method=method, draws=a.draws, query_draws=a.query_draws,
-                                curvature_draws=a.curvature_draws, dim=a.dim or None, seed=a.seed,
+                                curvature_draws=a.curvature_draws, dim=dim_arg(a.dim), seed=a.seed,
                                 projection=a.projection, damping=a.damping)
         r = ev.method_lds(gt, cfg)
         r.pop("scores")
@@ -260,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     lds.add_argument("--draws", type=int, default=8)
     lds.add_argument("--query-draws", type=int, default=32)
     lds.add_argument("--curvature-draws", type=int, default=4)
-    lds.add_argument("--dim", type=int, default=8192, help="0: unprojected")
+    lds.add_argument("--dim", type=int, default=None, help="0: unprojected (default: the method's D)")
     lds.add_argument("--projection", default="sketch", choices=["sketch", "kronecker"])
     lds.add_argument("--damping", type=float, default=None, help="relative damping (default: the method's)")
     lds.add_argument("--seed", type=int, default=0)

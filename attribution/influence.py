@@ -27,6 +27,8 @@ from attribution.projection import Projection, make_projection
 from attribution.seeds import hash_seed
 
 QUERY_KEY = -1  # all queries share the same draws (common random numbers on the query side)
+DEFAULT_DIM = 131072  # count-sketch buckets: Spearman 0.94 to unprojected EK-FAC (ARCHITECTURE.md)
+TRAK_DIM = 8192  # TRAK-style methods invert a D × D matrix
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class MethodSpec:
     normalize: bool = False
     damping: float = 1e-8
     description: str = ""
+    dim: int = DEFAULT_DIM  # default feature budget D
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -48,11 +51,11 @@ METHODS: dict[str, MethodSpec] = {
     "kfac-reduce": MethodSpec("kfac", sharing="reduce", description="K-FAC-reduce influence, MC GGN"),
     "kfac-empirical": MethodSpec("kfac", ggn="loss", description="K-FAC-expand, empirical Fisher"),
     "ekfac-empirical": MethodSpec("ekfac", ggn="loss", description="EK-FAC-expand, empirical Fisher"),
-    "trak": MethodSpec("trak", ggn="loss", damping=1e-3,
+    "trak": MethodSpec("trak", ggn="loss", damping=1e-3, dim=TRAK_DIM,
                        description="TRAK: (ΦᵀΦ+λ)⁻¹ in projected space, loss both sides"),
     "dtrak": MethodSpec("trak", ggn="loss", train_fn="square_norm", measurement="square_norm",
-                        damping=1e-3, description="D-TRAK: TRAK with the square-norm function both sides"),
-    "journey-trak": MethodSpec("trak", ggn="loss", measurement="trajectory", damping=1e-3,
+                        damping=1e-3, dim=TRAK_DIM, description="D-TRAK: TRAK with the square-norm function both sides"),
+    "journey-trak": MethodSpec("trak", ggn="loss", measurement="trajectory", damping=1e-3, dim=TRAK_DIM,
                                description="Journey-TRAK: TRAK, loss along the query's own trajectory"),
     "gradcos": MethodSpec("identity", normalize=True, description="gradient cosine similarity"),
     "gradsim": MethodSpec("identity", description="gradient dot product (TracIn, one checkpoint)"),
@@ -62,14 +65,15 @@ METHODS: dict[str, MethodSpec] = {
 
 @dataclass
 class AttributionConfig:
-    """Everything that fixes the scores. `dim=None` means no projection (small models only)."""
+    """Everything that fixes the scores. `dim=None` means no projection (small models only);
+    "default" resolves to the method's D when the config is made."""
 
     method: str = "ekfac"
     draws: int = 8
     query_draws: int = 32
     curvature_draws: int = 4
     curvature_images: int | None = 1000  # a seeded random subset fits the curvature; None: all
-    dim: int | None = 8192
+    dim: int | str | None = "default"
     projection: str = "sketch"  # "sketch" (count sketch, split preconditioner) | "kronecker" (fast path)
     damping: float | None = None  # relative; None: the method's default
     measurement: str | None = None  # None: the method's default
@@ -84,6 +88,10 @@ class AttributionConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.dim == "default":
+            self.dim = METHODS[self.method].dim
+        elif self.dim is not None and (not isinstance(self.dim, int) or self.dim < 1):
+            raise ValueError(f"dim must be a positive int, None (unprojected) or 'default', not {self.dim!r}")
         if self.t_range is not None:
             self.t_range = tuple(self.t_range)
 
@@ -96,6 +104,11 @@ class AttributionConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def dim_arg(dim: int | None) -> int | str | None:
+    """A command line's --dim: absent -> the method's default D, 0 -> unprojected."""
+    return "default" if dim is None else (dim or None)
 
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:

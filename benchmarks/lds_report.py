@@ -21,26 +21,28 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from attribution import evaluation as ev  # noqa: E402
-from attribution.influence import AttributionConfig  # noqa: E402
+from attribution.influence import DEFAULT_DIM, TRAK_DIM, AttributionConfig  # noqa: E402
 
-K, DIM = 8, 8192
+K, D, DT = 8, DEFAULT_DIM, TRAK_DIM  # every method at its default D (TRAK-style: D × D inverse)
 ROWS = [  # (row label, config overrides), most important first (the run is resumable by row)
-    ("EK-FAC (expand, GGN_model), D=8192", dict(method="ekfac")),
+    (f"EK-FAC (expand, GGN_model), D={D}", dict(method="ekfac")),
     ("EK-FAC, unprojected", dict(method="ekfac", dim=None)),
-    ("TRAK, D=8192", dict(method="trak")),
-    ("D-TRAK, D=8192", dict(method="dtrak")),
-    ("K-FAC expand, D=8192", dict(method="kfac")),
-    ("K-FAC reduce, D=8192", dict(method="kfac-reduce")),
-    ("K-FAC empirical Fisher, D=8192", dict(method="kfac-empirical")),
-    ("EK-FAC empirical Fisher, D=8192", dict(method="ekfac-empirical")),
-    ("gradient cosine, D=8192", dict(method="gradcos")),
+    (f"TRAK, D={DT}", dict(method="trak")),
+    (f"D-TRAK, D={DT}", dict(method="dtrak")),
+    (f"K-FAC expand, D={D}", dict(method="kfac")),
+    (f"K-FAC reduce, D={D}", dict(method="kfac-reduce")),
+    (f"K-FAC empirical Fisher, D={D}", dict(method="kfac-empirical")),
+    (f"EK-FAC empirical Fisher, D={D}", dict(method="ekfac-empirical")),
+    (f"gradient cosine, D={D}", dict(method="gradcos")),
     ("pixel cosine", dict(method="pixel")),
-    ("Journey-TRAK, D=8192 (generated queries)", dict(method="journey-trak")),
-    ("K-FAC expand, Kronecker projection (fast path), D=8192", dict(method="kfac", projection="kronecker")),
-    ("K-FAC expand, exact damping, D=8192", dict(method="kfac-exact-damping")),
+    (f"Journey-TRAK, D={DT} (generated queries)", dict(method="journey-trak")),
     ("K-FAC expand, unprojected", dict(method="kfac", dim=None)),
-    ("EK-FAC, damping 1e-3 (ablation, not the default)", dict(method="ekfac", damping=1e-3)),
-    ("EK-FAC, K=32", dict(method="ekfac", draws=32)),
+    ("EK-FAC, D=8192", dict(method="ekfac", dim=8192)),
+    ("EK-FAC, D=32768", dict(method="ekfac", dim=32768)),
+    (f"EK-FAC, K=32, D={D}", dict(method="ekfac", draws=32)),
+    ("K-FAC expand, Kronecker projection (fast path), D=8192", dict(method="kfac", projection="kronecker", dim=8192)),
+    (f"K-FAC expand, exact damping, D={D}", dict(method="kfac-exact-damping")),
+    (f"EK-FAC, damping 1e-3 (ablation, not the default), D={D}", dict(method="ekfac", damping=1e-3)),
 ]
 
 
@@ -58,7 +60,7 @@ def main() -> None:
     for label, over in rows:
         if label in done or (a.only and not any(label.startswith(o) for o in a.only)):
             continue
-        cfg = AttributionConfig(**{"draws": 2 if a.quick else K, "dim": DIM, **over})
+        cfg = AttributionConfig(**{"draws": 2 if a.quick else K, **over})
         t0 = time.time()
         try:
             r = ev.method_lds(gt, cfg, progress=False, curvature_cache=cache)

@@ -21,17 +21,16 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file
 
 from attribution.atomic import replace_with, save_json, save_numpy, save_tensors, save_text
 from attribution.curvature import Curvature
 from attribution.data import ImageDataset, load_dataset, to_uint8
-from attribution.influence import AttributionConfig, Attributor
+from attribution.influence import DEFAULT_DIM, TRAK_DIM, AttributionConfig, Attributor, dim_arg
 from attribution.model import DiffusionModel, load_model, pick_device
 from index.manifest import CODE_VERSION, FORMAT_VERSION, settings_key
-from index.store import FAISS_TYPES, make_faiss, write_faiss
+from index.store import FAISS_TYPES, faiss_from_chunks, resolve_faiss_type, write_faiss
 
 SHARD = 256  # images per shard (a multiple of every batch size used)
 
@@ -77,10 +76,13 @@ def build_settings(model: DiffusionModel, data: ImageDataset, cfg: AttributionCo
 
 
 def build_index(model: DiffusionModel, data: ImageDataset, out: str | Path, cfg: AttributionConfig,
-                faiss_type: str = "flat", model_path: str = "", data_spec: str = "",
+                faiss_type: str = "auto", model_path: str = "", data_spec: str = "",
                 device: torch.device | str | None = None, progress: bool = True,
-                thumbs: bool = True, shard_size: int = SHARD) -> Path:
-    """Build (or resume) an index of `data` under `out`; returns the folder."""
+                thumbs: bool = True, shard_size: int = SHARD, keep_shards: bool = False) -> Path:
+    """Build (or resume) an index of `data` under `out`; returns the folder.
+
+    The raw feature shards exist for resuming; once the store is written they are removed unless
+    `keep_shards` (they are N·D float32, four times the size of an sq8 store)."""
     out = Path(out)
     device = pick_device(str(device) if device else None)
     dist = Dist(device)
@@ -156,13 +158,16 @@ def build_index(model: DiffusionModel, data: ImageDataset, out: str | Path, cfg:
     t_feat = time.time() - t1
     dist.barrier()
     if dist.rank == 0:
-        raw = torch.cat([load_file(str(out / "shards" / f"{s:07d}-{e:07d}.safetensors"))["raw"]
-                         for s, e in shards])
-        if att.spec.preconditioner == "trak":
-            att.fit_trak(raw)
+        def shard_raw(s: int, e: int) -> torch.Tensor:
+            return load_file(str(out / "shards" / f"{s:07d}-{e:07d}.safetensors"))["raw"]
+
+        if att.spec.preconditioner == "trak":  # TRAK's inverse needs every raw feature at once
+            att.fit_trak(torch.cat([shard_raw(s, e) for s, e in shards]))
             save_tensors(out / "trak.safetensors", {"trak_inverse": att.trak_inverse})
-        feats = att.finish_train_features(raw).numpy().astype(np.float32)
-        index = make_faiss(feats, faiss_type)
+        faiss_kind = resolve_faiss_type(faiss_type, n, att.dim)
+        _say(f"writing the {faiss_kind} FAISS store ({n} × {att.dim})")
+        index = faiss_from_chunks(lambda: (att.finish_train_features(shard_raw(s, e)).numpy() for s, e in shards),
+                                  att.dim, faiss_kind)
         write_faiss(index, out / "features.faiss")
         save_text(out / "items.jsonl", "".join(
             json.dumps({"row": i, "label": int(data.labels[i]), "source": data.sources[i]}) + "\n" for i in range(n)))
@@ -174,13 +179,15 @@ def build_index(model: DiffusionModel, data: ImageDataset, out: str | Path, cfg:
                     "projection": {"kind": att.projection.kind if att.projection else None,
                                    "total_dim": att.dim,
                                    "per_layer": att.projection.dims if att.projection else None,
-                                   "dtype": "float32"},
-                    "faiss": {"type": faiss_type, "metric": "inner_product", "ntotal": int(index.ntotal)},
+                                   "dtype": "uint8 (sq8)" if faiss_kind == "sq8" else "float32"},
+                    "faiss": {"type": faiss_kind, "requested": faiss_type, "metric": "inner_product", "ntotal": int(index.ntotal)},
                     "build": {"seconds_curvature": round(t_curv, 2), "seconds_features": round(t_feat, 2),
                               "processes": dist.world,
                               "peak_rss_mb_rank0": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                               "images_per_second": round(sum(e - s for s, e in todo) / max(t_feat, 1e-9), 2)}}
         save_json(out / "manifest.json", manifest)
+        if not keep_shards:
+            shutil.rmtree(out / "shards", ignore_errors=True)
         _say(f"index written to {out} ({n} images, D = {att.dim}, {time.time() - t0:.0f} s)")
     dist.barrier()
     dist.close()
@@ -190,7 +197,7 @@ def build_index(model: DiffusionModel, data: ImageDataset, out: str | Path, cfg:
 def config_from_args(a: argparse.Namespace) -> AttributionConfig:
     return AttributionConfig(method=a.method, draws=a.draws, curvature_draws=a.curvature_draws,
                              curvature_images=a.curvature_images or None,
-                             query_draws=a.query_draws, dim=a.dim or None, seed=a.seed,
+                             query_draws=a.query_draws, dim=dim_arg(a.dim), seed=a.seed,
                              batch_size=a.batch_size, projection=a.projection)
 
 
@@ -200,7 +207,9 @@ def add_build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="mnist", help="'mnist' (embedded, 5,000 images) or an image folder")
     p.add_argument("--out", required=True, help="index folder to write (resumed if present)")
     p.add_argument("--method", default=d.method)
-    p.add_argument("--dim", type=int, default=d.dim, help="feature budget D per image (0: unprojected)")
+    p.add_argument("--dim", type=int, default=None,
+                   help=f"feature budget D per image (0: unprojected; default: the method's, {DEFAULT_DIM}, "
+                        f"{TRAK_DIM} for TRAK-style methods)")
     p.add_argument("--projection", default=d.projection, choices=["sketch", "kronecker"],
                    help="count sketch (default, faithful) or Kronecker (the K-FAC fast path)")
     p.add_argument("--draws", type=int, default=d.draws, help="(t, ε) draws per training image")
@@ -210,9 +219,11 @@ def add_build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--query-draws", type=int, default=d.query_draws)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--faiss", choices=FAISS_TYPES, default="flat")
+    p.add_argument("--faiss", choices=FAISS_TYPES, default="auto",
+                   help="auto: exact float32 'flat' up to 512 MiB of vectors, else 'sq8' (1 byte a number)")
     p.add_argument("--n", type=int, default=None, help="index only the first N images")
     p.add_argument("--shard-size", type=int, default=SHARD, help="images per resumable shard")
+    p.add_argument("--keep-shards", action="store_true", help="keep the raw feature shards after the build")
     p.add_argument("--device", default=None)
 
 
@@ -222,7 +233,7 @@ def run_build(a: argparse.Namespace) -> Path:
     data = load_dataset(a.data, channels=model.channels, size=model.size, n=a.n)
     return build_index(model, data, a.out, config_from_args(a), a.faiss,
                        model_path=str(a.model or "default"), data_spec=a.data, device=device,
-                       shard_size=a.shard_size)
+                       shard_size=a.shard_size, keep_shards=a.keep_shards)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,26 +22,56 @@ from attribution.influence import AttributionConfig, Attributor
 from attribution.projection import Projection
 from index.manifest import IndexLoadError, check_data, check_model, read_manifest
 
-FAISS_TYPES = ("flat", "ivf", "hnsw")
+FAISS_TYPES = ("auto", "flat", "sq8", "ivf", "hnsw")
+EXHAUSTIVE = (faiss.IndexFlat, faiss.IndexScalarQuantizer)  # every vector scored on every search
+AUTO_FLAT_BYTES = 1 << 29  # "auto": flat float32 up to 512 MiB of vectors, 8-bit scalar quantizer above
+
+
+def resolve_faiss_type(kind: str, n: int, d: int) -> str:
+    """'auto' -> 'flat' when N·D float32 fit in AUTO_FLAT_BYTES, else 'sq8'; others unchanged."""
+    if kind not in FAISS_TYPES:
+        raise ValueError(f"unknown FAISS index type {kind!r}; choose one of {', '.join(FAISS_TYPES)}")
+    if kind != "auto":
+        return kind
+    return "flat" if 4 * n * d <= AUTO_FLAT_BYTES else "sq8"
+
+
+def faiss_from_chunks(chunks: Callable[[], Iterable[np.ndarray]], d: int, kind: str = "flat",
+                      nlist: int | None = None) -> faiss.Index:
+    """An inner-product FAISS index over row blocks (n_i, D) float32; `chunks()` is called once
+    (flat, hnsw), twice (sq8: per-dimension min/max first, so no value is clipped) or its blocks
+    are concatenated (ivf, which trains k-means on all vectors).
+
+    sq8 stores 1 byte per number; its inner-product error is ≈ 1% of the count sketch's own."""
+    if kind == "ivf":
+        feats = np.ascontiguousarray(np.concatenate(list(chunks())), dtype=np.float32)
+        nlist = nlist or max(1, min(4096, int(4 * np.sqrt(feats.shape[0]))))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(feats)
+        index.nprobe = max(1, nlist // 8)
+        index.add(feats)
+        return index
+    if kind == "flat":
+        index = faiss.IndexFlatIP(d)
+    elif kind == "sq8":
+        index = faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
+        lo, hi = np.full(d, np.inf, np.float32), np.full(d, -np.inf, np.float32)
+        for c in chunks():
+            lo, hi = np.minimum(lo, c.min(0)), np.maximum(hi, c.max(0))
+        index.train(np.stack([lo, hi]).astype(np.float32))  # min/max ranges: exactly these bounds
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
+    else:
+        raise ValueError(f"unknown FAISS index type {kind!r}; choose one of {', '.join(FAISS_TYPES[1:])}")
+    for c in chunks():
+        index.add(np.ascontiguousarray(c, dtype=np.float32))
+    return index
 
 
 def make_faiss(feats: np.ndarray, kind: str = "flat", nlist: int | None = None) -> faiss.Index:
     """An inner-product FAISS index over `feats` (N, D) float32."""
-    n, d = feats.shape
-    feats = np.ascontiguousarray(feats, dtype=np.float32)
-    if kind == "flat":
-        index = faiss.IndexFlatIP(d)
-    elif kind == "ivf":
-        nlist = nlist or max(1, min(4096, int(4 * np.sqrt(n))))
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.train(feats)
-        index.nprobe = max(1, nlist // 8)
-    elif kind == "hnsw":
-        index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
-    else:
-        raise ValueError(f"unknown FAISS index type {kind!r}; choose one of {', '.join(FAISS_TYPES)}")
-    index.add(feats)
-    return index
+    kind = resolve_faiss_type(kind, *feats.shape)
+    return faiss_from_chunks(lambda: [feats], feats.shape[1], kind, nlist)
 
 
 def write_faiss(index: faiss.Index, path: Path) -> None:
@@ -90,8 +121,23 @@ class Index:
         return self.manifest["method"]["method"]
 
     def all_features(self) -> np.ndarray:
-        """(N, D) stored training features (flat indexes only)."""
+        """(N, D) stored training features (flat; sq8 decoded)."""
         return self.faiss.reconstruct_n(0, self.faiss.ntotal)
+
+    @property
+    def exhaustive(self) -> bool:
+        """Whether every search scores every training image (flat, sq8)."""
+        return isinstance(self.faiss, EXHAUSTIVE)
+
+    def all_scores(self, psi: np.ndarray) -> np.ndarray:
+        """psi (Q, D) -> τ (Q, N) for every training image, by one exhaustive FAISS search."""
+        if not self.exhaustive:
+            raise ValueError(f"all scores need an exhaustive (flat or sq8) index, not {type(self.faiss).__name__}")
+        psi = np.ascontiguousarray(psi, dtype=np.float32)
+        s, i = self.faiss.search(psi, self.faiss.ntotal)
+        out = np.empty_like(s)
+        np.put_along_axis(out, i, s, axis=1)
+        return out
 
     def search(self, psi: np.ndarray, k: int = 16) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """psi (Q, D) -> (top scores, top rows, bottom scores, bottom rows), each (Q, k).
@@ -101,6 +147,8 @@ class Index:
         """
         psi = np.ascontiguousarray(psi, dtype=np.float32)
         k = min(k, self.faiss.ntotal)
+        if self.exhaustive:  # one pass over the vectors serves both ends
+            return _ends(self.all_scores(psi), k)
         s_top, i_top = self.faiss.search(psi, k)
         s_bot, i_bot = self.faiss.search(-psi, k)
         return s_top, i_top, -s_bot, i_bot
@@ -119,13 +167,21 @@ class Index:
         t0 = time.perf_counter()
         psi = self.query_features(image.unsqueeze(0), trajectory)
         t1 = time.perf_counter()
-        s_top, i_top, s_bot, i_bot = self.search(psi, k)
+        scores = self.all_scores(psi) if self.exhaustive else None
+        s_top, i_top, s_bot, i_bot = self.search(psi, k) if scores is None else _ends(scores, min(k, len(self)))
         t2 = time.perf_counter()
         res = QueryResult(self.hits(s_top[0], i_top[0]), self.hits(s_bot[0], i_bot[0]),
                           {"query_gradient": t1 - t0, "search": t2 - t1})
-        if with_all and isinstance(self.faiss, faiss.IndexFlat):
-            res.all_scores = (self.all_features() @ psi[0]).astype(np.float32)
+        if with_all and scores is not None:
+            res.all_scores = scores[0]
         return res
+
+
+def _ends(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """All scores (Q, N) -> (top scores, top rows, bottom scores, bottom rows), each (Q, k)."""
+    order = np.argsort(-scores, axis=1, kind="stable")
+    top, bot = order[:, :k], order[:, ::-1][:, :k]
+    return (np.take_along_axis(scores, top, 1), top, np.take_along_axis(scores, bot, 1), bot)
 
 
 def load(index_dir: str | Path, model=None, data_fingerprint: str | None = None,

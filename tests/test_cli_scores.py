@@ -74,3 +74,14 @@ def test_projected_scores_are_seeded(tmp_path):
     c = Attributor(model, train, AttributionConfig(method="kfac", draws=2, dim=64, seed=6), progress=False).fit()
     assert torch.equal(a.scores(q), b.scores(q))
     assert not torch.equal(a.scores(q), c.scores(q))
+
+
+def test_default_dim_is_the_methods():
+    from attribution.influence import DEFAULT_DIM, TRAK_DIM, AttributionConfig
+
+    assert AttributionConfig().dim == DEFAULT_DIM
+    assert AttributionConfig(method="trak").dim == AttributionConfig(method="dtrak").dim == TRAK_DIM
+    assert AttributionConfig(method="kfac", dim=None).dim is None
+    assert AttributionConfig(**AttributionConfig(method="trak").to_dict()).dim == TRAK_DIM  # manifests round-trip
+    with pytest.raises(ValueError, match="dim must be"):
+        AttributionConfig(dim=0)

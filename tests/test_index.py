@@ -26,7 +26,7 @@ from index.store import load
 ROOT = Path(__file__).resolve().parent.parent
 N = 192
 ARGS = ["--dim", "128", "--draws", "2", "--curvature-draws", "1", "--batch-size", "16",
-        "--shard-size", "32", "--query-draws", "4"]
+        "--shard-size", "32", "--query-draws", "4", "--keep-shards"]
 
 
 @pytest.fixture(scope="module")
@@ -174,5 +174,37 @@ def test_changed_settings_start_a_new_build(setup, reference, tmp_path):
     build_index(model, train, out, cfg, shard_size=32, progress=False)
     idx = load(out, model)
     assert idx.method == "gradcos"
+    assert not (out / "shards").exists()  # removed once the store is written (no --keep-shards)
     feats = idx.all_features()
     np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, rtol=1e-4)
+
+
+def test_sq8_store_tracks_the_flat_one(setup, reference, tmp_path):
+    """The 8-bit store (1 byte a number, the default for big indexes) keeps the ranking: its
+    quantisation error is tiny next to the spread of the scores, and no value is clipped."""
+    model = load_model(setup / "model")
+    out = tmp_path / "sq8"
+    subprocess.run([sys.executable, *build_cmd(setup, out), "--faiss", "sq8"], check=True, cwd=ROOT,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
+    flat, sq8 = load(reference, model), load(out, model)
+    assert sq8.manifest["faiss"]["type"] == "sq8" and flat.manifest["faiss"]["type"] == "flat"
+    assert (out / "features.faiss").stat().st_size < (reference / "features.faiss").stat().st_size / 3
+    psi = flat.query_features(mnist(size=8, n=N + 8).images[N:])
+    exact, approx = flat.all_scores(psi), sq8.all_scores(psi)
+    np.testing.assert_allclose(exact, (psi @ features(reference).T), rtol=1e-4, atol=1e-6)
+    rel = (approx - exact) / exact.std(axis=1, keepdims=True)  # theory: rms ≈ 0.007, from 1/255 steps
+    assert np.sqrt((rel ** 2).mean()) < 0.01 and np.abs(rel).max() < 0.04, rel
+    s_top, i_top, s_bot, i_bot = sq8.search(psi, 5)
+    np.testing.assert_array_equal(s_top, -np.sort(-approx, axis=1)[:, :5])
+    np.testing.assert_array_equal(s_bot, np.sort(approx, axis=1)[:, :5])
+
+
+def test_auto_store_type_by_size():
+    from index.store import AUTO_FLAT_BYTES, resolve_faiss_type
+
+    assert resolve_faiss_type("auto", 5000, 8192) == "flat"
+    assert resolve_faiss_type("auto", 5000, 131072) == "sq8"
+    assert resolve_faiss_type("auto", AUTO_FLAT_BYTES // 4, 1) == "flat"
+    assert resolve_faiss_type("hnsw", 10**9, 10**6) == "hnsw"
+    with pytest.raises(ValueError, match="unknown FAISS"):
+        resolve_faiss_type("pq", 1, 1)
