@@ -20,7 +20,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 
 $(VENV)/.installed-dev: $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[dev]' $(TORCH_PIN)
-	# curvlinops (via backpack) pulls torchvision, whose PyPI build breaks beside this torch
+	# curvlinops (via backpack) and kronfluence pull torchvision, whose PyPI build breaks beside this torch
 	$(BIN)/pip uninstall -y -q torchvision || true
 	touch $@
 
