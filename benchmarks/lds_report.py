@@ -73,6 +73,8 @@ def main() -> None:
         print(f"{label}: {r['lds']:.3f} ± {r['se']:.3f} ({time.time() - t0:.0f} s)", flush=True)
         if not a.quick:
             _write(out_json, gt, done)
+    order = [label for label, _ in ROWS]
+    done = dict(sorted(done.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
     _write(out_json, gt, done, final=True)
 
 

@@ -683,7 +683,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_const", dest="mode", const="quick")
     p.add_argument("--medium", action="store_const", dest="mode", const="medium")
-    p.add_argument("--mode", choices=tuple(MODES), default="full")
+    p.add_argument("--mode", choices=tuple(MODES))
+    p.set_defaults(mode="full")  # after --quick/--medium, whose store_const would default it to None
     p.add_argument("--n", type=int, default=None, help="training images (default by mode)")
     p.add_argument("--q", type=int, default=None, help="queries (default by mode)")
     p.add_argument("--k", type=int, default=None, help="draws per image and per query (default by mode)")
