@@ -252,14 +252,15 @@ class Attributor:
 
     # ---- scores ------------------------------------------------------------------------------
     def scores(self, images: torch.Tensor, trajectory=None, train_features: torch.Tensor | None = None) -> torch.Tensor:
-        """τ (Q, N) for query images. Without a projection, streams over training batches."""
+        """τ (Q, N) for query images, streaming over training batches (memory O(batch × D), not
+        O(N × D)); TRAK-style methods need all features at once for their inverse."""
         psi = self.query_features(images, trajectory)
         if train_features is not None:
             return psi @ train_features.T
-        if self.uses_model and self.config.dim is None and self.spec.preconditioner != "trak":
+        if self.uses_model and self.spec.preconditioner != "trak":
             out = torch.empty(psi.shape[0], self.n_train)
             bs = self.config.batch_size
-            for i in tqdm(range(0, self.n_train, bs), desc="scores (unprojected)",
+            for i in tqdm(range(0, self.n_train, bs), desc="scores (training features)",
                           disable=not self.progress):
                 rows = list(range(i, min(self.n_train, i + bs)))
                 phi = self.finish_train_features(self.raw_train_features(rows, progress=False))

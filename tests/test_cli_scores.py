@@ -85,3 +85,17 @@ def test_default_dim_is_the_methods():
     assert AttributionConfig(**AttributionConfig(method="trak").to_dict()).dim == TRAK_DIM  # manifests round-trip
     with pytest.raises(ValueError, match="dim must be"):
         AttributionConfig(dim=0)
+
+
+def test_streamed_scores_equal_materialised_features():
+    """scores() streams over training batches; it must equal ψ Φᵀ with every feature formed."""
+    from attribution.data import mnist
+
+    data = mnist(size=8, n=40)
+    model = build_model("tiny", seed=0)
+    att = Attributor(model, data.subset(range(36)), AttributionConfig(dim=512, draws=2, curvature_draws=1,
+                                                                      query_draws=2, batch_size=8),
+                     progress=False).fit()
+    q = data.images[36:]
+    np.testing.assert_allclose(att.scores(q).numpy(), (att.query_features(q) @ att.train_features().T).numpy(),
+                               rtol=1e-4, atol=1e-6)
