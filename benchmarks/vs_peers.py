@@ -1,7 +1,8 @@
 """Speed, memory and agreement against the attribution libraries people use today (issue 7).
 
     python benchmarks/vs_peers.py --quick            # N=100, Q=5, K=2: a smoke test (minutes)
-    python benchmarks/vs_peers.py                    # N=1,000, Q=100, K=8 (~30 min on 2 cores)
+    python benchmarks/vs_peers.py --jobs 2           # N=1,000, Q=100, K=8 (six methods: 57 min in
+                                                     # series on one thread; two at a time on 2 cores)
     python benchmarks/vs_peers.py --n 5000           # the size the speed goals are stated for
     pip install torch==2.13.0 -r benchmarks/requirements-peers.txt && pip uninstall -y torchvision
 
