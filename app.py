@@ -158,11 +158,14 @@ class BuildJob(threading.Thread):
 
     def calibrate(self, model: DiffusionModel, data) -> float:
         """Seconds for the whole build, extrapolated from the same work on a few images."""
-        m = min(len(data), 2 * self.cfg.batch_size)
+        m = min(len(data), 16)  # small: this time is spent before the build starts
         t0 = time.perf_counter()
         att = Attributor(model, data.subset(range(m)), self.cfg, progress=False).fit()
+        t1 = time.perf_counter()
         att.raw_train_features()
-        return (time.perf_counter() - t0) * len(data) / m * 1.15
+        t2 = time.perf_counter()
+        n_curv = min(len(data), self.cfg.curvature_images or len(data))  # the curvature sees a subset
+        return ((t1 - t0) * n_curv + (t2 - t1) * len(data)) / m * 1.15
 
     def run(self) -> None:
         ex, model = self.explorer, self.explorer.model
