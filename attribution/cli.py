@@ -71,13 +71,11 @@ def cmd_sample(a: argparse.Namespace) -> None:
 
 
 def _method_config(a: argparse.Namespace):
-    from attribution.influence import AttributionConfig
+    from attribution.influence import AttributionConfig, dim_arg
 
-    kw = {"method": a.method, "seed": a.seed}
+    kw = {"method": a.method, "seed": a.seed, "dim": dim_arg(getattr(a, "dim", None))}
     if a.draws is not None:
         kw["draws"] = a.draws
-    if getattr(a, "dim", None) is not None:
-        kw["dim"] = a.dim or None  # absent: the method's default D
     if getattr(a, "projection", None):
         kw["projection"] = a.projection
     return AttributionConfig(**kw)

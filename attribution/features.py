@@ -185,7 +185,7 @@ def gradient_features(model, fmap: FeatureMap, images: torch.Tensor, keys: list[
             acc = torch.zeros(b, fmap.dim, device=device) if fmap.sketched else None
             parts = {name: fmap.layer_from_input(name, layers[name], rec.inputs[name].detach(), g, b, acc)
                      for name, g in rec.cotangents(eps_hat, example_cotangent(eps_hat, rows))}
-            out[i:i + b] = (acc if fmap.sketched else torch.cat([parts[n] for n in fmap.names], 1)).cpu()
+            out[i:i + b] = (acc if fmap.sketched else fmap.combine([parts[n] for n in fmap.names])).cpu()
             bar.update(b)
     bar.close()
     return out

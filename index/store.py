@@ -68,12 +68,6 @@ def faiss_from_chunks(chunks: Callable[[], Iterable[np.ndarray]], d: int, kind: 
     return index
 
 
-def make_faiss(feats: np.ndarray, kind: str = "flat", nlist: int | None = None) -> faiss.Index:
-    """An inner-product FAISS index over `feats` (N, D) float32."""
-    kind = resolve_faiss_type(kind, *feats.shape)
-    return faiss_from_chunks(lambda: [feats], feats.shape[1], kind, nlist)
-
-
 def write_faiss(index: faiss.Index, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     faiss.write_index(index, str(tmp))
