@@ -51,6 +51,14 @@ def inputs_as_rows(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return a
 
 
+def input_columns(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Layer input -> u (R, I, P) without the bias entry: conv im2col columns (F.unfold's own
+    layout, no transposed copy), or a view of the Linear tokens."""
+    if isinstance(m, nn.Conv2d):
+        return F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+    return x.reshape(x.shape[0], -1, x.shape[-1]).transpose(1, 2)
+
+
 def project_inputs(m: nn.Module, x: torch.Tensor, m_in: torch.Tensor) -> torch.Tensor:
     """(a @ m_inᵀ) for every row and position, (R, P, k), without forming a (no im2col copy).
 

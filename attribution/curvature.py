@@ -26,7 +26,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from attribution.capture import Recording, forward, grad_enabled_params, tracked_layers
+from attribution.capture import (
+    Recording,
+    forward,
+    grad_enabled_params,
+    input_columns,
+    project_inputs,
+    tracked_layers,
+)
 from attribution.measurements import Measurement, Rows
 from attribution.seeds import hash_seed
 
@@ -146,6 +153,59 @@ def rotated_gradient(g: torch.Tensor, a: torch.Tensor, qs: torch.Tensor, qa: tor
     return rotate(g.transpose(1, 2) @ a, qs, qa)
 
 
+def rotated_row_gradients(m: torch.nn.Module, x: torch.Tensor, g: torch.Tensor, qs: torch.Tensor,
+                          qa: torch.Tensor) -> torch.Tensor:
+    """As `rotated_gradient` for every row, from the layer's raw input x (R, ...) and g (R, P, O):
+    no transposed or bias-padded copy of the im2col columns is made. Rotating first projects x
+    onto Q_A with a convolution (no im2col at all); forming first multiplies F.unfold's columns."""
+    p, o, i = g.shape[1], g.shape[2], qa.shape[0]
+    if p * (o * o + i * i) <= o * i * (o + i):
+        return (g @ qs).transpose(1, 2) @ project_inputs(m, x, qa.T)
+    u = input_columns(m, x)  # (R, I, P)
+    gw = g.transpose(1, 2) @ u.transpose(1, 2)  # (R, O, I) weight part of G
+    if m.bias is None:
+        return qs.T @ gw @ qa
+    rot = gw @ qa[:-1] + g.sum(1).unsqueeze(2) * qa[-1]  # [G_w | Σ_p g] Q_A
+    return qs.T @ rot
+
+
+def _gram(u: torch.Tensor) -> torch.Tensor:
+    """Σ_r u_r u_rᵀ for u (R, I, P) -> (I, I), without copying u."""
+    if u.shape[2] == 1:
+        v = u[:, :, 0]
+        return v.T @ v
+    if u.transpose(1, 2).is_contiguous():  # Linear tokens: one (R·P, I) matrix
+        v = u.transpose(1, 2).reshape(-1, u.shape[1])
+        return v.T @ v
+    return u.new_zeros(u.shape[1], u.shape[1]).addbmm_(u, u.transpose(1, 2))
+
+
+def input_factor_sum(m: torch.nn.Module, x: torch.Tensor, sharing: str) -> tuple[torch.Tensor, int]:
+    """(Σ a aᵀ (I', I'), number of terms) over the rows and positions of the layer input x, the
+    bias entry (constant 1) included; `reduce` first averages a over positions."""
+    u = input_columns(m, x)
+    if sharing == "reduce":
+        u = u.mean(2, keepdim=True)
+    r, i, p = u.shape
+    core = _gram(u)
+    if m.bias is None:
+        return core, r * p
+    s = u.sum((0, 2))
+    out = core.new_empty(i + 1, i + 1)
+    out[:i, :i] = core
+    out[:i, i] = s
+    out[i, :i] = s
+    out[i, i] = r * p
+    return out, r * p
+
+
+def output_factor_sum(g: torch.Tensor, sharing: str) -> torch.Tensor:
+    """Σ g gᵀ (O, O) over the rows and positions of g (R, P, O); `reduce` first sums over P."""
+    if sharing == "reduce":
+        g = g.sum(1, keepdim=True)
+    return _gram(g.transpose(1, 2))
+
+
 def _eigh(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     e, q = torch.linalg.eigh(m.double())
     return e.clamp(min=0).float(), q.float()
@@ -170,8 +230,9 @@ def _passes(model, images: torch.Tensor, keys: list[int], cfg: CurvatureConfig, 
 
 
 def _backward_all(rec: Recording, out: torch.Tensor, cots: list[torch.Tensor]):
+    """Yields (name, g (R, P, O)) for every layer and cotangent."""
     for j, c in enumerate(cots):
-        yield from rec.backward(out, c, retain_graph=j < len(cots) - 1)
+        yield from rec.cotangents(out, c, retain_graph=j < len(cots) - 1)
 
 
 def fit_curvature(model, images: torch.Tensor, keys: list[int] | None = None,
@@ -196,16 +257,12 @@ def fit_curvature(model, images: torch.Tensor, keys: list[int] | None = None,
                                             "curvature: K-FAC factors", progress):
             r = rows.t.shape[0]
             n_rows += r
-            for name in layers:
-                a = rec.a(name)
-                if cfg.sharing == "reduce":
-                    a = a.mean(1, keepdim=True)
-                acc[f"{name}.A"] = acc.get(f"{name}.A", 0) + torch.einsum("rpi,rpj->ij", a, a).double()
-                n_pos[name] = n_pos.get(name, 0) + a.shape[0] * a.shape[1]
-            for name, _, g in _backward_all(rec, out, cots):
-                if cfg.sharing == "reduce":
-                    g = g.sum(1, keepdim=True)
-                acc[f"{name}.S"] = acc.get(f"{name}.S", 0) + torch.einsum("rpo,rpq->oq", g, g).double()
+            for name, m in layers.items():
+                a_sum, count = input_factor_sum(m, rec.inputs[name].detach(), cfg.sharing)
+                acc[f"{name}.A"] = acc.get(f"{name}.A", 0) + a_sum.double()
+                n_pos[name] = n_pos.get(name, 0) + count
+            for name, g in _backward_all(rec, out, cots):
+                acc[f"{name}.S"] = acc.get(f"{name}.S", 0) + output_factor_sum(g, cfg.sharing).double()
         acc = {k: total(v) for k, v in sorted(acc.items())}
         n_pos = {k: float(total(torch.tensor(float(v), dtype=torch.float64))) for k, v in sorted(n_pos.items())}
         n_rows = int(total(torch.tensor(float(n_rows), dtype=torch.float64)))
@@ -221,9 +278,9 @@ def fit_curvature(model, images: torch.Tensor, keys: list[int] | None = None,
             lam: dict[str, torch.Tensor] = {}
             for rec, out, _rows, cots in _passes(model, images, keys, cfg, batch_size, device,
                                                  "curvature: EK-FAC eigenvalues", progress):
-                for name, a, g in _backward_all(rec, out, cots):
-                    qa, qs = tensors[f"{name}.QA"].to(a.device), tensors[f"{name}.QS"].to(g.device)
-                    rot = rotated_gradient(g, a, qs, qa)
+                for name, g in _backward_all(rec, out, cots):
+                    qa, qs = tensors[f"{name}.QA"].to(g.device), tensors[f"{name}.QS"].to(g.device)
+                    rot = rotated_row_gradients(layers[name], rec.inputs[name].detach(), g, qs, qa)
                     lam[name] = lam.get(name, 0) + rot.pow(2).sum(0).double()
             for name in layers:
                 tensors[f"{name}.lam"] = (total(lam[name]) / n_rows).float()

@@ -33,6 +33,11 @@ PRESETS: dict[str, dict] = {
                  down_block_types=("DownBlock2D", "AttnDownBlock2D"),
                  up_block_types=("AttnUpBlock2D", "UpBlock2D"),
                  layers_per_block=1, norm_num_groups=2, attention_head_dim=4),
+    # 32x32 RGB, ~2.6M parameters, attention at 16x16 and 8x8: the larger benchmark model.
+    "rgb32": dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(32, 64, 128),
+                  down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+                  up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+                  layers_per_block=1, norm_num_groups=8, attention_head_dim=8),
     # Ho et al.'s CIFAR-10 DDPM U-Net (35.7M parameters): for GPU users.
     "cifar-ddpm": dict(sample_size=32, in_channels=3, out_channels=3,
                        block_out_channels=(128, 256, 256, 256),

@@ -20,6 +20,8 @@ Methods (each runs in its own subprocess, so its peak RSS is its own):
   kronfluence-ekfac-own-mc  the same with kronfluence drawing its own MC-GGN samples
   trak                traker TRAKer (BasicProjector on CPU), f = the diffusion loss, Q = 1
   dattri-trak         dattri TRAKAttributor, same function
+  dattri-datainf      dattri IFAttributorDataInf: its influence function that handles Conv2d (every
+                      parameter; the empirical Fisher inverted per layer from rank-one terms)
   dattri-ekfac        dattri IFAttributorEKFAC (nn.Linear layers only; see the JSON for why)
 
 Kronfluence's task: factors are fitted on *rows* (one (x_t, t) draw per dataset item, as our
@@ -64,9 +66,9 @@ MODES = {
     "full": dict(n=1000, q=100, k=8, trak_dim=2048),
 }
 METHODS = ("ours-ekfac", "ours-kfac", "ours-unprojected", "kronfluence-ekfac", "kronfluence-ekfac-own-mc",
-           "trak", "dattri-trak", "dattri-ekfac")
+           "trak", "dattri-trak", "dattri-datainf", "dattri-ekfac")
 PEER_PACKAGES = {"kronfluence-ekfac": "kronfluence", "kronfluence-ekfac-own-mc": "kronfluence", "trak": "trak",
-                 "dattri-trak": "dattri", "dattri-ekfac": "dattri"}
+                 "dattri-trak": "dattri", "dattri-datainf": "dattri", "dattri-ekfac": "dattri"}
 REFERENCE = "ours-unprojected"
 PEER_REFERENCE = "kronfluence-ekfac"
 OURS_DAMPING = 1e-8  # relative to each layer's mean eigenvalue (attribution.curvature)
@@ -80,23 +82,39 @@ def peak_rss_mb() -> float:
 
 
 def load_bench_model(setup: dict):
+    """The benchmark model: the default, a folder, or an untrained seeded preset ("untrained" is
+    the default's shape; "rgb32" is the larger 32×32 RGB U-Net with attention at 16² and 8²)."""
     from attribution.model import build_model, load_model
 
-    if setup["model"] == "untrained":
-        model = build_model("mnist", seed=0)
+    if setup["model"] in ("untrained", "rgb32"):
+        model = build_model("mnist" if setup["model"] == "untrained" else "rgb32", seed=0)
         model.unet.eval().requires_grad_(False)
         return model
     return load_model(None if setup["model"] == "default" else setup["model"])
+
+
+def bench_images(setup: dict):
+    """The embedded MNIST set as the benchmark model sees it: as is, or for "rgb32" padded to
+    32×32 and tinted with a seeded colour per image (3 channels, still in [-1, 1])."""
+    import torch
+
+    from attribution.data import mnist
+
+    data = mnist()
+    if setup["model"] != "rgb32":
+        return data
+    x = torch.nn.functional.pad(data.images, (2, 2, 2, 2), value=-1.0)
+    colour = torch.rand(len(data), 3, 1, 1, generator=torch.Generator().manual_seed(setup["seed"])) * 0.7 + 0.3
+    data.images = ((x + 1) * colour - 1).contiguous()
+    return data
 
 
 def load_inputs(setup: dict):
     """(model, training ImageDataset, queries (Q, C, H, W)) exactly as the parent fixed them."""
     import torch
 
-    from attribution.data import mnist
-
     model = load_bench_model(setup)
-    data = mnist().subset(range(setup["n"]))
+    data = bench_images(setup).subset(range(setup["n"]))
     queries = torch.load(Path(setup["workdir"]) / "queries.pt")
     return model, data, queries
 
@@ -513,6 +531,30 @@ def worker_dattri(setup: dict, method: str) -> dict:
                                  "version": _version("dattri")}})
         return res, np.asarray(scores.detach().T, dtype=np.float32)
 
+    if method == "dattri-datainf":
+        from dattri.algorithm.influence_function import IFAttributorDataInf
+
+        task = AttributionTask(loss_func=loss_func, model=unet, checkpoints=unet.state_dict())
+        att = IFAttributorDataInf(task, device="cpu", regularization=1.0)
+        t0 = time.perf_counter()
+        c0 = time.process_time()
+        att.cache(DataLoader(train, batch_size=bs, shuffle=False))  # every training gradient, kept
+        # DataInf's damping rule (0.1 × mean squared training-gradient entry; dattri takes one value)
+        att.regularization = float(0.1 * att._cached_train_reps[0].pow(2).mean())
+        t1 = time.perf_counter()
+        c1 = time.process_time()
+        scores = att.attribute(DataLoader(train, batch_size=bs, shuffle=False),
+                               DataLoader(query_set, batch_size=bs, shuffle=False))  # (N, Q)
+        t2 = time.perf_counter()
+        c2 = time.process_time()
+        res.update({"stages_s": {"cache": t1 - t0, "attribute": t2 - t1}, "total_s": t2 - t0,
+                    "stages_cpu_s": {"cache": c1 - c0, "attribute": c2 - c1}, "total_cpu_s": c2 - c0,
+                    "settings": {"regularization": att.regularization,
+                                 "regularization_rule": "0.1 x mean squared training-gradient entry",
+                                 "curvature": "empirical Fisher of the diffusion loss, DataInf's closed form",
+                                 "version": _version("dattri")}})
+        return res, np.asarray(scores.detach().T, dtype=np.float32)
+
     # dattri-ekfac: IFAttributorEKFAC handles nn.Linear only, and only 2-D Linear inputs
     from dattri.algorithm.influence_function import IFAttributorEKFAC
 
@@ -603,7 +645,6 @@ def mean_spearman(a, b) -> float | None:
 def make_setup(a: argparse.Namespace, workdir: Path) -> dict:
     import torch
 
-    from attribution.data import mnist
     from attribution.model import DEFAULT_MODEL_DIR
 
     mode = dict(MODES[a.mode])
@@ -621,10 +662,10 @@ def make_setup(a: argparse.Namespace, workdir: Path) -> dict:
              "batch_size_overrides": {m: int(b) for m, b in (kv.split("=") for kv in a.batch_override)},
              "threads": a.threads, "single_queries": a.single_queries, "model": model_spec,
              "workdir": str(workdir)}
-    all_mnist = mnist()
+    all_images = bench_images(setup)
     n, q = setup["n"], setup["q"]
-    if n + q <= len(all_mnist):
-        queries = all_mnist.images[n:n + q]
+    if n + q <= len(all_images):
+        queries = all_images.images[n:n + q]
         setup["queries"] = f"mnist() rows {n}..{n + q - 1} (not in the training set)"
     else:
         from attribution.sample import sample
@@ -704,7 +745,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(--jobs 2 on 2 cores halves the wall time; every method then shares the machine alike)")
     p.add_argument("--single-queries", type=int, default=5, help="queries timed one by one against the index")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
-    p.add_argument("--model", default=None, help="model folder (default: assets/mnist-unet, else untrained)")
+    p.add_argument("--model", default=None,
+                   help="model folder, 'untrained' (the default's shape) or 'rgb32' (the larger 32×32 RGB "
+                        "U-Net with attention, untrained, on tinted MNIST); default: assets/mnist-unet")
     p.add_argument("--timeout", type=float, default=3 * 3600, help="seconds per method")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "vs_peers.json"))
     p.add_argument("--workdir", default=None, help="keep intermediate files here (default: a temp dir)")
