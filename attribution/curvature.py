@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from attribution.capture import (
     Recording,
+    example_gradients,
     forward,
     grad_enabled_params,
     input_columns,
@@ -157,10 +158,13 @@ def rotated_row_gradients(m: torch.nn.Module, x: torch.Tensor, g: torch.Tensor, 
                           qa: torch.Tensor) -> torch.Tensor:
     """As `rotated_gradient` for every row, from the layer's raw input x (R, ...) and g (R, P, O):
     no transposed or bias-padded copy of the im2col columns is made. Rotating first projects x
-    onto Q_A with a convolution (no im2col at all); forming first multiplies F.unfold's columns."""
+    onto Q_A with a convolution (no im2col at all); forming first takes each row's conv weight
+    gradient where positions outnumber inputs (high resolution), else multiplies F.unfold's columns."""
     p, o, i = g.shape[1], g.shape[2], qa.shape[0]
     if p * (o * o + i * i) <= o * i * (o + i):
         return (g @ qs).transpose(1, 2) @ project_inputs(m, x, qa.T)
+    if isinstance(m, torch.nn.Conv2d) and p >= i:
+        return rotate(example_gradients(m, x, g, g.shape[0]), qs, qa)
     u = input_columns(m, x)  # (R, I, P)
     gw = g.transpose(1, 2) @ u.transpose(1, 2)  # (R, O, I) weight part of G
     if m.bias is None:
