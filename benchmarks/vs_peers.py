@@ -1,8 +1,9 @@
 """Speed, memory and agreement against the attribution libraries people use today (issue 7).
 
     python benchmarks/vs_peers.py --quick            # N=100, Q=5, K=2: a smoke test (minutes)
-    python benchmarks/vs_peers.py --jobs 2           # N=1,000, Q=100, K=8 (six methods: 57 min in
-                                                     # series on one thread; two at a time on 2 cores)
+    python benchmarks/vs_peers.py --jobs 2           # N=1,000, Q=100, K=8, the six DEFAULT_METHODS two
+                                                     # at a time on 2 cores (about 25 min)
+    python benchmarks/vs_peers.py --model rgb32      # the larger 32×32 RGB U-Net with attention
     python benchmarks/vs_peers.py --n 5000           # the size the speed goals are stated for
     pip install torch==2.13.0 -r benchmarks/requirements-peers.txt && pip uninstall -y torchvision
 
@@ -13,8 +14,8 @@ K_c = max(1, K // 2) draws per image for the curvature. Each peer's loss / measu
 written around those exact (x_t, t, ε) rows, so the only differences are the algorithms.
 
 Methods (each runs in its own subprocess, so its peak RSS is its own):
-  ours-ekfac          build_index(method="ekfac", D=4096, flat FAISS) + load().query_features/search
-  ours-kfac           the same with method="kfac" (Kronecker fast path, factored damping)
+  ours-ekfac          build_index(method="ekfac", the product's D, --faiss auto) + load().all_scores
+  ours-kfac           the same with method="kfac" (Kronecker fast path, D ≈ 8192, factored damping)
   ours-unprojected    Attributor(method="ekfac", dim=None).fit().scores(queries): the reference
   kronfluence-ekfac   Analyzer.fit_all_factors(strategy="ekfac") + compute_pairwise_scores
   kronfluence-ekfac-own-mc  the same with kronfluence drawing its own MC-GGN samples
@@ -67,6 +68,9 @@ MODES = {
 }
 METHODS = ("ours-ekfac", "ours-kfac", "ours-unprojected", "kronfluence-ekfac", "kronfluence-ekfac-own-mc",
            "trak", "dattri-trak", "dattri-datainf", "dattri-ekfac")
+# The one-command run (--jobs 2: about 25 min at N = 1,000 on 2 cores); the rest on request
+# (dattri-datainf alone takes about 30 min at N = 1,000: dattri forms every per-example gradient twice)
+DEFAULT_METHODS = ("ours-ekfac", "ours-kfac", "ours-unprojected", "kronfluence-ekfac", "trak", "dattri-trak")
 PEER_PACKAGES = {"kronfluence-ekfac": "kronfluence", "kronfluence-ekfac-own-mc": "kronfluence", "trak": "trak",
                  "dattri-trak": "dattri", "dattri-datainf": "dattri", "dattri-ekfac": "dattri"}
 REFERENCE = "ours-unprojected"
@@ -744,7 +748,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="methods run at once, each in its own process with --threads threads "
                         "(--jobs 2 on 2 cores halves the wall time; every method then shares the machine alike)")
     p.add_argument("--single-queries", type=int, default=5, help="queries timed one by one against the index")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help="comma-separated, any of " + ", ".join(METHODS) + " (default: " + ", ".join(DEFAULT_METHODS) + ")")
     p.add_argument("--model", default=None,
                    help="model folder, 'untrained' (the default's shape) or 'rgb32' (the larger 32×32 RGB "
                         "U-Net with attention, untrained, on tinted MNIST); default: assets/mnist-unet")
