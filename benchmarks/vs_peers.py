@@ -503,6 +503,23 @@ def worker_trak(setup: dict) -> dict:
     return res, np.asarray(scores, dtype=np.float32)
 
 
+def cache_then_attribute(att, cache_loader, train, query_set, bs: int, res: dict, after_cache):
+    """dattri's two stages, timed into `res`: att.cache(cache_loader), after_cache(), then
+    att.attribute over the training and query items; returns the (N, Q) scores."""
+    from torch.utils.data import DataLoader
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    att.cache(cache_loader)
+    after_cache()
+    t1, c1 = time.perf_counter(), time.process_time()
+    scores = att.attribute(DataLoader(train, batch_size=bs, shuffle=False),
+                           DataLoader(query_set, batch_size=bs, shuffle=False))
+    t2, c2 = time.perf_counter(), time.process_time()
+    res.update({"stages_s": {"cache": t1 - t0, "attribute": t2 - t1}, "total_s": t2 - t0,
+                "stages_cpu_s": {"cache": c1 - c0, "attribute": c2 - c1}, "total_cpu_s": c2 - c0})
+    return scores
+
+
 def worker_dattri(setup: dict, method: str) -> dict:
     import numpy as np
     import torch
@@ -568,20 +585,13 @@ def worker_dattri(setup: dict, method: str) -> dict:
 
         task = AttributionTask(loss_func=loss_func, model=unet, checkpoints=unet.state_dict())
         att = IFAttributorDataInf(task, device="cpu", regularization=1.0)
-        t0 = time.perf_counter()
-        c0 = time.process_time()
-        att.cache(DataLoader(train, batch_size=bs, shuffle=False))  # every training gradient, kept
-        # DataInf's damping rule (0.1 × mean squared training-gradient entry; dattri takes one value)
-        att.regularization = float(0.1 * att._cached_train_reps[0].pow(2).mean())
-        t1 = time.perf_counter()
-        c1 = time.process_time()
-        scores = att.attribute(DataLoader(train, batch_size=bs, shuffle=False),
-                               DataLoader(query_set, batch_size=bs, shuffle=False))  # (N, Q)
-        t2 = time.perf_counter()
-        c2 = time.process_time()
-        res.update({"stages_s": {"cache": t1 - t0, "attribute": t2 - t1}, "total_s": t2 - t0,
-                    "stages_cpu_s": {"cache": c1 - c0, "attribute": c2 - c1}, "total_cpu_s": c2 - c0,
-                    "settings": {"regularization": att.regularization,
+
+        def datainf_damping():  # DataInf's rule: 0.1 × mean squared training-gradient entry (one value)
+            att.regularization = float(0.1 * att._cached_train_reps[0].pow(2).mean())
+
+        scores = cache_then_attribute(att, DataLoader(train, batch_size=bs, shuffle=False), train, query_set,
+                                      bs, res, datainf_damping)
+        res.update({"settings": {"regularization": att.regularization,
                                  "regularization_rule": "0.1 x mean squared training-gradient entry",
                                  "curvature": "empirical Fisher of the diffusion loss, DataInf's closed form",
                                  "version": _version("dattri")}})
@@ -606,21 +616,15 @@ def worker_dattri(setup: dict, method: str) -> dict:
     task = AttributionTask(loss_func=loss_func, model=unet, checkpoints=unet.state_dict(),
                            target_func=target_func)
     att = IFAttributorEKFAC(task, module_name=linear2d, device="cpu", damping=0.0)
-    t0 = time.perf_counter()
-    c0 = time.process_time()
-    att.cache(DataLoader(SingleRows(model, data.images, range(n), kc, seed), batch_size=bs * kc, shuffle=False))
-    for name, lam in att.cached_lambdas.items():  # our damping rule, per layer
-        att.cached_lambdas[name] = lam + OURS_DAMPING * lam.mean()
-    t1 = time.perf_counter()
-    c1 = time.process_time()
-    scores = att.attribute(DataLoader(train, batch_size=bs, shuffle=False),
-                           DataLoader(query_set, batch_size=bs, shuffle=False))  # (N, Q)
-    t2 = time.perf_counter()
-    c2 = time.process_time()
+    def our_damping():  # per layer
+        for name, lam in att.cached_lambdas.items():
+            att.cached_lambdas[name] = lam + OURS_DAMPING * lam.mean()
+
+    scores = cache_then_attribute(att, DataLoader(SingleRows(model, data.images, range(n), kc, seed),
+                                                  batch_size=bs * kc, shuffle=False),
+                                  train, query_set, bs, res, our_damping)
     n_par = sum(p.numel() for nm, p in unet.named_parameters() if nm.rsplit(".", 1)[0] in linear2d)
-    res.update({"stages_s": {"cache": t1 - t0, "attribute": t2 - t1}, "total_s": t2 - t0,
-                    "stages_cpu_s": {"cache": c1 - c0, "attribute": c2 - c1},
-                "total_cpu_s": c2 - c0, "settings": {"layers": linear2d, "params_covered": n_par,
+    res.update({"settings": {"layers": linear2d, "params_covered": n_par,
                              "params_total": sum(p.numel() for p in unet.parameters()),
                              "damping": f"{OURS_DAMPING} x mean corrected eigenvalue per layer",
                              "fisher": "MC GGN with our samples z (rows), test side: diffusion loss",
