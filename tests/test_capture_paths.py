@@ -42,3 +42,26 @@ def test_input_path_equals_rows_path(pre, dim, kind):
     for n in shapes:
         scale = via_rows[n].abs().max().clamp(min=1e-30)
         assert (via_rows[n] - via_input[n]).abs().max() / scale < tol, n
+
+
+@pytest.mark.parametrize("c,h,o,bias,branch", [(2, 3, 16, True, "rotate-first"), (2, 12, 3, True, "conv-weight"),
+                                               (2, 12, 3, False, "conv-weight"), (8, 6, 4, True, "unfold"),
+                                               (8, 6, 4, False, "unfold")])
+def test_rotated_row_gradients_equal_formed_and_rotated(c, h, o, bias, branch):
+    """Q_Sᵀ G_r Q_A per row from the raw input, on every branch, against G_r formed from im2col."""
+    from attribution.capture import inputs_as_rows, layer_shape, outputs_as_rows
+    from attribution.curvature import rotated_row_gradients
+
+    torch.manual_seed(0)
+    m = torch.nn.Conv2d(c, o, 3, padding=1, bias=bias).double()
+    x = torch.randn(5, c, h, h, dtype=torch.float64)
+    g = outputs_as_rows(m, torch.randn(5, o, h, h, dtype=torch.float64))
+    i = layer_shape(m)[1]
+    p = h * h
+    rotate_first = p * (o * o + i * i) <= o * i * (o + i)
+    assert {"rotate-first": rotate_first, "conv-weight": not rotate_first and p >= i,
+            "unfold": not rotate_first and p < i}[branch]
+    qa = torch.linalg.qr(torch.randn(i, i, dtype=torch.float64))[0]
+    qs = torch.linalg.qr(torch.randn(o, o, dtype=torch.float64))[0]
+    formed = g.transpose(1, 2) @ inputs_as_rows(m, x)  # (R, O, I')
+    torch.testing.assert_close(rotated_row_gradients(m, x, g, qs, qa), qs.T @ formed @ qa)
