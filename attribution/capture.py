@@ -39,24 +39,20 @@ def layer_shape(m: nn.Module) -> tuple[int, int]:
     return o, i + (1 if m.bias is not None else 0)
 
 
-def inputs_as_rows(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Layer input -> a (R, P, I'): im2col patches for conv, tokens for Linear, bias ones."""
-    if isinstance(m, nn.Conv2d):
-        a = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
-        a = a.transpose(1, 2)
-    else:
-        a = x.reshape(x.shape[0], -1, x.shape[-1])
-    if m.bias is not None:
-        a = torch.cat([a, a.new_ones(*a.shape[:2], 1)], dim=2)
-    return a
-
-
 def input_columns(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Layer input -> u (R, I, P) without the bias entry: conv im2col columns (F.unfold's own
     layout, no transposed copy), or a view of the Linear tokens."""
     if isinstance(m, nn.Conv2d):
         return F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
     return x.reshape(x.shape[0], -1, x.shape[-1]).transpose(1, 2)
+
+
+def inputs_as_rows(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Layer input -> a (R, P, I'): im2col patches for conv, tokens for Linear, bias ones."""
+    a = input_columns(m, x).transpose(1, 2)
+    if m.bias is not None:
+        a = torch.cat([a, a.new_ones(*a.shape[:2], 1)], dim=2)
+    return a
 
 
 def project_inputs(m: nn.Module, x: torch.Tensor, m_in: torch.Tensor) -> torch.Tensor:

@@ -142,14 +142,19 @@ def rotate(grad: torch.Tensor, qs: torch.Tensor, qa: torch.Tensor) -> torch.Tens
     return qs.T @ grad @ qa
 
 
+def rotates_first(p: int, o: int, i: int) -> bool:
+    """Whether rotating the P vectors g (O) and a (I') first, P·(O² + I'²) flops per item, is
+    cheaper than forming the O × I' gradient and rotating it, O·I'·(P + O + I') flops."""
+    return p * (o * o + i * i) <= o * i * (o + i)
+
+
 def rotated_gradient(g: torch.Tensor, a: torch.Tensor, qs: torch.Tensor, qa: torch.Tensor) -> torch.Tensor:
     """Q_Sᵀ (Σ_p g_p a_pᵀ) Q_A for g (B, P, O), a (B, P, I') -> (B, O, I').
 
     Rotates the P vectors first when positions are few (P·(O² + I'²) flops per item), else
     forms the gradient first (O·I'·(P + O + I') flops per item); the result is the same.
     """
-    p, o, i = g.shape[1], g.shape[2], a.shape[2]
-    if p * (o * o + i * i) <= o * i * (o + i):
+    if rotates_first(g.shape[1], g.shape[2], a.shape[2]):
         return (g @ qs).transpose(1, 2) @ (a @ qa)
     return rotate(g.transpose(1, 2) @ a, qs, qa)
 
@@ -160,8 +165,8 @@ def rotated_row_gradients(m: torch.nn.Module, x: torch.Tensor, g: torch.Tensor, 
     no transposed or bias-padded copy of the im2col columns is made. Rotating first projects x
     onto Q_A with a convolution (no im2col at all); forming first takes each row's conv weight
     gradient where positions outnumber inputs (high resolution), else multiplies F.unfold's columns."""
-    p, o, i = g.shape[1], g.shape[2], qa.shape[0]
-    if p * (o * o + i * i) <= o * i * (o + i):
+    p, i = g.shape[1], qa.shape[0]
+    if rotates_first(p, g.shape[2], i):
         return (g @ qs).transpose(1, 2) @ project_inputs(m, x, qa.T)
     if isinstance(m, torch.nn.Conv2d) and p >= i:
         return rotate(example_gradients(m, x, g, g.shape[0]), qs, qa)

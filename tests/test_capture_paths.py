@@ -50,7 +50,7 @@ def test_input_path_equals_rows_path(pre, dim, kind):
 def test_rotated_row_gradients_equal_formed_and_rotated(c, h, o, bias, branch):
     """Q_Sᵀ G_r Q_A per row from the raw input, on every branch, against G_r formed from im2col."""
     from attribution.capture import inputs_as_rows, layer_shape, outputs_as_rows
-    from attribution.curvature import rotated_row_gradients
+    from attribution.curvature import rotated_row_gradients, rotates_first
 
     torch.manual_seed(0)
     m = torch.nn.Conv2d(c, o, 3, padding=1, bias=bias).double()
@@ -58,7 +58,7 @@ def test_rotated_row_gradients_equal_formed_and_rotated(c, h, o, bias, branch):
     g = outputs_as_rows(m, torch.randn(5, o, h, h, dtype=torch.float64))
     i = layer_shape(m)[1]
     p = h * h
-    rotate_first = p * (o * o + i * i) <= o * i * (o + i)
+    rotate_first = rotates_first(p, o, i)
     assert {"rotate-first": rotate_first, "conv-weight": not rotate_first and p >= i,
             "unfold": not rotate_first and p < i}[branch]
     qa = torch.linalg.qr(torch.randn(i, i, dtype=torch.float64))[0]
