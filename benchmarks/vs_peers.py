@@ -280,25 +280,19 @@ def worker_ours(setup: dict, method: str) -> dict:
 
 def plain_rows_per_s(model, images, k: int, seed: int, batch_size: int, batches: int = 4) -> float:
     """(image×draw)/s of a plain batched forward + backward of the diffusion loss (parameter
-    gradients) on the benchmark's own rows: the physical limit of gradient-based attribution."""
-    from attribution.measurements import Measurement
+    gradients, `index_speed.plain_step`) on the benchmark's own rows: the physical limit of
+    gradient-based attribution. The first batch warms up; images wrap around when N is small."""
+    from index_speed import plain_step
 
-    unet, acp = model.unet, model.alphas_cumprod()
-    old = [p.requires_grad for p in unet.parameters()]
-    unet.requires_grad_(True)
-    times = []
-    for j in range(batches + 1):  # the first batch warms up
+    rows, seconds = 0, 0.0
+    for j in range(batches + 1):
         keys = list(range(j * batch_size, (j + 1) * batch_size))
-        x0 = images[keys[0] % len(images):][:batch_size]
+        x0 = images[[i % len(images) for i in keys]]
         t0 = time.perf_counter()
-        rows = Measurement("loss").rows(x0, keys[:x0.shape[0]], k, seed, acp)
-        unet.zero_grad(set_to_none=True)
-        (unet(rows.x, rows.t).sample - rows.y).pow(2).mean().backward()
-        times.append((time.perf_counter() - t0, rows.t.shape[0]))
-    unet.zero_grad(set_to_none=True)
-    for p, r in zip(unet.parameters(), old):
-        p.requires_grad_(r)
-    return sum(n for _, n in times[1:]) / sum(dt for dt, _ in times[1:])
+        plain_step(model, x0, keys, k, seed)
+        if j:
+            rows, seconds = rows + len(keys) * k, seconds + time.perf_counter() - t0
+    return rows / seconds
 
 
 def worker_kronfluence(setup: dict, fresh_mc: bool = False) -> dict:
