@@ -16,13 +16,11 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from attribution.errors import DataError  # noqa: F401  (re-exported)
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 MAX_PIXELS = 40_000_000  # larger images are refused before decoding (decompression bombs)
 MNIST_SEED = 0
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file and what is wrong with it."""
 
 
 @dataclass

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
+from attribution.errors import ModelError  # noqa: F401  (re-exported)
+
 PRESETS: dict[str, dict] = {
     # The default: 28x28 grayscale MNIST, ~0.69M parameters, attention at 7x7 and in the middle.
     "mnist": dict(sample_size=28, in_channels=1, out_channels=1, block_out_channels=(16, 32, 64),
@@ -47,10 +49,6 @@ PRESETS: dict[str, dict] = {
 }
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "mnist-unet"
-
-
-class ModelError(ValueError):
-    """A model folder that cannot be loaded; the message says why."""
 
 
 @dataclass

@@ -6,12 +6,10 @@ import hashlib
 import json
 from pathlib import Path
 
+from attribution.errors import IndexLoadError  # noqa: F401  (re-exported)
+
 FORMAT_VERSION = 2  # 2: count-sketch projection, preconditioner split over both sides
 CODE_VERSION = "0.2.0"
-
-
-class IndexLoadError(ValueError):
-    """An index that cannot be used as asked; the message says why and how to rebuild."""
 
 
 
