@@ -29,6 +29,7 @@ from attribution.curvature import Curvature
 from attribution.data import ImageDataset, load_dataset, to_uint8
 from attribution.influence import DEFAULT_DIM, TRAK_DIM, AttributionConfig, Attributor, dim_arg
 from attribution.model import DiffusionModel, load_model, pick_device
+from index.layout import IndexLayout
 from index.manifest import CODE_VERSION, FORMAT_VERSION, settings_key
 from index.store import FAISS_TYPES, faiss_from_chunks, resolve_faiss_type, write_faiss
 
@@ -84,6 +85,7 @@ def build_index(model: DiffusionModel, data: ImageDataset, out: str | Path, cfg:
     The raw feature shards exist for resuming; once the store is written they are removed unless
     `keep_shards` (they are N·D float32, four times the size of an sq8 store)."""
     out = Path(out)
+    lay = IndexLayout(out)
     device = pick_device(str(device) if device else None)
     dist = Dist(device)
     settings = build_settings(model, data, cfg, model_path, data_spec)
@@ -92,19 +94,19 @@ def build_index(model: DiffusionModel, data: ImageDataset, out: str | Path, cfg:
     key = settings_key(settings)
     if dist.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        prev = json.loads((out / "build.json").read_text()) if (out / "build.json").exists() else None
+        prev = json.loads(lay.build.read_text()) if lay.build.exists() else None
         if prev is not None and prev.get("key") != key:
             _say(f"{out}: holds a build with other settings; starting a new build there")
-            for name in ("shards", "manifest.json", "curvature.safetensors", "projection.safetensors",
-                         "features.faiss", "items.jsonl", "thumbs.npy"):
-                p = out / name
+            for name in (lay.SHARDS, lay.MANIFEST, lay.CURVATURE, lay.PROJECTION, lay.FEATURES,
+                         lay.ITEMS, lay.THUMBS):
+                p = lay.path(name)
                 shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-        if (out / "manifest.json").exists() and prev is not None and prev.get("key") == key:
+        if lay.manifest.exists() and prev is not None and prev.get("key") == key:
             _say(f"{out}: the index is already built with these settings")
-        save_json(out / "build.json", {"key": key, "settings": settings})
-        (out / "shards").mkdir(exist_ok=True)
+        save_json(lay.build, {"key": key, "settings": settings})
+        lay.shards.mkdir(exist_ok=True)
     dist.barrier()
-    if (out / "manifest.json").exists():
+    if lay.manifest.exists():
         dist.close()
         return out
     t0 = time.time()
@@ -115,7 +117,7 @@ def build_index(model: DiffusionModel, data: ImageDataset, out: str | Path, cfg:
     mine = shards[dist.rank::dist.world]
 
     # 1. curvature (all ranks contribute their shards' sums), 2. projection
-    curv_path, proj_path = out / "curvature.safetensors", out / "projection.safetensors"
+    curv_path, proj_path = lay.curvature, lay.projection
     needs_curv = att.spec.preconditioner in ("kfac", "kfac-exact", "ekfac")
     curvature = None
     if needs_curv and curv_path.exists():
@@ -141,7 +143,7 @@ def build_index(model: DiffusionModel, data: ImageDataset, out: str | Path, cfg:
         replace_with(proj_path, att.projection.save)
 
     # 3. training features, shard by shard (finished shards are skipped)
-    todo = [(s, e) for s, e in mine if not (out / "shards" / f"{s:07d}-{e:07d}.safetensors").exists()]
+    todo = [(s, e) for s, e in mine if not lay.shard(s, e).exists()]
     if dist.rank == 0:
         _say(f"computing features for {n} images ({len(shards) - len(todo) * dist.world} of "
              f"{len(shards)} shards already done), D = {att.dim}, {cfg.draws} draws per image")
@@ -152,27 +154,27 @@ def build_index(model: DiffusionModel, data: ImageDataset, out: str | Path, cfg:
                disable=not (progress and dist.rank == 0))
     for s, e in todo:
         raw = att.raw_train_features(list(range(s, e)), progress=False)
-        save_tensors(out / "shards" / f"{s:07d}-{e:07d}.safetensors", {"raw": raw})
+        save_tensors(lay.shard(s, e), {"raw": raw})
         bar.update(e - s)
     bar.close()
     t_feat = time.time() - t1
     dist.barrier()
     if dist.rank == 0:
         def shard_raw(s: int, e: int) -> torch.Tensor:
-            return load_file(str(out / "shards" / f"{s:07d}-{e:07d}.safetensors"))["raw"]
+            return load_file(str(lay.shard(s, e)))["raw"]
 
         if att.spec.preconditioner == "trak":  # TRAK's inverse needs every raw feature at once
             att.fit_trak(torch.cat([shard_raw(s, e) for s, e in shards]))
-            save_tensors(out / "trak.safetensors", {"trak_inverse": att.trak_inverse})
+            save_tensors(lay.trak, {"trak_inverse": att.trak_inverse})
         faiss_kind = resolve_faiss_type(faiss_type, n, att.dim)
         _say(f"writing the {faiss_kind} FAISS store ({n} × {att.dim})")
         index = faiss_from_chunks(lambda: (att.finish_train_features(shard_raw(s, e)).numpy() for s, e in shards),
                                   att.dim, faiss_kind)
-        write_faiss(index, out / "features.faiss")
-        save_text(out / "items.jsonl", "".join(
+        write_faiss(index, lay.features)
+        save_text(lay.items, "".join(
             json.dumps({"row": i, "label": int(data.labels[i]), "source": data.sources[i]}) + "\n" for i in range(n)))
         if thumbs:
-            save_numpy(out / "thumbs.npy", to_uint8(data.images).squeeze(-1) if data.images.shape[1] == 1
+            save_numpy(lay.thumbs, to_uint8(data.images).squeeze(-1) if data.images.shape[1] == 1
                        else to_uint8(data.images))
         manifest = {**settings, "code_version": CODE_VERSION, "key": key,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -185,9 +187,9 @@ def build_index(model: DiffusionModel, data: ImageDataset, out: str | Path, cfg:
                               "processes": dist.world,
                               "peak_rss_mb_rank0": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                               "images_per_second": round(sum(e - s for s, e in todo) / max(t_feat, 1e-9), 2)}}
-        save_json(out / "manifest.json", manifest)
+        save_json(lay.manifest, manifest)
         if not keep_shards:
-            shutil.rmtree(out / "shards", ignore_errors=True)
+            shutil.rmtree(lay.shards, ignore_errors=True)
         _say(f"index written to {out} ({n} images, D = {att.dim}, {time.time() - t0:.0f} s)")
     dist.barrier()
     dist.close()

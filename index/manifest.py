@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from attribution.errors import IndexLoadError  # noqa: F401  (re-exported)
+from index.layout import IndexLayout
 
 FORMAT_VERSION = 2  # 2: count-sketch projection, preconditioner split over both sides
 CODE_VERSION = "0.2.0"
@@ -24,12 +25,13 @@ def settings_key(settings: dict) -> str:
 
 def read_manifest(index_dir: str | Path) -> dict:
     index_dir = Path(index_dir)
-    path = index_dir / "manifest.json"
+    lay = IndexLayout(index_dir)
+    path = lay.manifest
     if not index_dir.is_dir():
         raise IndexLoadError(f"{index_dir}: index folder not found; build it with `attribution index build`")
     if not path.is_file():
         hint = " (a build was started here but has not finished; rerun it to resume)" \
-            if (index_dir / "build.json").exists() else ""
+            if lay.build.exists() else ""
         raise IndexLoadError(f"{index_dir}: no manifest.json, so this is not a finished index{hint}")
     try:
         m = json.loads(path.read_text())

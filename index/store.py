@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from attribution.curvature import Curvature
 from attribution.influence import AttributionConfig, Attributor
 from attribution.projection import Projection
+from index.layout import IndexLayout
 from index.manifest import IndexLoadError, check_data, check_model, read_manifest
 
 FAISS_TYPES = ("auto", "flat", "sq8", "ivf", "hnsw")
@@ -182,50 +183,51 @@ def load(index_dir: str | Path, model=None, data_fingerprint: str | None = None,
          device: str | torch.device | None = None) -> Index:
     """Load an index folder; with `model`, refuse an index built for another model."""
     index_dir = Path(index_dir)
+    lay = IndexLayout(index_dir)
     manifest = read_manifest(index_dir)
     if model is not None:
         check_model(manifest, model.weights_sha256(), index_dir)
     if data_fingerprint is not None:
         check_data(manifest, data_fingerprint, index_dir)
     try:
-        fx = faiss.read_index(str(index_dir / "features.faiss"))
+        fx = faiss.read_index(str(lay.features))
     except RuntimeError as e:
-        raise IndexLoadError(f"{index_dir / 'features.faiss'}: unreadable or truncated FAISS file "
+        raise IndexLoadError(f"{lay.features}: unreadable or truncated FAISS file "
                              f"({str(e).splitlines()[0][:120]}); rebuild the index") from None
     n = manifest["data"]["n"]
     if fx.ntotal != n or fx.d != manifest["projection"]["total_dim"]:
-        raise IndexLoadError(f"{index_dir}: features.faiss holds {fx.ntotal}×{fx.d} vectors, the manifest "
+        raise IndexLoadError(f"{index_dir}: {lay.FEATURES} holds {fx.ntotal}×{fx.d} vectors, the manifest "
                              f"says {n}×{manifest['projection']['total_dim']}; rebuild the index")
     try:
-        items = [json.loads(line) for line in (index_dir / "items.jsonl").read_text().splitlines()]
+        items = [json.loads(line) for line in lay.items.read_text().splitlines()]
     except (OSError, json.JSONDecodeError) as e:
-        raise IndexLoadError(f"{index_dir / 'items.jsonl'}: unreadable ({e}); rebuild the index") from None
+        raise IndexLoadError(f"{lay.items}: unreadable ({e}); rebuild the index") from None
     if len(items) != n:
-        raise IndexLoadError(f"{index_dir / 'items.jsonl'}: {len(items)} items, expected {n}; rebuild the index")
+        raise IndexLoadError(f"{lay.items}: {len(items)} items, expected {n}; rebuild the index")
     thumbs = None
-    if (index_dir / "thumbs.npy").exists():
+    if lay.thumbs.exists():
         try:
-            thumbs = np.load(index_dir / "thumbs.npy", allow_pickle=False)
+            thumbs = np.load(lay.thumbs, allow_pickle=False)
         except (OSError, ValueError) as e:
-            raise IndexLoadError(f"{index_dir / 'thumbs.npy'}: unreadable ({e}); rebuild the index") from None
+            raise IndexLoadError(f"{lay.thumbs}: unreadable ({e}); rebuild the index") from None
     att = None
     if model is not None:
         cfg = AttributionConfig(**{k: v for k, v in manifest["method"].items()})
         att = Attributor(model, _NoData(n), cfg, device=device, progress=False)
         if att.uses_model:
             try:
-                att.projection = Projection.load(index_dir / "projection.safetensors")
+                att.projection = Projection.load(lay.projection)
             except Exception as e:  # safetensors raises several types on a damaged file
-                raise IndexLoadError(f"{index_dir / 'projection.safetensors'}: unreadable ({e}); "
+                raise IndexLoadError(f"{lay.projection}: unreadable ({e}); "
                                      "rebuild the index") from None
         if att.spec.preconditioner in ("kfac", "kfac-exact", "ekfac") and att.split:
             try:  # the query side carries half the preconditioner
-                att.curvature = Curvature.load(index_dir / "curvature.safetensors")
+                att.curvature = Curvature.load(lay.curvature)
             except Exception as e:
-                raise IndexLoadError(f"{index_dir / 'curvature.safetensors'}: unreadable ({e}); "
+                raise IndexLoadError(f"{lay.curvature}: unreadable ({e}); "
                                      "rebuild the index") from None
-        if att.spec.preconditioner == "trak" and (index_dir / "trak.safetensors").exists():
-            att.trak_inverse = load_file(str(index_dir / "trak.safetensors"))["trak_inverse"]
+        if att.spec.preconditioner == "trak" and lay.trak.exists():
+            att.trak_inverse = load_file(str(lay.trak))["trak_inverse"]
     return Index(index_dir, manifest, fx, items, thumbs, att)
 
 
