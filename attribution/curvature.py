@@ -36,7 +36,7 @@ from attribution.capture import (
     tracked_layers,
 )
 from attribution.measurements import Measurement, Rows
-from attribution.seeds import hash_seed
+from attribution.seeds import GGN_SAMPLES, generator
 
 GGN_TYPES = ("model", "loss", "exact")
 SHARING = ("expand", "reduce")
@@ -69,7 +69,7 @@ def output_cotangents(out: torch.Tensor, rows: Rows, ggn: str, keys: list[int], 
         return [scale * (out.detach() - rows.y)]
     if ggn == "model":
         shape = tuple(out.shape[1:])
-        z = [torch.randn((rows.k, *shape), generator=torch.Generator().manual_seed(hash_seed(seed, 11, k)))
+        z = [torch.randn((rows.k, *shape), generator=generator(seed, GGN_SAMPLES, k))
              for k in keys]
         return [scale.sqrt() * torch.cat(z).to(out.device)]
     cots = []

@@ -24,7 +24,7 @@ from attribution.data import ImageDataset
 from attribution.features import FeatureMap, gradient_features, model_layer_shapes
 from attribution.measurements import Measurement
 from attribution.projection import Projection, make_projection
-from attribution.seeds import hash_seed
+from attribution.seeds import CURVATURE_SUBSET, generator
 
 QUERY_KEY = -1  # all queries share the same draws (common random numbers on the query side)
 DEFAULT_DIM = 131072  # count-sketch buckets: Spearman 0.94 to unprojected EK-FAC (ARCHITECTURE.md)
@@ -157,7 +157,7 @@ class Attributor:
         n, k = self.n_train, self.config.curvature_images
         if k is None or k >= n:
             return list(range(n))
-        g = torch.Generator().manual_seed(hash_seed(self.config.seed, 17))
+        g = generator(self.config.seed, CURVATURE_SUBSET)
         return sorted(torch.randperm(n, generator=g)[:k].tolist())
 
     def fit(self, curvature: Curvature | None = None, projection: Projection | None = None) -> Attributor:

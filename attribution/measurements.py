@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attribution.seeds import hash_seed
+from attribution.seeds import DRAWS, generator
 
 MEASUREMENTS = ("loss", "square_norm", "loss_at_t", "elbo", "trajectory")
 TRAIN_FUNCTIONS = ("loss", "square_norm")
@@ -60,7 +60,7 @@ def draws(keys: list[int], k: int, shape: tuple[int, ...], seed: int, num_timest
     lo, hi = t_range or (0, num_timesteps)
     ts, es = [], []
     for key in keys:
-        g = torch.Generator().manual_seed(hash_seed(seed, 7, key))
+        g = generator(seed, DRAWS, key)
         if antithetic:
             half = (k + 1) // 2
             t = draw_timesteps(half, g, lo, hi, stratified).repeat_interleave(2)[:k]

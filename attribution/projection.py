@@ -23,7 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from attribution.seeds import hash_seed
+from attribution.seeds import KRONECKER_PROJECTION, SKETCH, generator
 
 
 def _unprojected(shapes: dict[str, tuple[int, int]], total: int | None) -> bool:
@@ -119,7 +119,7 @@ def make_projection(shapes: dict[str, tuple[int, int]], total: int | None, seed:
     mats = {}
     for idx, (name, (o, i)) in enumerate(shapes.items()):
         ko, ki = dims[name]
-        g = torch.Generator().manual_seed(hash_seed(seed, 13, idx))
+        g = generator(seed, KRONECKER_PROJECTION, idx)
         if ko < o:
             mats[f"{name}.P_out"] = torch.randn(ko, o, generator=g) / ko ** 0.5
         if ki < i:
@@ -133,7 +133,7 @@ def make_sketch(shapes: dict[str, tuple[int, int]], total: int | None, seed: int
         return Projection(dict(shapes), dict(shapes), {}, seed, "sketch", 0)
     mats = {}
     for idx, (name, (o, i)) in enumerate(shapes.items()):
-        g = torch.Generator().manual_seed(hash_seed(seed, 29, idx))
+        g = generator(seed, SKETCH, idx)
         mats[f"{name}.bucket"] = torch.randint(0, total, (o, i), generator=g, dtype=torch.int32)
         mats[f"{name}.sign"] = (torch.randint(0, 2, (o, i), generator=g) * 2 - 1).to(torch.int8)
     return Projection(dict(shapes), dict(shapes), mats, seed, "sketch", total)

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from attribution.atomic import save_torch
 from attribution.model import DiffusionModel
-from attribution.seeds import generator
+from attribution.seeds import TRAIN_ORDER, TRAIN_STEP, generator
 
 
 @dataclass
@@ -50,13 +50,13 @@ def batch_rows(step: int, n: int, cfg: TrainConfig) -> torch.Tensor:
     bs = min(cfg.batch_size, n)
     per_epoch = n // bs
     epoch, k = divmod(step, per_epoch)
-    perm = torch.randperm(n, generator=generator(cfg.seed, 1, epoch))
+    perm = torch.randperm(n, generator=generator(cfg.seed, TRAIN_ORDER, epoch))
     return perm[k * bs:(k + 1) * bs]
 
 
 def step_draws(step: int, bs: int, shape: tuple[int, ...], num_timesteps: int, cfg: TrainConfig):
     """(timesteps (bs,), noise (bs, *shape)) of `step`, independent of which images are used."""
-    g = generator(cfg.seed, 2, step)
+    g = generator(cfg.seed, TRAIN_STEP, step)
     t = torch.randint(0, num_timesteps, (bs,), generator=g)
     eps = torch.randn((bs, *shape), generator=g)
     return t, eps
