@@ -27,8 +27,10 @@ from safetensors.torch import load_file
 from attribution.atomic import replace_with, save_json, save_numpy, save_tensors, save_text
 from attribution.curvature import Curvature
 from attribution.data import ImageDataset, load_dataset, to_uint8
+from attribution.errors import AttributionError
 from attribution.influence import DEFAULT_DIM, TRAK_DIM, AttributionConfig, Attributor, dim_arg
 from attribution.model import DiffusionModel, load_model, pick_device
+from index.folder import apply_plan, plan_folder
 from index.layout import IndexLayout
 from index.manifest import CODE_VERSION, FORMAT_VERSION, settings_key
 from index.store import FAISS_TYPES, faiss_from_chunks, resolve_faiss_type, write_faiss
@@ -79,8 +81,12 @@ def build_settings(model: DiffusionModel, data: ImageDataset, cfg: AttributionCo
 def build_index(model: DiffusionModel, data: ImageDataset, out: str | Path, cfg: AttributionConfig,
                 faiss_type: str = "auto", model_path: str = "", data_spec: str = "",
                 device: torch.device | str | None = None, progress: bool = True,
-                thumbs: bool = True, shard_size: int = SHARD, keep_shards: bool = False) -> Path:
+                thumbs: bool = True, shard_size: int = SHARD, keep_shards: bool = False,
+                overwrite: bool = False) -> Path:
     """Build (or resume) an index of `data` under `out`; returns the folder.
+
+    A finished index with other settings in `out` is refused (ConfigError) unless `overwrite`;
+    an unfinished build with other settings is moved to `out/.aside/<its key>/` (index/folder.py).
 
     The raw feature shards exist for resuming; once the store is written they are removed unless
     `keep_shards` (they are N·D float32, four times the size of an sq8 store)."""
@@ -92,19 +98,13 @@ def build_index(model: DiffusionModel, data: ImageDataset, out: str | Path, cfg:
     settings["faiss"] = faiss_type
     settings["shard_size"] = shard_size
     key = settings_key(settings)
+    plan = plan_folder(lay, key, settings, overwrite)  # every rank: a refusal stops them all
+    dist.barrier()
     if dist.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        prev = json.loads(lay.build.read_text()) if lay.build.exists() else None
-        if prev is not None and prev.get("key") != key:
-            _say(f"{out}: holds a build with other settings; starting a new build there")
-            for name in (lay.SHARDS, lay.MANIFEST, lay.CURVATURE, lay.PROJECTION, lay.FEATURES,
-                         lay.ITEMS, lay.THUMBS):
-                p = lay.path(name)
-                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-        if lay.manifest.exists() and prev is not None and prev.get("key") == key:
-            _say(f"{out}: the index is already built with these settings")
-        save_json(lay.build, {"key": key, "settings": settings})
-        lay.shards.mkdir(exist_ok=True)
+        apply_plan(lay, plan, key, _say)
+        if not lay.manifest.exists():
+            save_json(lay.build, {"key": key, "settings": settings})
+            lay.shards.mkdir(exist_ok=True)
     dist.barrier()
     if lay.manifest.exists():
         dist.close()
@@ -226,6 +226,8 @@ def add_build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=None, help="index only the first N images")
     p.add_argument("--shard-size", type=int, default=SHARD, help="images per resumable shard")
     p.add_argument("--keep-shards", action="store_true", help="keep the raw feature shards after the build")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a finished index with other settings in --out (refused otherwise)")
     p.add_argument("--device", default=None)
 
 
@@ -235,13 +237,19 @@ def run_build(a: argparse.Namespace) -> Path:
     data = load_dataset(a.data, channels=model.channels, size=model.size, n=a.n)
     return build_index(model, data, a.out, config_from_args(a), a.faiss,
                        model_path=str(a.model or "default"), data_spec=a.data, device=device,
-                       shard_size=a.shard_size, keep_shards=a.keep_shards)
+                       shard_size=a.shard_size, keep_shards=a.keep_shards,
+                       overwrite=getattr(a, "overwrite", False))
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="index.build", description=__doc__)
     add_build_args(p)
-    run_build(p.parse_args(argv))
+    args = p.parse_args(argv)
+    try:
+        run_build(args)
+    except AttributionError as e:
+        _say(f"error: {e}")
+        return 2
     return 0
 
 

@@ -21,6 +21,32 @@ def settings_key(settings: dict) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def manifest_settings(manifest: dict) -> dict:
+    """The build settings a manifest records (what its key hashes): the model, data, method and
+    format sections as they stand, the requested store type and the shard size."""
+    return {"model": manifest["model"], "data": manifest["data"], "method": manifest["method"],
+            "format_version": manifest["format_version"], "faiss": manifest["faiss"]["requested"],
+            "shard_size": manifest["shard_size"]}
+
+
+def _flat(d, prefix: str = "") -> dict:
+    if not isinstance(d, dict):
+        return {prefix or "(settings)": d}
+    out: dict = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def settings_diff(old: dict, new: dict, limit: int = 6) -> str:
+    """The settings that differ, for a message: "method.seed: 0 there, 1 now; …"."""
+    a, b = (_flat(json.loads(json.dumps(x, default=str))) for x in (old, new))  # tuples == lists
+    keys = sorted(k for k in a.keys() | b.keys() if a.get(k, "(none)") != b.get(k, "(none)"))
+    parts = [f"{k}: {a.get(k, '(none)')!r} there, {b.get(k, '(none)')!r} now" for k in keys[:limit]]
+    more = f"; and {len(keys) - limit} more" if len(keys) > limit else ""
+    return "; ".join(parts) + more if parts else "(no visible difference)"
+
+
 
 
 def read_manifest(index_dir: str | Path) -> dict:

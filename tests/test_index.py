@@ -171,7 +171,7 @@ def test_changed_settings_start_a_new_build(setup, reference, tmp_path):
     train = image_folder(setup / "data", 1, 8)
     out = _copy(reference, tmp_path / "changed")
     cfg = AttributionConfig(method="gradcos", dim=128, draws=2, batch_size=16)
-    build_index(model, train, out, cfg, shard_size=32, progress=False)
+    build_index(model, train, out, cfg, shard_size=32, progress=False, overwrite=True)
     idx = load(out, model)
     assert idx.method == "gradcos"
     assert not (out / "shards").exists()  # removed once the store is written (no --keep-shards)
