@@ -157,13 +157,35 @@ def example_cotangent(out: torch.Tensor, rows: Rows) -> torch.Tensor:
     return (2 * w / d) * (out.detach() - rows.y) / rows.k
 
 
+def half_order(k: int, antithetic: bool) -> torch.Tensor:
+    """A permutation of an example's k draws: half A's draws first, then half B's. Draws (pairs of
+    antithetic draws) alternate between the halves, so each half spans every timestep stratum."""
+    unit = 2 if antithetic else 1
+    if k % (2 * unit):
+        raise ValueError(f"independent halves need draws divisible by {2 * unit}, not {k}")
+    groups = torch.arange(k).view(-1, unit)
+    return torch.cat([groups[0::2].flatten(), groups[1::2].flatten()])
+
+
+def split_halves(rows: Rows, antithetic: bool) -> Rows:
+    """Rows of B examples × K draws -> rows of 2B half-examples × K/2 draws (A then B per example);
+    each half's feature is then the mean over its own draws, an independent estimate."""
+    k = rows.k
+    order = half_order(k, antithetic)
+    idx = (torch.arange(rows.t.shape[0] // k).view(-1, 1) * k + order.view(1, -1)).flatten().to(rows.t.device)
+    return Rows(rows.x[idx], rows.t[idx], rows.y[idx], rows.w[idx], k // 2)
+
+
 def gradient_features(model, fmap: FeatureMap, images: torch.Tensor, keys: list[int],
                       measurement: Measurement, draws: int, seed: int, batch_size: int = 32,
                       stratified: bool = True, antithetic: bool = False,
                       trajectory: tuple[torch.Tensor, torch.Tensor] | None = None,
                       progress: bool = True, desc: str = "features",
-                      device: str | torch.device = "cpu", out: torch.Tensor | None = None) -> torch.Tensor:
-    """Features (N, D) of `images` (N, C, H, W) for the function `measurement`.
+                      device: str | torch.device = "cpu", out: torch.Tensor | None = None,
+                      halves: bool = False) -> torch.Tensor:
+    """Features (N, D) of `images` (N, C, H, W) for the function `measurement`; with `halves`,
+    (N, 2, D): the features of two independent halves of each image's draws (their mean is the
+    N × D feature).
 
     `trajectory` = (timesteps (S,), states (S, N, C, H, W)) for the trajectory measurement.
     Streams in batches of `batch_size` images; writes into `out` if given.
@@ -172,7 +194,10 @@ def gradient_features(model, fmap: FeatureMap, images: torch.Tensor, keys: list[
     layers = tracked_layers(model.unet)
     acp = model.alphas_cumprod(device)
     n = images.shape[0]
-    out = torch.empty(n, fmap.dim) if out is None else out
+    parts_per = 2 if halves else 1
+    if out is None:
+        out = torch.empty(n, 2, fmap.dim) if halves else torch.empty(n, fmap.dim)
+    flat = out.view(n * parts_per, fmap.dim)
     bar = tqdm(total=n, desc=desc, unit="img", disable=not progress)
     with grad_enabled_params(model.unet):
         for i in range(0, n, batch_size):
@@ -181,12 +206,16 @@ def gradient_features(model, fmap: FeatureMap, images: torch.Tensor, keys: list[
             traj = None if trajectory is None else (trajectory[0], trajectory[1][:, i:i + batch_size])
             rows = measurement.rows(x0, keys[i:i + batch_size], draws, seed, acp, stratified=stratified,
                                     antithetic=antithetic, trajectory=traj)
+            if halves:
+                rows = split_halves(rows, antithetic)
+            b = b * parts_per
             eps_hat, rec = forward(model.unet, layers, rows.x, rows.t)
             acc = torch.zeros(b, fmap.dim, device=device) if fmap.sketched else None
             parts = {name: fmap.layer_from_input(name, layers[name], rec.inputs[name].detach(), g, b, acc)
                      for name, g in rec.cotangents(eps_hat, example_cotangent(eps_hat, rows))}
-            out[i:i + b] = (acc if fmap.sketched else fmap.combine([parts[n] for n in fmap.names])).cpu()
-            bar.update(b)
+            flat[i * parts_per:i * parts_per + b] = (acc if fmap.sketched
+                                                     else fmap.combine([parts[n] for n in fmap.names])).cpu()
+            bar.update(b // parts_per)
     bar.close()
     return out
 

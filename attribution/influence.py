@@ -24,7 +24,7 @@ from attribution.data import ImageDataset
 from attribution.features import FeatureMap, gradient_features, model_layer_shapes
 from attribution.measurements import Measurement
 from attribution.projection import Projection, make_projection
-from attribution.seeds import CURVATURE_SUBSET, generator
+from attribution.seeds import CURVATURE_SUBSET, PROFILE_DRAWS, PROFILE_SUBSET, generator, hash_seed
 
 QUERY_KEY = -1  # all queries share the same draws (common random numbers on the query side)
 DEFAULT_DIM = 131072  # count-sketch buckets: Spearman 0.94 to unprojected EK-FAC (ARCHITECTURE.md)
@@ -83,6 +83,8 @@ class AttributionConfig:
     batch_size: int = 32
     stratified: bool = True
     antithetic: bool = False
+    importance: bool = False  # timesteps drawn by importance (attribution/timesteps.py)
+    profile_images: int = 32  # training images that measure the importance density
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -133,6 +135,7 @@ class Attributor:
         self.curvature: Curvature | None = None
         self.projection: Projection | None = None
         self.trak_inverse: torch.Tensor | None = None
+        self.density: torch.Tensor | None = None  # (T,) importance density of timesteps, if used
         self._fmaps: dict[str, FeatureMap] = {}
         if self.spec.preconditioner == "trak" and self.config.dim is None:
             raise ValueError("TRAK-style methods need a projection (dim); the unprojected ΦᵀΦ is too large")
@@ -160,8 +163,10 @@ class Attributor:
         g = generator(self.config.seed, CURVATURE_SUBSET)
         return sorted(torch.randperm(n, generator=g)[:k].tolist())
 
-    def fit(self, curvature: Curvature | None = None, projection: Projection | None = None) -> Attributor:
-        """Fit (or take) the curvature and make (or take) the projection."""
+    def fit(self, curvature: Curvature | None = None, projection: Projection | None = None,
+            density: torch.Tensor | None = None) -> Attributor:
+        """Fit (or take) the curvature, make (or take) the projection and, with `importance`,
+        measure (or take) the timestep density."""
         if not self.uses_model:
             return self
         shapes = model_layer_shapes(self.model.unet)
@@ -172,7 +177,26 @@ class Attributor:
             self.curvature = curvature or fit_curvature(
                 self.model, self.train.images[rows], rows, self.curvature_config(),
                 batch_size=self.config.batch_size, progress=self.progress, device=self.device)
+        if self.config.importance:
+            self.density = density if density is not None else self.fit_density()
         return self
+
+    def fit_density(self) -> torch.Tensor:
+        """The importance density of timesteps (T,), from a seeded sample of training images."""
+        from attribution.timesteps import bin_sq_norms, density_from_bins
+
+        n, k = self.n_train, min(self.config.profile_images, self.n_train)
+        rows = sorted(torch.randperm(n, generator=generator(self.config.seed, PROFILE_SUBSET))[:k].tolist())
+        sq = bin_sq_norms(self.model, self.feature_map("train"), self.train.images[rows], rows,
+                          self.spec.train_fn, hash_seed(self.config.seed, PROFILE_DRAWS), batch_size=self.config.batch_size,
+                          device=self.device)
+        return density_from_bins(sq, self.model.num_timesteps)
+
+    def measurement(self, side: str) -> Measurement:
+        """The training function (side "train") or the query measurement, with the density."""
+        if side == "train":
+            return Measurement(self.spec.train_fn, density=self.density)
+        return Measurement(self.spec.measurement, t_range=self.config.t_range, density=self.density)
 
     @property
     def split(self) -> bool:
@@ -210,7 +234,7 @@ class Attributor:
         if not self.uses_model:
             return images.flatten(1).float()
         return gradient_features(
-            self.model, self.feature_map("train"), images, rows, Measurement(self.spec.train_fn),
+            self.model, self.feature_map("train"), images, rows, self.measurement("train"),
             self.config.draws, self.config.seed, self.config.batch_size, self.config.stratified,
             self.config.antithetic, progress=self.progress if progress is None else progress,
             desc="training features", device=self.device)
@@ -242,9 +266,9 @@ class Attributor:
         if not self.uses_model:
             psi = images.flatten(1).float()
         else:
-            meas = Measurement(self.spec.measurement, t_range=self.config.t_range)
             psi = gradient_features(
-                self.model, self.feature_map("query"), images, [QUERY_KEY] * images.shape[0], meas,
+                self.model, self.feature_map("query"), images, [QUERY_KEY] * images.shape[0],
+                self.measurement("query"),
                 self.config.query_draws, self.config.seed, self.config.batch_size,
                 self.config.stratified, self.config.antithetic, trajectory=trajectory,
                 progress=False, device=self.device)

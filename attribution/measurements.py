@@ -49,25 +49,42 @@ def draw_timesteps(k: int, g: torch.Generator, lo: int, hi: int, stratified: boo
     return torch.randint(lo, hi, (k,), generator=g)
 
 
+def importance_timesteps(k: int, g: torch.Generator, density: torch.Tensor, stratified: bool) -> torch.Tensor:
+    """k timesteps from the density (T,) over timesteps: stratified in its quantiles (one draw per
+    equal-probability stratum) if `stratified`, else i.i.d."""
+    u = torch.rand(k, generator=g, dtype=torch.float64)
+    if stratified:
+        u = (torch.arange(k, dtype=torch.float64) + u) / k
+    cdf = density.double().cumsum(0)
+    return torch.searchsorted(cdf / cdf[-1], u).clamp(max=density.shape[0] - 1)
+
+
 def draws(keys: list[int], k: int, shape: tuple[int, ...], seed: int, num_timesteps: int,
           t_range: tuple[int, int] | None = None, stratified: bool = True,
-          antithetic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+          antithetic: bool = False, density: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example seeded draws: timesteps (B, K) and noise (B, K, *shape).
 
     Example b's draws depend only on (seed, keys[b], k, options). With `antithetic`, draw 2j+1
-    uses −ε of draw 2j (same t).
+    uses −ε of draw 2j (same t). `density` (T,) draws timesteps by importance (the caller weights
+    each row by 1 / (T·density[t]) so the mean over rows still estimates the uniform mean over t).
     """
     lo, hi = t_range or (0, num_timesteps)
+
+    def timesteps(n: int, g: torch.Generator) -> torch.Tensor:
+        if density is not None:
+            return importance_timesteps(n, g, density, stratified)
+        return draw_timesteps(n, g, lo, hi, stratified)
+
     ts, es = [], []
     for key in keys:
         g = generator(seed, DRAWS, key)
         if antithetic:
             half = (k + 1) // 2
-            t = draw_timesteps(half, g, lo, hi, stratified).repeat_interleave(2)[:k]
+            t = timesteps(half, g).repeat_interleave(2)[:k]
             e = torch.randn((half, *shape), generator=g)
             e = torch.stack([e, -e], dim=1).reshape(2 * half, *shape)[:k]
         else:
-            t = draw_timesteps(k, g, lo, hi, stratified)
+            t = timesteps(k, g)
             e = torch.randn((k, *shape), generator=g)
         ts.append(t)
         es.append(e)
@@ -90,6 +107,7 @@ class Measurement:
 
     name: str = "loss"
     t_range: tuple[int, int] | None = None  # for loss_at_t
+    density: torch.Tensor | None = None  # (T,) importance density of timesteps; None: uniform
 
     def __post_init__(self) -> None:
         if self.name not in MEASUREMENTS:
@@ -123,12 +141,15 @@ class Measurement:
             return Rows(x.reshape(b * kk, *shape), t.reshape(-1), y.reshape(b * kk, *shape),
                         w.reshape(-1), kk)
         t_range = self.t_range if self.name == "loss_at_t" else None
-        t, eps = draws(keys, k, shape, seed, acp.shape[0], t_range, stratified, antithetic)
+        density = self.density if t_range is None else None
+        t, eps = draws(keys, k, shape, seed, acp.shape[0], t_range, stratified, antithetic, density)
         t, eps = t.to(x0.device), eps.to(x0.device)
         a = acp[t].view(b, k, *([1] * len(shape)))
         x = a.sqrt() * x0.unsqueeze(1) + (1 - a).sqrt() * eps
         y = torch.zeros_like(eps) if self.name == "square_norm" else eps
         w = elbo_weights(acp)[t] if self.name == "elbo" else torch.ones(b, k, device=x0.device)
+        if density is not None:  # importance weights: the mean over rows stays the mean over t
+            w = w / (acp.shape[0] * density.to(x0.device)[t])
         return Rows(x.reshape(b * k, *shape), t.reshape(-1), y.reshape(b * k, *shape), w.reshape(-1), k)
 
 

@@ -17,6 +17,8 @@ GGN_SAMPLES = 11  # curvature: the MC-GGN output samples of one example, keys (e
 KRONECKER_PROJECTION = 13  # projection: the Gaussian P_out, P_in of a layer, keys (layer index,)
 CURVATURE_SUBSET = 17  # the seeded subset of training images the curvature is fitted on
 SKETCH = 29  # projection: the count sketch's buckets and signs of a layer, keys (layer index,)
+PROFILE_SUBSET = 31  # timesteps: the training images that measure the importance density
+PROFILE_DRAWS = 37  # timesteps: the draws of those images (a seed of its own, not DRAWS')
 
 
 def hash_seed(*keys: int) -> int:
