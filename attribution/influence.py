@@ -72,6 +72,7 @@ class AttributionConfig:
     draws: int = 8
     query_draws: int = 32
     curvature_draws: int = 4
+    curvature_min_rows: int = 4000  # small sets: more curvature draws per image, up to this many rows
     curvature_images: int | None = 1000  # a seeded random subset fits the curvature; None: all
     dim: int | str | None = "default"
     projection: str = "sketch"  # "sketch" (count sketch, split preconditioner) | "kronecker" (fast path)
@@ -152,8 +153,15 @@ class Attributor:
     def curvature_config(self) -> CurvatureConfig:
         kind = "ekfac" if self.spec.preconditioner == "ekfac" else "kfac"
         return CurvatureConfig(kind=kind, ggn=self.spec.ggn, sharing=self.spec.sharing,
-                               draws=self.config.curvature_draws, seed=self.config.seed,
+                               draws=self.curvature_draws, seed=self.config.seed,
                                damping=self.spec.damping, stratified=self.config.stratified)
+
+    @property
+    def curvature_draws(self) -> int:
+        """Draws per curvature image: `curvature_draws`, raised on small sets until the fit sees
+        `curvature_min_rows` (image, draw) rows (a 20-image set gets 200 draws per image)."""
+        n = len(self.curvature_rows())
+        return max(self.config.curvature_draws, -(-self.config.curvature_min_rows // max(n, 1)))
 
     def curvature_rows(self) -> list[int]:
         """The training rows the curvature is fitted on (sorted; a seeded subset if configured)."""

@@ -21,7 +21,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -33,16 +32,19 @@ from attribution.model import load_model  # noqa: E402
 from attribution.sample import sample  # noqa: E402
 from attribution.stability import agreement, seed_scores  # noqa: E402
 
-ROWS = [  # (name, config overrides); the first is the old default
+AIS = dict(damping=0.1, antithetic=True, importance=True)
+ROWS = [  # (name, config overrides); the first is the old default, most informative first
     ("old default: damping 1e-8, K=8, Kq=32", dict(damping=1e-8)),
     ("damping 0.1", dict(damping=0.1)),
     ("damping 0.1, antithetic", dict(damping=0.1, antithetic=True)),
-    ("damping 0.1, antithetic, Kq=128", dict(damping=0.1, antithetic=True, query_draws=128)),
+    ("damping 0.1, antithetic, importance", AIS),
+    ("damping 0.1, antithetic, importance, K=16, Kq=128", dict(AIS, draws=16, query_draws=128)),
+    ("damping 0.1, antithetic, importance, K=16, Kq=128, D=16384", dict(AIS, draws=16, query_draws=128, dim=16384)),
+    ("damping 0.1, antithetic, importance, K=16, Kq=128, D=8192", dict(AIS, draws=16, query_draws=128, dim=8192)),
+    ("damping 0.1, antithetic, importance, Kq=128", dict(AIS, query_draws=128)),
     ("damping 0.1, antithetic, K=16, Kq=128", dict(damping=0.1, antithetic=True, draws=16, query_draws=128)),
-    ("damping 0.1, antithetic, K=16, Kq=128, D=16384",
-     dict(damping=0.1, antithetic=True, draws=16, query_draws=128, dim=16384)),
-    ("damping 1e-8, antithetic, K=16, Kq=128", dict(damping=1e-8, antithetic=True, draws=16, query_draws=128)),
-    ("damping 0.1, antithetic, K=32, Kq=128", dict(damping=0.1, antithetic=True, draws=32, query_draws=128)),
+    ("damping 1e-8, antithetic, importance, K=16, Kq=128", dict(AIS, damping=1e-8, draws=16, query_draws=128)),
+    ("damping 0.1, antithetic, importance, K=32, Kq=256", dict(AIS, draws=32, query_draws=256)),
 ]
 
 
