@@ -31,6 +31,7 @@ from attribution.errors import AttributionError
 from attribution.influence import DEFAULT_DIM, TRAK_DIM, AttributionConfig, Attributor, dim_arg
 from attribution.model import DiffusionModel, load_model, pick_device
 from index.folder import apply_plan, plan_folder
+from index.integrity import file_records
 from index.layout import IndexLayout
 from index.manifest import CODE_VERSION, FORMAT_VERSION, settings_key
 from index.store import FAISS_TYPES, faiss_from_chunks, resolve_faiss_type, write_faiss
@@ -182,6 +183,7 @@ def build_index(model: DiffusionModel, data: ImageDataset, out: str | Path, cfg:
                                    "total_dim": att.dim,
                                    "per_layer": att.projection.dims if att.projection else None,
                                    "dtype": "uint8 (sq8)" if faiss_kind == "sq8" else "float32"},
+                    "files": file_records(lay),
                     "faiss": {"type": faiss_kind, "requested": faiss_type, "metric": "inner_product", "ntotal": int(index.ntotal)},
                     "build": {"seconds_curvature": round(t_curv, 2), "seconds_features": round(t_feat, 2),
                               "processes": dist.world,

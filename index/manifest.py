@@ -10,7 +10,7 @@ from attribution.errors import IndexLoadError  # noqa: F401  (re-exported)
 from index.layout import IndexLayout
 
 FORMAT_VERSION = 2  # 2: count-sketch projection, preconditioner split over both sides
-CODE_VERSION = "0.2.0"
+CODE_VERSION = "0.3.0"  # 0.3: checksums of the files in the manifest
 
 
 
@@ -63,10 +63,33 @@ def read_manifest(index_dir: str | Path) -> dict:
         m = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise IndexLoadError(f"{path}: corrupted manifest ({e}); rebuild the index") from None
+    if not isinstance(m, dict):
+        raise IndexLoadError(f"{path}: corrupted manifest (a JSON {type(m).__name__}, not an object); "
+                             "rebuild the index")
     if m.get("format_version") != FORMAT_VERSION:
         raise IndexLoadError(f"{index_dir}: index format version {m.get('format_version')!r}, this code "
                           f"reads version {FORMAT_VERSION}; rebuild it with `attribution index build`")
+    check_sections(m, path)
+    got = settings_key(manifest_settings(m))
+    if got != m["key"]:
+        raise IndexLoadError(f"{path}: the settings in the manifest do not match its key ({got}, recorded "
+                             f"{m['key']}): it was edited after the build; rebuild the index")
     return m
+
+
+REQUIRED = {"model": {"weights_sha256": str}, "data": {"n": int}, "method": {"method": str},
+            "projection": {"total_dim": int}, "faiss": {"type": str, "requested": str}}
+
+
+def check_sections(m: dict, path) -> None:
+    """Refuse a manifest without the sections (and their entries) that loading relies on."""
+    missing = [k for k in (*REQUIRED, "key", "shard_size") if k not in m]
+    missing += [f"{sec}.{k}" for sec, keys in REQUIRED.items() if isinstance(m.get(sec), dict)
+                for k, t in keys.items() if not isinstance(m[sec].get(k), t)]
+    missing += [sec for sec in REQUIRED if sec in m and not isinstance(m[sec], dict)]
+    if missing:
+        raise IndexLoadError(f"{path}: corrupted manifest (missing or malformed: {', '.join(missing)}); "
+                             "rebuild the index")
 
 
 def check_model(manifest: dict, weights_sha256: str, index_dir) -> None:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from safetensors.torch import load_file
 from attribution.curvature import Curvature
 from attribution.influence import AttributionConfig, Attributor
 from attribution.projection import Projection
+from index.integrity import verify_files
 from index.layout import IndexLayout
 from index.manifest import IndexLoadError, check_data, check_model, read_manifest
 
@@ -179,9 +181,49 @@ def _ends(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return (np.take_along_axis(scores, top, 1), top, np.take_along_axis(scores, bot, 1), bot)
 
 
+def _read_store(lay: IndexLayout, manifest: dict) -> faiss.Index:
+    try:
+        fx = faiss.read_index(str(lay.features))
+    except RuntimeError as e:
+        raise IndexLoadError(f"{lay.features}: unreadable or truncated FAISS file "
+                             f"({str(e).splitlines()[0][:120]}); rebuild the index") from None
+    n, d = manifest["data"]["n"], manifest["projection"]["total_dim"]
+    if fx.ntotal != n or fx.d != d:
+        raise IndexLoadError(f"{lay.root}: {lay.FEATURES} holds {fx.ntotal}×{fx.d} vectors, the manifest "
+                             f"says {n}×{d}; rebuild the index")
+    return fx
+
+
+def _read_items(lay: IndexLayout, n: int) -> list[dict]:
+    try:
+        items = [json.loads(line) for line in lay.items.read_text(encoding="utf-8").splitlines()]
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or bytes that are not UTF-8
+        raise IndexLoadError(f"{lay.items}: unreadable ({e}); rebuild the index") from None
+    if len(items) != n:
+        raise IndexLoadError(f"{lay.items}: {len(items)} items, expected {n}; rebuild the index")
+    for i, it in enumerate(items):
+        if not isinstance(it, dict) or it.get("row") != i or not {"label", "source"} <= it.keys():
+            raise IndexLoadError(f"{lay.items}: line {i + 1} is not the item of row {i}; rebuild the index")
+    return items
+
+
+def _read_thumbs(lay: IndexLayout, n: int) -> np.ndarray:
+    try:
+        thumbs = np.load(lay.thumbs, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise IndexLoadError(f"{lay.thumbs}: unreadable ({e}); rebuild the index") from None
+    if thumbs.ndim not in (3, 4) or thumbs.shape[0] != n or thumbs.dtype != np.uint8:
+        raise IndexLoadError(f"{lay.thumbs}: {thumbs.dtype} {tuple(thumbs.shape)}, expected {n} uint8 "
+                             "thumbnails; rebuild the index")
+    return thumbs
+
+
 def load(index_dir: str | Path, model=None, data_fingerprint: str | None = None,
          device: str | torch.device | None = None) -> Index:
-    """Load an index folder; with `model`, refuse an index built for another model."""
+    """Load an index folder; with `model`, refuse an index built for another model.
+
+    Every file is checked against the manifest (IndexLoadError on a mismatch): the settings
+    against its key, each file against its sha256, the store against its size and header."""
     index_dir = Path(index_dir)
     lay = IndexLayout(index_dir)
     manifest = read_manifest(index_dir)
@@ -189,30 +231,22 @@ def load(index_dir: str | Path, model=None, data_fingerprint: str | None = None,
         check_model(manifest, model.weights_sha256(), index_dir)
     if data_fingerprint is not None:
         check_data(manifest, data_fingerprint, index_dir)
-    try:
-        fx = faiss.read_index(str(lay.features))
-    except RuntimeError as e:
-        raise IndexLoadError(f"{lay.features}: unreadable or truncated FAISS file "
-                             f"({str(e).splitlines()[0][:120]}); rebuild the index") from None
+    verified = verify_files(lay, manifest)
+    if not verified:
+        _say(f"note: {index_dir} was built before indexes recorded checksums, so its files are not "
+             "verified; rebuild it to add them")
     n = manifest["data"]["n"]
-    if fx.ntotal != n or fx.d != manifest["projection"]["total_dim"]:
-        raise IndexLoadError(f"{index_dir}: {lay.FEATURES} holds {fx.ntotal}×{fx.d} vectors, the manifest "
-                             f"says {n}×{manifest['projection']['total_dim']}; rebuild the index")
-    try:
-        items = [json.loads(line) for line in lay.items.read_text().splitlines()]
-    except (OSError, json.JSONDecodeError) as e:
-        raise IndexLoadError(f"{lay.items}: unreadable ({e}); rebuild the index") from None
-    if len(items) != n:
-        raise IndexLoadError(f"{lay.items}: {len(items)} items, expected {n}; rebuild the index")
-    thumbs = None
-    if lay.thumbs.exists():
-        try:
-            thumbs = np.load(lay.thumbs, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise IndexLoadError(f"{lay.thumbs}: unreadable ({e}); rebuild the index") from None
+    fx = _read_store(lay, manifest)
+    items = _read_items(lay, n)
+    has_thumbs = lay.THUMBS in manifest["files"] if verified else lay.thumbs.exists()
+    thumbs = _read_thumbs(lay, n) if has_thumbs else None
     att = None
     if model is not None:
-        cfg = AttributionConfig(**{k: v for k, v in manifest["method"].items()})
+        try:
+            cfg = AttributionConfig(**manifest["method"])
+        except (TypeError, ValueError) as e:
+            raise IndexLoadError(f"{lay.manifest}: its method settings are not understood ({e}); "
+                                 "rebuild the index") from None
         att = Attributor(model, _NoData(n), cfg, device=device, progress=False)
         if att.uses_model:
             try:
@@ -229,6 +263,10 @@ def load(index_dir: str | Path, model=None, data_fingerprint: str | None = None,
         if att.spec.preconditioner == "trak" and lay.trak.exists():
             att.trak_inverse = load_file(str(lay.trak))["trak_inverse"]
     return Index(index_dir, manifest, fx, items, thumbs, att)
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 class _NoData:
