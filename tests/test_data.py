@@ -366,7 +366,7 @@ def _one_error_line(capsys) -> str:
 
 
 def test_cli_empty_folder(tmp_path: Path, capsys):
-    from attribution.cli import main
+    from explorer.cli import main
 
     d = tmp_path / "nothing_inside"
     d.mkdir()
@@ -379,8 +379,235 @@ def test_cli_empty_folder(tmp_path: Path, capsys):
 
 
 def test_cli_missing_model(tmp_path: Path, capsys):
-    from attribution.cli import main
+    from explorer.cli import main
 
     rc = main(["sample", "--model", str(tmp_path / "no_model"), "--n", "1", "--out", str(tmp_path / "s")])
     assert rc == 2
     assert "no_model" in _one_error_line(capsys)
+
+
+# ----------------------------------------------------------------------------- formats and modes
+
+
+def _png_header(w: int, h: int, depth: int = 8, color: int = 0) -> bytes:
+    """A PNG signature, IHDR and an empty IDAT: it opens, and fails only when decoded."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, depth, color, 0, 0, 0))
+            + chunk(b"IDAT", b""))
+
+
+def _encoded(img: Image.Image, fmt: str, **kw) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def test_eps_refused_before_ghostscript(tmp_path: Path, monkeypatch):
+    from PIL import EpsImagePlugin
+
+    from attribution.data import open_image
+
+    def boom(*a, **k):
+        raise AssertionError("the EPS decoder ran")
+
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", boom)
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", boom)
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n"
+    with pytest.raises(DataError) as err:
+        open_image(eps, name="drawing.eps")
+    msg = str(err.value)
+    assert msg.startswith("drawing.eps: ") and "EPS" in msg
+    assert "PNG, JPEG, WebP, GIF, BMP, TIFF" in msg
+    # an EPS with an image file name, in a folder
+    d = tmp_path / "eps"
+    _good(d)
+    (d / "x.png").write_bytes(eps)
+    with pytest.raises(DataError, match=r"x\.png: not a readable image: PostScript/EPS is not an accepted format"):
+        image_folder(d, channels=1, size=8)
+
+
+@pytest.mark.parametrize("fmt", ["PPM", "ICO", "TGA", "PCX", "SGI", "PDF", "JPEG2000", "DDS", "QOI", "IM"])
+def test_other_formats_refused(fmt):
+    from attribution.data import open_image
+
+    data = _encoded(Image.new("RGB", (16, 16), (10, 20, 30)), fmt)
+    with pytest.raises(DataError, match="accepted: PNG, JPEG, WebP, GIF, BMP, TIFF"):
+        open_image(data, name=f"x.{fmt.lower()}")
+
+
+def test_accepted_formats_open(tmp_path: Path):
+    from attribution.data import load_image
+
+    img = Image.new("RGB", (12, 10), (200, 100, 50))
+    for fmt, ext in [("PNG", "png"), ("JPEG", "jpg"), ("WEBP", "webp"), ("GIF", "gif"), ("BMP", "bmp"),
+                     ("TIFF", "tif")]:
+        p = tmp_path / f"a.{ext}"
+        p.write_bytes(_encoded(img, fmt, **({"quality": 100} if fmt in ("JPEG", "WEBP") else {})))
+        t = load_image(p, channels=3, size=(10, 12))
+        assert t.shape == (3, 10, 12)
+        assert torch.allclose(t.mean(dim=(1, 2)), torch.tensor([level(200), level(100), level(50)]),
+                              atol=8 * LEVEL), fmt
+
+
+def _float_tiff(path: Path, arr: np.ndarray) -> Path:
+    Image.fromarray(arr.astype(np.float32), mode="F").save(path)
+    assert Image.open(path).mode == "F"
+    return path
+
+
+def test_float_tiff_non_finite_refused(tmp_path: Path):
+    from attribution.data import load_image
+
+    arr = np.linspace(0, 1, 16).reshape(4, 4)
+    arr[0, 0], arr[1, 1], arr[2, 2] = np.nan, np.inf, -np.inf
+    p = _float_tiff(tmp_path / "nan.tif", arr)
+    with pytest.raises(DataError) as err:
+        load_image(p, channels=1, size=4)
+    assert "nan.tif" in str(err.value) and "3 of 16 pixels are not finite" in str(err.value)
+
+
+def test_float_tiff_mappings(tmp_path: Path):
+    from attribution.data import conversion_notes, load_image, open_image
+
+    ramp = np.linspace(0, 1, 16).reshape(4, 4)
+    # [0, 1]: v * 255 (rounded down), as before
+    t = load_image(_float_tiff(tmp_path / "unit.tif", ramp), channels=1, size=4)[0]
+    assert torch.allclose(t, torch.from_numpy(np.floor(ramp * 255) / 127.5 - 1).float(), atol=1e-6)
+    # [-1, 1] with negatives: (v + 1) * 127.5, the model's convention (was: negatives clipped to black)
+    t = load_image(_float_tiff(tmp_path / "sym.tif", ramp * 2 - 1), channels=1, size=4)[0]
+    assert t.min() == -1 and t.max() == 1 and t.unique().numel() == 16
+    # all negative: stretched from [min, max], and the note gives the mapping (was: all black)
+    neg = _float_tiff(tmp_path / "neg.tif", -5 - 10 * ramp)
+    t = load_image(neg, channels=1, size=4)[0]
+    assert t.min() == -1 and t.max() == 1 and t.unique().numel() > 8
+    notes = conversion_notes(open_image(neg), 1, 4)
+    assert any("stretched linearly" in n and "(v − -15)" in n for n in notes), notes
+    # above 255: stretched too
+    t = load_image(_float_tiff(tmp_path / "big.tif", 1e6 * ramp), channels=1, size=4)[0]
+    assert t.min() == -1 and t.max() == 1
+    # one value outside every range: nothing to show, refused
+    with pytest.raises(DataError, match=r"const\.tif: every pixel of this float image is -3"):
+        load_image(_float_tiff(tmp_path / "const.tif", np.full((4, 4), -3.0)), channels=1, size=4)
+    # one value inside a range: converted, and flagged as blank
+    flat = open_image(_float_tiff(tmp_path / "flat.tif", np.full((4, 4), 0.5)))
+    assert any("every pixel is the same" in n for n in conversion_notes(flat, 1, 4))
+
+
+def test_integer_modes(tmp_path: Path):
+    from attribution.data import conversion_notes, load_image, open_image
+
+    arr = np.array([[0, 1000], [30000, 65535]], dtype=np.uint16)
+    for mode in ("I;16", "I;16B"):
+        p = tmp_path / f"{mode.replace(';', '_')}.tif"
+        Image.frombytes(mode, (2, 2), arr.astype(">u2" if mode == "I;16B" else "<u2").tobytes()).save(p)
+        assert Image.open(p).mode == mode
+        t = load_image(p, channels=1, size=2)[0]
+        assert t[0, 0] == -1 and t[1, 1] == 1, mode
+        assert any("v × 255 / 65535" in n for n in conversion_notes(open_image(p), 1, 2))
+    # 32-bit signed with negatives: stretched
+    p = tmp_path / "signed.tif"
+    Image.fromarray(np.array([[-70000, 0], [5, 100000]], dtype=np.int32), mode="I").save(p)
+    assert Image.open(p).mode == "I"
+    t = load_image(p, channels=1, size=2)[0]
+    assert t[0, 0] == -1 and t[1, 1] == 1
+
+
+def test_lab_cmyk_ycbcr_convert(tmp_path: Path):
+    from attribution.data import image_to_tensor, load_image
+
+    lab = Image.new("LAB", (4, 4), (255, 128, 128))  # L* = 100, a* = b* = 0: white
+    lab.paste((136, 208, 195), (0, 0, 2, 4))  # a saturated red
+    p = tmp_path / "lab.tif"
+    lab.save(p)
+    assert Image.open(p).mode == "LAB"
+    rgb = load_image(p, channels=3, size=4)
+    assert torch.allclose(rgb[:, 0, 3], torch.ones(3), atol=3 * LEVEL)
+    assert rgb[0, 0, 0] > 0.9 and rgb[1, 0, 0] < -0.9 and rgb[2, 0, 0] < -0.8
+    grey = load_image(p, channels=1, size=4)  # used to raise a ValueError (no LAB -> L in PIL)
+    assert grey.shape == (1, 4, 4) and grey[0, 0, 3] > 0.95
+    cmyk = Image.new("CMYK", (2, 2), (100, 0, 0, 50))
+    for fmt in ("JPEG", "TIFF"):
+        p = tmp_path / f"cmyk.{fmt.lower()}"
+        cmyk.save(p, fmt, **({"quality": 100} if fmt == "JPEG" else {}))
+        t = load_image(p, channels=3, size=2)[:, 0, 0]
+        assert torch.allclose(t, torch.tensor([level(125), level(205), level(205)]), atol=3 * LEVEL), fmt
+    ycc = image_to_tensor(Image.new("YCbCr", (2, 2), (100, 128, 128)), 3, 2)
+    assert torch.allclose(ycc, torch.full((3, 2, 2), level(100)), atol=LEVEL)
+    hsv = image_to_tensor(Image.new("HSV", (2, 2), (0, 255, 255)), 1, 2)  # no direct HSV -> L in PIL
+    assert torch.allclose(hsv, torch.full((1, 2, 2), level(76)), atol=LEVEL)
+
+
+def test_bilevel_palette_transparency_animation(tmp_path: Path):
+    from attribution.data import conversion_notes, load_image, open_image
+
+    bw = Image.fromarray(np.array([[0, 255], [255, 0]], np.uint8)).convert("1")
+    bw.save(tmp_path / "bw.png")
+    assert Image.open(tmp_path / "bw.png").mode == "1"
+    assert load_image(tmp_path / "bw.png", 1, 2)[0].tolist() == [[-1, 1], [1, -1]]
+    # palette with a transparent index, in PNG and GIF: transparent -> black
+    pal = Image.new("P", (2, 1))
+    pal.putpalette([255, 255, 255, 200, 200, 200] + [0] * 762)
+    pal.putpixel((1, 0), 1)
+    for ext in ("png", "gif"):
+        pal.save(tmp_path / f"pal.{ext}", transparency=0)
+        img = open_image(tmp_path / f"pal.{ext}")
+        assert img.mode == "P" and "transparency" in img.info, ext
+        t = load_image(tmp_path / f"pal.{ext}", 1, (1, 2))[0, 0]
+        assert t[0] == -1 and t[1] == pytest.approx(level(200), abs=LEVEL), ext
+        assert any("black background" in n for n in conversion_notes(img, 1, (1, 2)))
+    # animated GIF: the first frame, noted
+    frames = [Image.new("L", (4, 4), v) for v in (30, 220, 120)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=50)
+    img = open_image(tmp_path / "anim.gif")
+    assert load_image(tmp_path / "anim.gif", 1, 4).mean().item() == pytest.approx(level(30), abs=LEVEL)
+    assert any("first is used" in n for n in conversion_notes(img, 1, 4))
+
+
+def test_empty_and_huge_files(tmp_path: Path):
+    from attribution.data import load_image, open_image
+
+    (tmp_path / "zero.png").write_bytes(b"")
+    with pytest.raises(DataError, match=r"zero\.png: the file is empty \(0 bytes\)"):
+        load_image(tmp_path / "zero.png", 1, 8)
+    with pytest.raises(DataError, match="pixel limit"):
+        open_image(_png_header(7000, 7000), name="big.png")
+    with pytest.raises(DataError, match="big.png: image dimensions are far too large"):
+        open_image(_png_header(100_000, 100_000), name="big.png")
+    with pytest.raises(DataError, match="zero size|corrupt or truncated PNG"):
+        open_image(_png_header(0, 5), name="flat.png")
+
+
+def test_odd_file_names(tmp_path: Path):
+    import os
+
+    d = tmp_path / "odd"
+    d.mkdir()
+    _write(d / "²_superscript.png", np.full((4, 4), 10, np.uint8))  # a digit to isdigit(), not to int()
+    _write(d / "7_ok.png", np.full((4, 4), 20, np.uint8))
+    _write(d / "tab\there.png", np.full((4, 4), 30, np.uint8))
+    raw = os.fsencode(str(d)) + b"/5_caf\xe9.png"  # a Latin-1 name, not valid UTF-8
+    try:
+        with open(raw, "wb") as f:
+            f.write((d / "7_ok.png").read_bytes())
+    except OSError:
+        pytest.skip("this file system refuses non-UTF-8 names")
+    ds = image_folder(d, channels=1, size=4)
+    assert len(ds) == 4
+    by_label = sorted(ds.labels.tolist())
+    assert by_label == [-1, -1, 5, 7]
+    for s in ds.sources:
+        s.encode("utf-8")  # printable, encodable sources
+        assert s.isprintable()
+    assert any(s.endswith("5_caf\\xe9.png") for s in ds.sources)
+    # an odd name in an error message stays on one line
+    (d / "bad\nname.png").write_bytes(b"not an image")
+    with pytest.raises(DataError) as err:
+        image_folder(d, channels=1, size=4)
+    assert "\n" not in str(err.value) and "bad\\nname.png" in str(err.value)
