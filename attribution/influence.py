@@ -25,6 +25,7 @@ from attribution.features import FeatureMap, gradient_features, model_layer_shap
 from attribution.measurements import Measurement
 from attribution.projection import Projection, make_projection
 from attribution.seeds import CURVATURE_SUBSET, PROFILE_DRAWS, PROFILE_SUBSET, generator, hash_seed
+from attribution.uncertainty import split as split_halves
 
 QUERY_KEY = -1  # all queries share the same draws (common random numbers on the query side)
 DEFAULT_DIM = 131072  # count-sketch buckets: Spearman 0.94 to unprojected EK-FAC (ARCHITECTURE.md)
@@ -116,6 +117,13 @@ def dim_arg(dim: int | None) -> int | str | None:
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=1, keepdim=True).clamp(min=1e-30)
+
+
+def _normalize_with_spread(x: torch.Tensor, dx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x/‖x‖ and its first-order change for a change dx: (dx − (dx·x̂) x̂) / ‖x‖."""
+    norm = x.norm(dim=1, keepdim=True).clamp(min=1e-30)
+    unit = x / norm
+    return unit, (dx - (dx * unit).sum(1, keepdim=True) * unit) / norm
 
 
 class Attributor:
@@ -235,17 +243,28 @@ class Attributor:
         return self.feature_map("train").dim
 
     # ---- features ----------------------------------------------------------------------------
-    def raw_train_features(self, rows: list[int] | None = None, progress: bool | None = None) -> torch.Tensor:
-        """Training features before any dataset-level transform (TRAK's ΦᵀΦ, normalisation)."""
+    def raw_train_features(self, rows: list[int] | None = None, progress: bool | None = None,
+                           halves: bool = False) -> torch.Tensor:
+        """Training features before any dataset-level transform (TRAK's ΦᵀΦ, normalisation):
+        (n, D), or with `halves` (n, 2, D) from two independent halves of each image's draws."""
         rows = list(range(self.n_train)) if rows is None else list(rows)
         images = self.train.images[rows]
         if not self.uses_model:
-            return images.flatten(1).float()
+            flat = images.flatten(1).float()
+            return torch.stack([flat, flat], 1) if halves else flat
         return gradient_features(
             self.model, self.feature_map("train"), images, rows, self.measurement("train"),
             self.config.draws, self.config.seed, self.config.batch_size, self.config.stratified,
             self.config.antithetic, progress=self.progress if progress is None else progress,
-            desc="training features", device=self.device)
+            desc="training features", device=self.device, halves=halves)
+
+    def finish_with_spread(self, raw_halves: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw half features (n, 2, D) -> (φ, δ): the finished features and their half-difference
+        under the same transforms (normalisation to first order: `_normalize_with_spread`)."""
+        phi, delta = split_halves(raw_halves)
+        if self.spec.preconditioner == "trak":
+            phi, delta = phi @ self.trak_inverse, delta @ self.trak_inverse
+        return _normalize_with_spread(phi, delta) if self.spec.normalize else (phi, delta)
 
     def fit_trak(self, raw: torch.Tensor) -> None:
         """TRAK's preconditioner (ΦᵀΦ/N + λI)⁻¹ from all raw training features (N, D)."""
@@ -274,13 +293,24 @@ class Attributor:
         if not self.uses_model:
             psi = images.flatten(1).float()
         else:
-            psi = gradient_features(
-                self.model, self.feature_map("query"), images, [QUERY_KEY] * images.shape[0],
-                self.measurement("query"),
-                self.config.query_draws, self.config.seed, self.config.batch_size,
-                self.config.stratified, self.config.antithetic, trajectory=trajectory,
-                progress=False, device=self.device)
+            psi = self._raw_query_features(images, trajectory, halves=False)
         return _normalize(psi) if self.spec.normalize else psi
+
+    def query_features_with_spread(self, images: torch.Tensor, trajectory=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ψ, δψ), each (Q, D): the query features and the half-difference of their draws. ψ is
+        the same as `query_features` gives (up to float round-off); δψ is 0 for `pixel`."""
+        if not self.uses_model or self.spec.measurement == "trajectory":
+            psi = self.query_features(images, trajectory)
+            return psi, torch.zeros_like(psi)
+        psi, dpsi = split_halves(self._raw_query_features(images, trajectory, halves=True))
+        return _normalize_with_spread(psi, dpsi) if self.spec.normalize else (psi, dpsi)
+
+    def _raw_query_features(self, images, trajectory, halves: bool) -> torch.Tensor:
+        return gradient_features(
+            self.model, self.feature_map("query"), images, [QUERY_KEY] * images.shape[0],
+            self.measurement("query"), self.config.query_draws, self.config.seed, self.config.batch_size,
+            self.config.stratified, self.config.antithetic, trajectory=trajectory, progress=False,
+            device=self.device, halves=halves)
 
     # ---- scores ------------------------------------------------------------------------------
     def scores(self, images: torch.Tensor, trajectory=None, train_features: torch.Tensor | None = None) -> torch.Tensor:
@@ -299,3 +329,23 @@ class Attributor:
                 out[:, i:i + len(rows)] = psi @ phi.T
             return out
         return psi @ self.train_features().T
+
+    def scores_with_spread(self, images: torch.Tensor, trajectory=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(τ, se), each (Q, N): the scores and each score's one-dof standard error under new
+        draws on both sides, from independent halves (attribution/uncertainty.py)."""
+        psi, dpsi = self.query_features_with_spread(images, trajectory)
+        if self.spec.preconditioner == "trak":
+            raw = self.raw_train_features(halves=True)
+            self.fit_trak(raw.mean(1))
+            phi, _ = self.finish_with_spread(raw)
+            # ΦᵀΦ is refitted on every draw, and (ΦᵀΦ+λ)⁻¹ blows up half-differences outside the span
+            # of Φ that a refit would absorb: no honest half-split figure exists, so none is given
+            return psi @ phi.T, torch.full((psi.shape[0], self.n_train), float("nan"))
+        out, se = torch.empty(psi.shape[0], self.n_train), torch.empty(psi.shape[0], self.n_train)
+        bs = self.config.batch_size
+        for i in tqdm(range(0, self.n_train, bs), desc="scores (training features)", disable=not self.progress):
+            rows = list(range(i, min(self.n_train, i + bs)))
+            phi, delta = self.finish_with_spread(self.raw_train_features(rows, progress=False, halves=True))
+            out[:, i:i + len(rows)] = psi @ phi.T
+            se[:, i:i + len(rows)] = (psi @ delta.T + dpsi @ phi.T).abs()
+        return out, se

@@ -101,3 +101,32 @@ def test_agreement_figures():
     opp = agreement(a, -a, k=10)
     assert opp["spearman"] == pytest.approx(-1.0) and opp["top_k_overlap"] == 0.0
     assert (np.sort(a, axis=1)[:, ::-1][:, :5] == np.take_along_axis(a, top_k(a, 5), axis=1)).all()
+
+
+@pytest.mark.parametrize("method", ["ekfac", "trak", "gradcos"])
+def test_spread_scores_match_and_se_is_calibrated(model, data, method):
+    """scores_with_spread gives the plain scores, and its standard error matches the spread of
+    the scores over 16 seeds of the draws (curvature and projection held fixed)."""
+    train, queries = data
+    base = dict(method=method, dim=512, draws=4, query_draws=4, curvature_draws=1, damping=0.1,
+                antithetic=True, curvature_min_rows=0)
+    ref = Attributor(model, train, AttributionConfig(**base), progress=False).fit()
+    runs, ses = [], []
+    for seed in range(16):
+        att = Attributor(model, train, AttributionConfig(**base, seed=seed), progress=False)
+        att.fit(curvature=ref.curvature, projection=ref.projection)
+        s, se = att.scores_with_spread(queries)
+        if seed == 0:  # TRAK's inverse of an 8-image ΦᵀΦ amplifies float32 round-off of the halves
+            plain = att.scores(queries)
+            tol = 3e-2 if method == "trak" else 1e-3
+            torch.testing.assert_close(s, plain, rtol=tol, atol=tol * 1e-2 * float(plain.abs().max()))
+        runs.append(s)
+        ses.append(se)
+    if method == "trak":  # no half-split figure for TRAK-style methods (see scores_with_spread)
+        assert torch.stack(ses).isnan().all()
+        return
+    emp_var = torch.stack(runs).var(0).mean()
+    est_var = torch.stack(ses).pow(2).mean()
+    ratio = float(est_var / emp_var)
+    print(f"{method}: mean se² / variance over seeds = {ratio:.2f}")
+    assert 0.5 < ratio < 2.0
