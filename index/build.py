@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import shutil
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import faiss
 import torch
 from safetensors.torch import load_file
 
@@ -30,6 +31,7 @@ from attribution.data import ImageDataset, load_dataset, to_uint8
 from attribution.errors import AttributionError
 from attribution.influence import DEFAULT_DIM, TRAK_DIM, AttributionConfig, Attributor, dim_arg
 from attribution.model import DiffusionModel, load_model, pick_device
+from index.dist import Dist
 from index.folder import apply_plan, plan_folder
 from index.integrity import file_records
 from index.layout import IndexLayout
@@ -43,33 +45,6 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-class Dist:
-    """torch.distributed when launched by torchrun (gloo on CPU, NCCL on GPUs), else one process."""
-
-    def __init__(self, device: torch.device):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        if self.world > 1 and not torch.distributed.is_initialized():
-            backend = "nccl" if device.type == "cuda" else "gloo"
-            torch.distributed.init_process_group(backend)
-
-    def allreduce(self, x: torch.Tensor) -> torch.Tensor:
-        if self.world == 1:
-            return x
-        x = x.clone()
-        torch.distributed.all_reduce(x)
-        return x
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
-    def close(self) -> None:
-        if self.world > 1 and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
-
-
 def build_settings(model: DiffusionModel, data: ImageDataset, cfg: AttributionConfig, model_path: str,
                    data_spec: str) -> dict:
     return {"model": {"path": str(model_path), "weights_sha256": model.weights_sha256(),
@@ -77,6 +52,159 @@ def build_settings(model: DiffusionModel, data: ImageDataset, cfg: AttributionCo
             "data": {"source": data_spec, "n": len(data), "sha256": data.fingerprint(),
                      "channels": int(data.images.shape[1]), "size": int(data.images.shape[2])},
             "method": cfg.to_dict(), "format_version": FORMAT_VERSION}
+
+
+@dataclass
+class Build:
+    """One run of a build: what it reads, where it writes, and what it has made so far."""
+
+    model: DiffusionModel
+    data: ImageDataset
+    cfg: AttributionConfig
+    lay: IndexLayout
+    dist: Dist
+    device: torch.device
+    settings: dict
+    key: str
+    faiss_type: str = "auto"
+    shard_size: int = SHARD
+    progress: bool = True
+    thumbs: bool = True
+    att: Attributor | None = None
+    t0: float = field(default_factory=time.time)
+    times: dict = field(default_factory=dict)  # seconds per stage of this run
+    rows_computed: int = 0  # feature rows this run computed (all processes)
+
+    @property
+    def n(self) -> int:
+        return len(self.data)
+
+    @property
+    def shards(self) -> list[tuple[int, int]]:
+        return [(s, min(self.n, s + self.shard_size)) for s in range(0, self.n, self.shard_size)]
+
+    @property
+    def chatty(self) -> bool:
+        return self.progress and self.dist.main
+
+
+def prepare_folder(b: Build, overwrite: bool) -> bool:
+    """Stage 0: check the output folder, write build.json; False if the index is already built."""
+    plan = plan_folder(b.lay, b.key, b.settings, overwrite)  # every rank: a refusal stops them all
+    b.dist.barrier()
+    if b.dist.main:
+        apply_plan(b.lay, plan, b.key, _say)
+        if not b.lay.manifest.exists():
+            save_json(b.lay.build, {"key": b.key, "settings": b.settings})
+            b.lay.shards.mkdir(exist_ok=True)
+    b.dist.barrier()
+    return not b.lay.manifest.exists()
+
+
+def fit_curvature_stage(b: Build) -> Curvature | None:
+    """Stage 1: the curvature (each process sums over its share of the batches; all-reduced),
+    reused from curvature.safetensors when a previous run wrote it."""
+    att, cfg, t = b.att, b.cfg, time.time()
+    if att.spec.preconditioner not in ("kfac", "kfac-exact", "ekfac"):
+        return None
+    if b.lay.curvature.exists():
+        _say(f"reusing the fitted curvature in {b.lay.curvature}")
+        return Curvature.load(b.lay.curvature)
+    from attribution.curvature import fit_curvature
+
+    crows = att.curvature_rows()
+    batches = [crows[i:i + cfg.batch_size] for i in range(0, len(crows), cfg.batch_size)]
+    rows = [r for batch in batches[b.dist.rank::b.dist.world] for r in batch]
+    _say(f"fitting {att.curvature_config().kind.upper()} curvature on {len(crows)} of {b.n} images "
+         f"× {cfg.curvature_draws} draws ({b.dist.world} process(es))")
+    curvature = fit_curvature(b.model, b.data.images[rows], rows, att.curvature_config(),
+                              batch_size=cfg.batch_size, progress=b.chatty, device=b.device,
+                              allreduce=b.dist.allreduce)
+    curvature.meta["n_images"] = len(crows)
+    if b.dist.main:
+        replace_with(b.lay.curvature, curvature.save)
+    b.times["curvature"] = time.time() - t
+    return curvature
+
+
+def projection_stage(b: Build, curvature: Curvature | None) -> None:
+    """Stage 2: the feature maps' projection (seeded), written to projection.safetensors."""
+    b.att.fit(curvature=curvature)
+    if b.dist.main and b.att.projection is not None and not b.lay.projection.exists():
+        replace_with(b.lay.projection, b.att.projection.save)
+
+
+def feature_shards_stage(b: Build) -> None:
+    """Stage 3: raw training features, shard by shard; finished shards are skipped. Under torchrun
+    each process takes every world-th shard."""
+    from tqdm.auto import tqdm
+
+    mine = b.shards[b.dist.rank::b.dist.world]
+    todo = [(s, e) for s, e in mine if not b.lay.shard(s, e).exists()]
+    if b.dist.main:
+        _say(f"computing features for {b.n} images ({len(b.shards) - len(todo) * b.dist.world} of "
+             f"{len(b.shards)} shards already done), D = {b.att.dim}, {b.cfg.draws} draws per image")
+    t = time.time()
+    bar = tqdm(total=sum(e - s for s, e in todo), desc="features", unit="img", disable=not b.chatty)
+    for s, e in todo:
+        raw = b.att.raw_train_features(list(range(s, e)), progress=False)
+        save_tensors(b.lay.shard(s, e), {"raw": raw})
+        bar.update(e - s)
+    bar.close()
+    b.times["features"] = time.time() - t
+    b.rows_computed = sum(e - s for s, e in todo)
+    b.dist.barrier()
+
+
+def _shard_raw(b: Build, s: int, e: int) -> torch.Tensor:
+    return load_file(str(b.lay.shard(s, e)))["raw"]
+
+
+def store_stage(b: Build) -> faiss.Index:
+    """Stage 4 (rank 0): TRAK's inverse if the method needs it, then the FAISS store, streamed
+    from the shards one at a time (TRAK's (ΦᵀΦ/N + λ)⁻¹ needs all of Φ at once)."""
+    att = b.att
+    if att.spec.preconditioner == "trak":
+        att.fit_trak(torch.cat([_shard_raw(b, s, e) for s, e in b.shards]))
+        save_tensors(b.lay.trak, {"trak_inverse": att.trak_inverse})
+    kind = resolve_faiss_type(b.faiss_type, b.n, att.dim)
+    _say(f"writing the {kind} FAISS store ({b.n} × {att.dim})")
+    index = faiss_from_chunks(lambda: (att.finish_train_features(_shard_raw(b, s, e)).numpy()
+                                       for s, e in b.shards), att.dim, kind)
+    write_faiss(index, b.lay.features)
+    return index
+
+
+def items_stage(b: Build) -> None:
+    """Stage 5 (rank 0): items.jsonl (row -> label, source) and thumbs.npy (uint8 thumbnails)."""
+    data = b.data
+    save_text(b.lay.items, "".join(
+        json.dumps({"row": i, "label": int(data.labels[i]), "source": data.sources[i]}) + "\n"
+        for i in range(b.n)))
+    if b.thumbs:
+        images = to_uint8(data.images)
+        save_numpy(b.lay.thumbs, images.squeeze(-1) if data.images.shape[1] == 1 else images)
+
+
+def manifest_stage(b: Build, index: faiss.Index) -> dict:
+    """Stage 6 (rank 0): manifest.json, written last; its presence marks a finished index."""
+    att, kind = b.att, resolve_faiss_type(b.faiss_type, b.n, b.att.dim)
+    proj = att.projection
+    t_feat = b.times.get("features", 0.0)
+    manifest = {**b.settings, "code_version": CODE_VERSION, "key": b.key,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "projection": {"kind": proj.kind if proj else None, "total_dim": att.dim,
+                               "per_layer": proj.dims if proj else None,
+                               "dtype": "uint8 (sq8)" if kind == "sq8" else "float32"},
+                "files": file_records(b.lay),
+                "faiss": {"type": kind, "requested": b.faiss_type, "metric": "inner_product",
+                          "ntotal": int(index.ntotal)},
+                "build": {"seconds_curvature": round(b.times.get("curvature", 0.0), 2),
+                          "seconds_features": round(t_feat, 2), "processes": b.dist.world,
+                          "peak_rss_mb_rank0": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                          "images_per_second": round(b.rows_computed / max(t_feat, 1e-9), 2)}}
+    save_json(b.lay.manifest, manifest)
+    return manifest
 
 
 def build_index(model: DiffusionModel, data: ImageDataset, out: str | Path, cfg: AttributionConfig,
@@ -91,111 +219,29 @@ def build_index(model: DiffusionModel, data: ImageDataset, out: str | Path, cfg:
 
     The raw feature shards exist for resuming; once the store is written they are removed unless
     `keep_shards` (they are N·D float32, four times the size of an sq8 store)."""
-    out = Path(out)
-    lay = IndexLayout(out)
     device = pick_device(str(device) if device else None)
-    dist = Dist(device)
-    settings = build_settings(model, data, cfg, model_path, data_spec)
-    settings["faiss"] = faiss_type
-    settings["shard_size"] = shard_size
-    key = settings_key(settings)
-    plan = plan_folder(lay, key, settings, overwrite)  # every rank: a refusal stops them all
-    dist.barrier()
-    if dist.rank == 0:
-        apply_plan(lay, plan, key, _say)
-        if not lay.manifest.exists():
-            save_json(lay.build, {"key": key, "settings": settings})
-            lay.shards.mkdir(exist_ok=True)
-    dist.barrier()
-    if lay.manifest.exists():
-        dist.close()
-        return out
-    t0 = time.time()
-    model.to(device)
-    att = Attributor(model, data, cfg, device=device, progress=progress and dist.rank == 0)
-    n = len(data)
-    shards = [(s, min(n, s + shard_size)) for s in range(0, n, shard_size)]
-    mine = shards[dist.rank::dist.world]
-
-    # 1. curvature (all ranks contribute their shards' sums), 2. projection
-    curv_path, proj_path = lay.curvature, lay.projection
-    needs_curv = att.spec.preconditioner in ("kfac", "kfac-exact", "ekfac")
-    curvature = None
-    if needs_curv and curv_path.exists():
-        curvature = Curvature.load(curv_path)
-        _say(f"reusing the fitted curvature in {curv_path}")
-    elif needs_curv:
-        from attribution.curvature import fit_curvature
-
-        crows = att.curvature_rows()
-        batches = [crows[i:i + cfg.batch_size] for i in range(0, len(crows), cfg.batch_size)]
-        rows = [r for b in batches[dist.rank::dist.world] for r in b]
-        _say(f"fitting {att.curvature_config().kind.upper()} curvature on {len(crows)} of {n} images "
-             f"× {cfg.curvature_draws} draws ({dist.world} process(es))")
-        curvature = fit_curvature(model, data.images[rows], rows, att.curvature_config(),
-                                  batch_size=cfg.batch_size, progress=progress and dist.rank == 0,
-                                  device=device, allreduce=dist.allreduce)
-        curvature.meta["n_images"] = len(crows)
-        if dist.rank == 0:
-            replace_with(curv_path, curvature.save)
-    t_curv = time.time() - t0
-    att.fit(curvature=curvature)
-    if dist.rank == 0 and att.projection is not None and not proj_path.exists():
-        replace_with(proj_path, att.projection.save)
-
-    # 3. training features, shard by shard (finished shards are skipped)
-    todo = [(s, e) for s, e in mine if not lay.shard(s, e).exists()]
-    if dist.rank == 0:
-        _say(f"computing features for {n} images ({len(shards) - len(todo) * dist.world} of "
-             f"{len(shards)} shards already done), D = {att.dim}, {cfg.draws} draws per image")
-    t1 = time.time()
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=sum(e - s for s, e in todo), desc="features", unit="img",
-               disable=not (progress and dist.rank == 0))
-    for s, e in todo:
-        raw = att.raw_train_features(list(range(s, e)), progress=False)
-        save_tensors(lay.shard(s, e), {"raw": raw})
-        bar.update(e - s)
-    bar.close()
-    t_feat = time.time() - t1
-    dist.barrier()
-    if dist.rank == 0:
-        def shard_raw(s: int, e: int) -> torch.Tensor:
-            return load_file(str(lay.shard(s, e)))["raw"]
-
-        if att.spec.preconditioner == "trak":  # TRAK's inverse needs every raw feature at once
-            att.fit_trak(torch.cat([shard_raw(s, e) for s, e in shards]))
-            save_tensors(lay.trak, {"trak_inverse": att.trak_inverse})
-        faiss_kind = resolve_faiss_type(faiss_type, n, att.dim)
-        _say(f"writing the {faiss_kind} FAISS store ({n} × {att.dim})")
-        index = faiss_from_chunks(lambda: (att.finish_train_features(shard_raw(s, e)).numpy() for s, e in shards),
-                                  att.dim, faiss_kind)
-        write_faiss(index, lay.features)
-        save_text(lay.items, "".join(
-            json.dumps({"row": i, "label": int(data.labels[i]), "source": data.sources[i]}) + "\n" for i in range(n)))
-        if thumbs:
-            save_numpy(lay.thumbs, to_uint8(data.images).squeeze(-1) if data.images.shape[1] == 1
-                       else to_uint8(data.images))
-        manifest = {**settings, "code_version": CODE_VERSION, "key": key,
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    "projection": {"kind": att.projection.kind if att.projection else None,
-                                   "total_dim": att.dim,
-                                   "per_layer": att.projection.dims if att.projection else None,
-                                   "dtype": "uint8 (sq8)" if faiss_kind == "sq8" else "float32"},
-                    "files": file_records(lay),
-                    "faiss": {"type": faiss_kind, "requested": faiss_type, "metric": "inner_product", "ntotal": int(index.ntotal)},
-                    "build": {"seconds_curvature": round(t_curv, 2), "seconds_features": round(t_feat, 2),
-                              "processes": dist.world,
-                              "peak_rss_mb_rank0": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-                              "images_per_second": round(sum(e - s for s, e in todo) / max(t_feat, 1e-9), 2)}}
-        save_json(lay.manifest, manifest)
-        if not keep_shards:
-            shutil.rmtree(lay.shards, ignore_errors=True)
-        _say(f"index written to {out} ({n} images, D = {att.dim}, {time.time() - t0:.0f} s)")
-    dist.barrier()
-    dist.close()
-    return out
+    settings = {**build_settings(model, data, cfg, model_path, data_spec), "faiss": faiss_type,
+                "shard_size": shard_size}
+    b = Build(model, data, cfg, IndexLayout(out), Dist(device), device, settings, settings_key(settings),
+              faiss_type, shard_size, progress, thumbs)
+    try:
+        if not prepare_folder(b, overwrite):
+            return b.lay.root
+        model.to(device)
+        b.att = Attributor(model, data, cfg, device=device, progress=b.chatty)
+        projection_stage(b, fit_curvature_stage(b))
+        feature_shards_stage(b)
+        if b.dist.main:
+            index = store_stage(b)
+            items_stage(b)
+            manifest_stage(b, index)
+            if not keep_shards:
+                shutil.rmtree(b.lay.shards, ignore_errors=True)
+            _say(f"index written to {b.lay.root} ({b.n} images, D = {b.att.dim}, {time.time() - b.t0:.0f} s)")
+        b.dist.barrier()
+    finally:
+        b.dist.close()
+    return b.lay.root
 
 
 def config_from_args(a: argparse.Namespace) -> AttributionConfig:

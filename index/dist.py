@@ -1,0 +1,38 @@
+"""Data parallelism for the index build: torch.distributed under torchrun, else one process."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+class Dist:
+    """torch.distributed when launched by torchrun (gloo on CPU, NCCL on GPUs), else one process."""
+
+    def __init__(self, device: torch.device):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        if self.world > 1 and not torch.distributed.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            torch.distributed.init_process_group(backend)
+
+    @property
+    def main(self) -> bool:
+        """Rank 0, the process that writes the shared files."""
+        return self.rank == 0
+
+    def allreduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.world == 1:
+            return x
+        x = x.clone()
+        torch.distributed.all_reduce(x)
+        return x
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def close(self) -> None:
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
