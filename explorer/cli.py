@@ -1,24 +1,18 @@
-"""The `attribution` command: train, sample, scores, index, query, evaluate, serve."""
+"""The `attribution` command: train, sample, scores, index build, query, evaluate, serve, demo.
+
+Every failure meant for the user (`attribution.errors.AttributionError`) is printed as one line,
+`error: …`, with exit code 2.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-
-
-class UserError(Exception):
-    """An error whose message is meant for the user (printed without a traceback)."""
-
-
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+from attribution.console import say
 
 
 def cmd_train(a: argparse.Namespace) -> None:
@@ -41,7 +35,7 @@ def cmd_train(a: argparse.Namespace) -> None:
         name = f"preset {a.preset!r}"
     ds = load_dataset(a.data, channels=model.channels, size=model.size, n=a.n)
     n_params = sum(p.numel() for p in model.unet.parameters())
-    _say(f"training {name} ({n_params / 1e6:.2f}M parameters) on {len(ds)} images "
+    say(f"training {name} ({n_params / 1e6:.2f}M parameters) on {len(ds)} images "
          f"from {a.data} for {cfg.steps} steps of {cfg.batch_size}; checkpoints in {a.workdir}")
     t0 = time.time()
     model = train(model, ds.images, cfg, workdir=a.workdir, device=a.device or "cpu")
@@ -51,7 +45,7 @@ def cmd_train(a: argparse.Namespace) -> None:
     if previous is not None:
         extra["continued_from"] = previous
     save_model(model, a.out, extra=extra)
-    _say(f"saved the EMA model to {a.out} ({time.time() - t0:.0f} s)")
+    say(f"saved the EMA model to {a.out} ({time.time() - t0:.0f} s)")
 
 
 def cmd_sample(a: argparse.Namespace) -> None:
@@ -60,14 +54,14 @@ def cmd_sample(a: argparse.Namespace) -> None:
     from attribution.sample import sample
 
     model = load_model(a.model, device=pick_device(a.device))
-    _say(f"sampling {a.n} images with {a.sampler.upper()} ({a.steps} steps, seed {a.seed})")
+    say(f"sampling {a.n} images with {a.sampler.upper()} ({a.steps} steps, seed {a.seed})")
     s = sample(model, a.n, seed=a.seed, sampler=a.sampler, steps=a.steps)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     grid(s.images, nrow=a.nrow).save(out / "grid.png")
     if not a.grid_only:
         save_images(s.images, out, prefix="sample_")
-    _say(f"wrote {out / 'grid.png'}" + ("" if a.grid_only else f" and {a.n} PNGs in {out}"))
+    say(f"wrote {out / 'grid.png'}" + ("" if a.grid_only else f" and {a.n} PNGs in {out}"))
 
 
 def _method_config(a: argparse.Namespace):
@@ -93,14 +87,14 @@ def cmd_scores(a: argparse.Namespace) -> None:
     train = image_folder(a.data, model.channels, model.size)
     queries = image_folder(a.queries, model.channels, model.size)
     cfg = _method_config(a)
-    _say(f"scoring {len(queries)} queries against {len(train)} training images with {cfg.method} "
+    say(f"scoring {len(queries)} queries against {len(train)} training images with {cfg.method} "
          f"(draws {cfg.draws}, D = {cfg.dim or 'unprojected'}, seed {cfg.seed}) on {device}")
     t0 = time.time()
     att = Attributor(model, train, cfg, device=device).fit()
     scores = att.scores(queries.images.to(device)).cpu().numpy().astype(np.float32)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     np.save(a.out, scores)
-    _say(f"wrote {a.out}: float32 {scores.shape} (queries × training images, positive = proponent) "
+    say(f"wrote {a.out}: float32 {scores.shape} (queries × training images, positive = proponent) "
          f"in {time.time() - t0:.0f} s")
 
 
@@ -124,11 +118,11 @@ def cmd_query(a: argparse.Namespace) -> None:
     for p, o in zip(res.proponents, res.opponents):
         print(f"{p.rank:>4}  {p.row:>9}  {p.label:>5}  {p.score:>11.4e}    {o.row:>9}  {o.label:>5}  {o.score:>11.4e}")
     t = res.timings
-    _say(f"query gradient {t['query_gradient'] * 1e3:.0f} ms, search {t['search'] * 1e3:.1f} ms")
+    say(f"query gradient {t['query_gradient'] * 1e3:.0f} ms, search {t['search'] * 1e3:.1f} ms")
     if a.json:
         out = {"image": str(a.image), "index": str(a.index), "method": idx.method, **res.to_dict()}
         Path(a.json).write_text(json.dumps(out, indent=2))
-        _say(f"wrote {a.json}")
+        say(f"wrote {a.json}")
 
 
 def cmd_evaluate(a: argparse.Namespace) -> None:
@@ -138,18 +132,18 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
     if a.eval_cmd == "groundtruth":
         cfg = ev.GroundTruthConfig(subsets=a.subsets, seeds=a.seeds, steps=a.steps, n_train=a.n_train)
         i, n = (int(x) for x in a.worker.split("/"))
-        ev.build_groundtruth(a.out, cfg, log=_say, worker=(i, n))
-        _say(f"ground truth ready in {a.out}")
+        ev.build_groundtruth(a.out, cfg, log=say, worker=(i, n))
+        say(f"ground truth ready in {a.out}")
         return
     if a.eval_cmd == "retrain-top-k":
         i, n = (int(x) for x in a.worker.split("/"))
-        res = ev.retrain_top_k(a.groundtruth, a.out, a.method, tuple(a.fractions), a.queries, log=_say,
+        res = ev.retrain_top_k(a.groundtruth, a.out, a.method, tuple(a.fractions), a.queries, log=say,
                                worker=(i, n))
         if res is not None:
             for m, r in res["mean_se"].items():
-                _say(f"{m}: " + ", ".join(f"remove {float(f):.0%}: loss rise {v[0]:+.2e} ± {v[1]:.1e}"
+                say(f"{m}: " + ", ".join(f"remove {float(f):.0%}: loss rise {v[0]:+.2e} ± {v[1]:.1e}"
                                           for f, v in r.items()))
-            _say(f"wrote {Path(a.out) / 'retrain_top_k.json'}")
+            say(f"wrote {Path(a.out) / 'retrain_top_k.json'}")
         return
     gt = ev.load_groundtruth(a.groundtruth)
     results = []
@@ -159,28 +153,25 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
                                 projection=a.projection, damping=a.damping)
         r = ev.method_lds(gt, cfg)
         r.pop("scores")
-        _say(f"{method}: LDS {r['lds']:.3f} ± {r['se']:.3f} over {r['n_queries']} queries ({r['seconds']:.0f} s)")
+        say(f"{method}: LDS {r['lds']:.3f} ± {r['se']:.3f} over {r['n_queries']} queries ({r['seconds']:.0f} s)")
         results.append(r)
     noise = ev.seed_agreement(gt.measurements) if gt.measurements.shape[1] > 1 else None
     out = {"results": results}
     if noise is not None:
         out["seed_agreement"] = dict(zip(("mean", "se"), ev.mean_se(noise)))
-        _say(f"retraining noise: seed-to-seed Spearman {out['seed_agreement']['mean']:.3f}")
+        say(f"retraining noise: seed-to-seed Spearman {out['seed_agreement']['mean']:.3f}")
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(out, indent=2))
 
 
-def cmd_serve(a: argparse.Namespace) -> None:
-    import app
+def cmd_serve(a: argparse.Namespace) -> int:
+    from explorer.launch import main as launch
 
-    app.main(a)
+    return launch(a)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="attribution", description=__doc__)
-    sub = p.add_subparsers(dest="cmd", required=True)
-
+def _add_train(sub) -> None:
     t = sub.add_parser("train", help="train a diffusion model (resumable)")
     t.add_argument("--data", default="mnist", help="'mnist' (embedded) or an image folder")
     t.add_argument("--preset", default="mnist")
@@ -197,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default=None)
     t.set_defaults(func=cmd_train)
 
+
+def _add_sample(sub) -> None:
     s = sub.add_parser("sample", help="sample images, write a grid and PNGs")
     s.add_argument("--model", default=None, help="model folder (default: assets/mnist-unet)")
     s.add_argument("--n", type=int, default=64)
@@ -209,14 +202,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=None)
     s.set_defaults(func=cmd_sample)
 
-    from attribution.influence import METHODS
 
+def _add_scores(sub, methods: list[str]) -> None:
     sc = sub.add_parser("scores", help="dense influence scores of query images on training images")
     sc.add_argument("--model", required=True)
     sc.add_argument("--data", required=True, help="folder of training images (file-name order)")
     sc.add_argument("--queries", required=True, help="folder of query images (file-name order)")
     sc.add_argument("--out", required=True, help="scores.npy: float32 (queries, training images)")
-    sc.add_argument("--method", default="ekfac", choices=list(METHODS))
+    sc.add_argument("--method", default="ekfac", choices=methods)
     sc.add_argument("--draws", type=int, default=None)
     sc.add_argument("--dim", type=int, default=None, help="projection budget D (0: unprojected)")
     sc.add_argument("--projection", default=None, choices=["sketch", "kronecker"],
@@ -225,14 +218,18 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--device", default=None)
     sc.set_defaults(func=cmd_scores)
 
-    ix = sub.add_parser("index", help="build the FAISS index of training features")
-    ixs = ix.add_subparsers(dest="index_cmd", required=True)
+
+def _add_index(sub) -> None:
     from index.build import add_build_args
 
+    ix = sub.add_parser("index", help="build the FAISS index of training features")
+    ixs = ix.add_subparsers(dest="index_cmd", required=True)
     b = ixs.add_parser("build", help="build or resume an index")
     add_build_args(b)
     b.set_defaults(func=cmd_index_build)
 
+
+def _add_query(sub) -> None:
     q = sub.add_parser("query", help="top-k proponents and opponents of one image")
     q.add_argument("--index", required=True)
     q.add_argument("--image", required=True)
@@ -242,8 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default=None)
     q.set_defaults(func=cmd_query)
 
-    ev = sub.add_parser("evaluate", help="LDS ground truth and LDS of methods")
-    evs = ev.add_subparsers(dest="eval_cmd", required=True)
+
+def _add_groundtruth(evs) -> None:
     g = evs.add_parser("groundtruth", help="train the subset models and measure (resumable)")
     g.add_argument("--out", default="benchmarks/groundtruth")
     g.add_argument("--subsets", type=int, default=32)
@@ -252,9 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--n-train", type=int, default=1000)
     g.add_argument("--worker", default="0/1", help="i/n: train every n-th model from i (n processes)")
     g.set_defaults(func=cmd_evaluate)
+
+
+def _add_lds(evs, methods: list[str]) -> None:
     lds = evs.add_parser("lds", help="LDS of one or more methods on a ground truth")
     lds.add_argument("--groundtruth", default="benchmarks/groundtruth")
-    lds.add_argument("--method", nargs="+", default=["ekfac"], choices=list(METHODS))
+    lds.add_argument("--method", nargs="+", default=["ekfac"], choices=methods)
     lds.add_argument("--draws", type=int, default=8)
     lds.add_argument("--query-draws", type=int, default=32)
     lds.add_argument("--curvature-draws", type=int, default=4)
@@ -265,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     lds.add_argument("--json", default=None)
     lds.set_defaults(func=cmd_evaluate)
 
+
+def _add_retrain(evs) -> None:
     rt = evs.add_parser("retrain-top-k", help="retrain without each query's top influences (resumable)")
     rt.add_argument("--groundtruth", default="benchmarks/groundtruth")
     rt.add_argument("--out", default="benchmarks/retrain_top_k")
@@ -275,35 +277,61 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--worker", default="0/1", help="i/n: train every n-th model from i (n processes)")
     rt.set_defaults(func=cmd_evaluate)
 
+
+def _add_evaluate(sub, methods: list[str]) -> None:
+    ev = sub.add_parser("evaluate", help="LDS ground truth and LDS of methods")
+    evs = ev.add_subparsers(dest="eval_cmd", required=True)
+    _add_groundtruth(evs)
+    _add_lds(evs, methods)
+    _add_retrain(evs)
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    """The options of the app: `attribution serve`, `attribution demo` and `python app.py`."""
+    p.add_argument("--model", default=None, help="model folder (env ATTRIBUTION_MODEL; default assets/mnist-unet)")
+    p.add_argument("--index", default=None, help="index folder(s), comma-separated (env ATTRIBUTION_INDEX; "
+                   "default indexes/mnist-ekfac, built if missing)")
+    p.add_argument("--host", default=None, help="address to bind (env GRADIO_SERVER_NAME; default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (env GRADIO_SERVER_PORT; default 7860)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--concurrency", type=int, default=None,
+                   help="requests per event handled at once (the model runs one at a time; default 1)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from attribution.influence import METHODS
+
+    p = argparse.ArgumentParser(prog="attribution", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    _add_train(sub)
+    _add_sample(sub)
+    _add_scores(sub, list(METHODS))
+    _add_index(sub)
+    _add_query(sub)
+    _add_evaluate(sub, list(METHODS))
     for name in ("serve", "demo"):
         sv = sub.add_parser(name, help="start the explorer app (builds the default index if missing)")
-        sv.add_argument("--model", default=None)
-        sv.add_argument("--index", default=None)
-        sv.add_argument("--host", default="127.0.0.1")
-        sv.add_argument("--port", type=int, default=7860)
+        add_serve_args(sv)
         sv.set_defaults(func=cmd_serve)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    from attribution.data import DataError
-    from attribution.model import ModelError
-    from index.manifest import IndexLoadError
+    from attribution.errors import AttributionError
 
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
-    except (UserError, DataError, ModelError, IndexLoadError) as e:
-        _say(f"error: {e}")
+        return args.func(args) or 0
+    except AttributionError as e:
+        say(f"error: {e}")
         return 2
     except KeyboardInterrupt:
-        _say("interrupted; rerun the same command to resume where it applies")
+        say("interrupted; rerun the same command to resume where it applies")
         return 130
-    return 0
 
 
 if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["main", "build_parser", "UserError"]
+__all__ = ["main", "build_parser", "add_serve_args"]

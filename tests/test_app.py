@@ -17,10 +17,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import app
 from attribution.data import DataError, save_images
-from attribution.report import fmt_score
 from attribution.sample import sample
+from explorer import launch, render, ui
+from explorer.report import fmt_score
+from explorer.service import Busy, Explorer
+from index.store import load as load_index
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -38,9 +40,9 @@ def tiny(tiny_workspace):
 
 @pytest.fixture(scope="module")
 def server(tiny, free_port):
-    demo = app.build_demo(tiny["model"], [tiny["ekfac"], tiny["pixel"]])
+    demo = ui.build_demo(tiny["model"], [tiny["ekfac"], tiny["pixel"]])
     port = free_port()
-    app.serve(demo, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
+    launch.serve(demo, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
     yield {"url": f"http://127.0.0.1:{port}/", "demo": demo}
     demo.close()
 
@@ -296,8 +298,8 @@ def test_concurrent_clients_get_the_single_client_answers(server, tmp_path):
 
 
 def test_explorer_queries_and_exports(tiny, files, tmp_path):
-    ex = app.Explorer(tiny["model"], [app.load_index(tiny["ekfac"], tiny["model"]),
-                                      app.load_index(tiny["pixel"], tiny["model"])])
+    ex = Explorer(tiny["model"], [load_index(tiny["ekfac"], tiny["model"]),
+                                  load_index(tiny["pixel"], tiny["model"])])
     assert ex.labels == ["ekfac", "pixel"]
     ans = ex.attribute(ex.training(5, "pixel"), "pixel", k=4)
     assert ans.data["proponents"][0]["row"] == 5
@@ -320,13 +322,13 @@ def test_default_index_is_built_in_the_background(tiny, tmp_path):
     """A missing index: the page shows the build state, then answers."""
     out = tmp_path / "built"
     cfg = {"method": "ekfac", "draws": 2, "curvature_draws": 1, "query_draws": 4, "dim": 128}
-    ex = app.Explorer(tiny["model"])
-    demo = app.build_demo(tiny["model"], explorer=ex,
+    ex = Explorer(tiny["model"])
+    demo = ui.build_demo(tiny["model"], explorer=ex,
                           build={"out": out, "model_path": "tiny", "data": "mnist", "n": 64, "config": cfg})
     assert not ex.ready
     ex.start_build()
-    assert "Building the index" in app._index_md(ex)
-    with pytest.raises(app.Busy, match="Building the index"):
+    assert "Building the index" in render.index_md(ex)
+    with pytest.raises(Busy, match="Building the index"):
         ex.generated(0, "ddim", STEPS)
     t0 = time.time()
     while not ex.ready and time.time() - t0 < 120:
@@ -334,15 +336,15 @@ def test_default_index_is_built_in_the_background(tiny, tmp_path):
         time.sleep(0.2)
     assert ex.ready and ex.build.estimate_s > 0
     assert len(ex.index(None)) == 64 and (out / "manifest.json").exists()
-    assert "64 training images" in app._index_md(ex)
+    assert "64 training images" in render.index_md(ex)
     demo.close()
 
 
 def test_main_refuses_a_missing_model_or_index(tiny, tmp_path, capsys):
-    args = app.parse_args(["--model", str(tmp_path / "nope"), "--port", "0"])
-    assert app.main(args) == 2
+    args = launch.parse_args(["--model", str(tmp_path / "nope"), "--port", "0"])
+    assert launch.main(args) == 2
     assert "model folder not found" in capsys.readouterr().err
-    args = app.parse_args(["--model", str(tiny["ws"].model_dir), "--index", str(tmp_path / "none")])
-    assert app.main(args) == 2
+    args = launch.parse_args(["--model", str(tiny["ws"].model_dir), "--index", str(tmp_path / "none")])
+    assert launch.main(args) == 2
     err = capsys.readouterr().err
     assert "index folder not found" in err and "attribution index build" in err

@@ -37,7 +37,7 @@ def test_scores_cli_contract(tmp_path, channels):
     train = _folder(tmp_path / "train", 12, (13, 9), mode, 0)  # another size: converted to 8×8
     queries = _folder(tmp_path / "queries", 3, (8, 8), mode, 1)
     out = tmp_path / "scores.npy"
-    r = subprocess.run([sys.executable, "-m", "attribution.cli", "scores", "--model", str(tmp_path / "bare"),
+    r = subprocess.run([sys.executable, "-m", "explorer.cli", "scores", "--model", str(tmp_path / "bare"),
                         "--data", str(train), "--queries", str(queries), "--out", str(out),
                         "--method", "kfac", "--draws", "2", "--seed", "3"],
                        cwd=ROOT, capture_output=True, text=True)
@@ -58,7 +58,7 @@ def test_scores_cli_bad_input_is_one_clear_line(tmp_path):
     save_model(build_model("tiny", seed=0), tmp_path / "model")
     (tmp_path / "train").mkdir()
     (tmp_path / "train" / "notes.txt").write_text("not an image")
-    r = subprocess.run([sys.executable, "-m", "attribution.cli", "scores", "--model", str(tmp_path / "model"),
+    r = subprocess.run([sys.executable, "-m", "explorer.cli", "scores", "--model", str(tmp_path / "model"),
                         "--data", str(tmp_path / "train"), "--queries", str(tmp_path / "train"),
                         "--out", str(tmp_path / "s.npy")], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2

@@ -156,7 +156,7 @@ def test_refuses_unknown_format_and_corruption(setup, reference, tmp_path):
 def test_query_cli_prints_table_and_json(setup, reference, tmp_path):
     q = save_images(mnist(size=8, n=1).images, tmp_path / "q")[0]
     out = tmp_path / "res.json"
-    r = subprocess.run([sys.executable, "-m", "attribution.cli", "query", "--index", str(reference),
+    r = subprocess.run([sys.executable, "-m", "explorer.cli", "query", "--index", str(reference),
                         "--model", str(setup / "model"), "--image", str(q), "--top-k", "5", "--json", str(out)],
                        cwd=ROOT, capture_output=True, text=True, check=True)
     assert "proponent" in r.stdout

@@ -1,0 +1,124 @@
+"""Start the explorer app: options, the model and its indexes, serving.
+
+    python app.py [--model DIR] [--index DIR[,DIR…]] [--host 127.0.0.1] [--port 7860]
+    attribution demo | serve [the same options]       (the same, through the CLI)
+
+Environment variables (used when the flag is not given): ATTRIBUTION_MODEL (model folder),
+ATTRIBUTION_INDEX (comma-separated index folders; several give a method selector),
+GRADIO_SERVER_NAME, GRADIO_SERVER_PORT. Without options the default model (assets/mnist-unet)
+and the default index (indexes/mnist-ekfac) are used; a missing default index is built first,
+in the background, while the page shows its progress.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import threading
+import time
+from pathlib import Path
+
+from attribution.console import say
+from explorer.cli import add_serve_args
+
+
+def serve(demo, host: str = "127.0.0.1", port: int = 7860, prevent_thread_lock: bool = False,
+          concurrency: int = 1, warmup: bool = True, **kwargs):
+    """Queue (`concurrency` requests per event at once; the model runs one at a time anyway, and
+    8 clients × 5 queries ran ~10% faster with 1 than with 4, which only adds waiting threads;
+    Gradio's queue shows a waiting user its position), launch,
+    then warm the model up and start a pending index build (both in the background, after launch,
+    so that the page answers at once)."""
+    from explorer.render import CSS
+
+    demo.queue(default_concurrency_limit=concurrency)
+    out = demo.launch(server_name=host, server_port=port, prevent_thread_lock=True, css=CSS,
+                      show_error=True, max_file_size="64mb", footer_links=["api"],
+                      state_session_capacity=500, **kwargs)  # a session's state is ~0.3 MB
+    ex = getattr(demo, "explorer", None)
+    if ex is not None and warmup and ex.ready:
+        threading.Thread(target=ex.warmup, daemon=True, name="warm-up").start()
+    if ex is not None:
+        ex.start_build()
+    if not prevent_thread_lock:
+        demo.block_thread()
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="app.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_serve_args(p)
+    return p.parse_args(argv)
+
+
+def _address(args: argparse.Namespace) -> tuple[str, int]:
+    host = getattr(args, "host", None)
+    if host in (None, "127.0.0.1"):  # the default; a Space sets GRADIO_SERVER_NAME=0.0.0.0
+        host = os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")
+    port = getattr(args, "port", None)
+    if port in (None, 7860):
+        port = int(os.environ.get("GRADIO_SERVER_PORT", "7860"))
+    return host, port
+
+
+def _load_indexes(index_dirs: list[Path], model, model_path: str | None, device):
+    """The indexes that load, and the build of a missing default index (None: nothing to build).
+    Raises IndexLoadError for any other index that does not load."""
+    from attribution.errors import IndexLoadError
+    from attribution.model import DEFAULT_MODEL_DIR
+    from explorer.build_job import DEFAULT_DATA, DEFAULT_INDEX, default_build_config
+    from index.store import load as load_index
+
+    indexes, build = [], None
+    for d in index_dirs:
+        try:
+            indexes.append(load_index(d, model, device=device))
+        except IndexLoadError as e:
+            is_default = d.resolve() == DEFAULT_INDEX.resolve() and model_path in (None, str(DEFAULT_MODEL_DIR))
+            if not is_default:
+                raise IndexLoadError(f"{e}\nbuild it with: attribution index build --model "
+                                     f"{model_path or 'assets/mnist-unet'} --out {d}") from None
+            say(f"{e}\nbuilding the default index in the background; the page shows its progress")
+            build = {"out": d, "model_path": "default", "data": DEFAULT_DATA, "config": default_build_config(d)}
+    return indexes, build
+
+
+def main(args: argparse.Namespace | None = None) -> int:
+    """Start the app (`args` from `parse_args` or the CLI's serve/demo: model, index, host, port)."""
+    import torch
+
+    from attribution.errors import IndexLoadError, ModelError
+    from attribution.model import load_model, pick_device
+    from explorer.build_job import DEFAULT_INDEX
+    from explorer.service import Explorer
+    from explorer.ui import build_demo
+
+    args = args if args is not None else parse_args()
+    model_path = getattr(args, "model", None) or os.environ.get("ATTRIBUTION_MODEL") or None
+    index_arg = getattr(args, "index", None) or os.environ.get("ATTRIBUTION_INDEX") or ""
+    index_dirs = [Path(s.strip()) for s in index_arg.split(",") if s.strip()] or [DEFAULT_INDEX]
+    host, port = _address(args)
+    device = pick_device(getattr(args, "device", None))
+    t0 = time.time()
+    try:
+        model = load_model(model_path, device=device)
+    except ModelError as e:
+        hint = "" if model_path else " (train it with `attribution train --out assets/mnist-unet`)"
+        say(f"error: {e}{hint}")
+        return 2
+    try:
+        indexes, build = _load_indexes(index_dirs, model, model_path, device)
+    except IndexLoadError as e:
+        say(f"error: {e}")
+        return 2
+    demo = build_demo(model, explorer=Explorer(model, indexes), build=build)
+    if device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
+        # One query is many small ops: on a shared 2-core machine two OpenMP threads made it
+        # 4-10x slower than one (0.6-2.5 s vs 0.13-0.19 s per query, default model); an index
+        # build still uses every core. Set OMP_NUM_THREADS to choose.
+        torch.set_num_threads(1)
+    say(f"model and {len(indexes)} index(es) loaded in {time.time() - t0:.1f} s; "
+        f"open http://{host}:{port} (Ctrl+C to stop)")
+    serve(demo, host, port, concurrency=getattr(args, "concurrency", None) or 1)
+    return 0

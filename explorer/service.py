@@ -1,0 +1,236 @@
+"""The query service behind the explorer page: the model, its indexes, and queries made from a
+generated, uploaded or training image; safe for concurrent requests.
+
+Loading, preprocessing, sampling and scoring are the library's (`attribution.*`, `index.*`); the
+page is `explorer.ui`, exports `explorer.exports`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from attribution.data import image_to_tensor, open_image, to_uint8
+from attribution.errors import DataError
+from attribution.model import DiffusionModel
+from attribution.sample import SAMPLERS, sample
+from explorer import exports, report
+from index.store import Index
+
+if TYPE_CHECKING:
+    from explorer.build_job import BuildJob
+
+MAX_K = 64
+log = logging.getLogger("attribution.app")
+
+
+def _u8(image: torch.Tensor) -> np.ndarray:
+    """(C, H, W) in [-1, 1] -> (H, W) or (H, W, 3) uint8."""
+    u8 = to_uint8(image.unsqueeze(0))[0]
+    return u8[:, :, 0] if u8.shape[2] == 1 else u8
+
+
+def _conversion_notes(img, channels: int, size: int, u8: np.ndarray) -> list[str]:
+    """Plain words for what the library's conversion did to an uploaded image."""
+    w, h = img.size
+    notes = []
+    if (w, h) != (size, size):
+        notes.append(f"resized from {w}×{h} to {size}×{size}"
+                     + (" (aspect ratio not kept)" if w != h else ""))
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        notes.append(f"{'16-bit' if img.mode.startswith('I;16') else img.mode + '-mode'} pixels scaled to 8 bits")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        notes.append("transparent pixels put on a black background")
+    if channels == 1 and img.mode not in ("L", "1", "I;16", "I;16B", "I;16L", "I", "F", "LA"):
+        notes.append("converted to grayscale")
+    if channels == 1 and u8.mean() > 127:
+        notes.append("mostly light: the training images are light digits on black, so dark-on-light "
+                     "images match poorly")
+    return notes
+
+
+class Busy(Exception):
+    """The app cannot answer yet (the index is being built); the message says so."""
+
+
+@dataclass
+class Query:
+    """One query image as the model sees it, and where it came from."""
+
+    image: torch.Tensor  # (C, H, W) in [-1, 1], 8-bit levels
+    kind: str  # generated | upload | training
+    description: str
+    params: dict = field(default_factory=dict)
+    trajectory: tuple[torch.Tensor, torch.Tensor] | None = None
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0  # time to make it (sampling, decoding)
+
+    @property
+    def u8(self) -> np.ndarray:
+        return _u8(self.image)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "description": self.description, **self.params, "notes": self.notes,
+                "has_trajectory": self.trajectory is not None}
+
+
+@dataclass
+class Answer:
+    query: Query
+    index_label: str
+    k: int
+    data: dict  # report.payload()
+
+
+class Explorer:
+    """The model, its indexes (by label) and the query functions; safe for concurrent requests.
+
+    Torch modules (and the feature hooks put on them) are shared, so everything that runs the
+    model holds `lock`; decoding uploads, rendering and exports run outside it.
+    """
+
+    def __init__(self, model: DiffusionModel, indexes: Sequence[Index] = ()):
+        self.model = model
+        self.lock = threading.Lock()
+        self.indexes: dict[str, Index] = {}
+        self.build: BuildJob | None = None
+        for idx in indexes:
+            self.add_index(idx)
+
+    def add_index(self, idx: Index) -> None:
+        label = idx.method
+        if label in self.indexes:
+            label = f"{idx.method} ({idx.path.name})"
+        self.indexes[label] = idx
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.indexes)
+
+    def warmup(self, rounds: int = 3) -> float:
+        """A few throw-away queries per index: the first queries of a process are several times
+        slower than later ones (allocations, kernel caches). Returns the seconds spent."""
+        t0 = time.perf_counter()
+        for label in self.labels:
+            try:
+                q = self.training(0, label)
+                for _ in range(rounds):
+                    self.attribute(q, label, 1)
+            except Exception:  # e.g. an index without thumbnails, or one that needs a trajectory
+                log.debug("warm-up of %s skipped", label, exc_info=True)
+        return time.perf_counter() - t0
+
+    def start_build(self) -> None:
+        if self.build is not None and not self.build.is_alive() and not self.build.done:
+            self.build.start()
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.indexes)
+
+    def index(self, label: str | None) -> Index:
+        if not self.indexes:
+            raise Busy(self.build.status() if self.build else "No index is loaded.")
+        if not label:
+            return next(iter(self.indexes.values()))
+        if label not in self.indexes:
+            raise DataError(f"unknown method {label!r}; choose one of {', '.join(self.indexes)}")
+        return self.indexes[label]
+
+    # ---- queries ------------------------------------------------------------------------------
+    def generated(self, seed: int, sampler: str = "ddim", steps: int = 50) -> Query:
+        """Sample one image; it is rounded to 8-bit levels (what you see and download is what is
+        attributed); its sampling trajectory is kept for trajectory measurements."""
+        seed, steps = int(seed), int(steps)
+        if sampler not in SAMPLERS:
+            raise DataError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if not 1 <= steps <= 1000:
+            raise DataError(f"steps must be between 1 and 1000 (got {steps})")
+        if not 0 <= seed < 2**31:
+            raise DataError(f"the seed must be between 0 and {2**31 - 1} (got {seed})")
+        if not self.ready:
+            raise Busy(self.build.status() if self.build else "No index is loaded.")
+        t0 = time.perf_counter()
+        with self.lock:
+            s = sample(self.model, 1, seed=seed, sampler=sampler, steps=steps, keep_trajectory=True,
+                       progress=False)
+        image = self._from_u8(_u8(s.images[0]))
+        return Query(image, "generated", f"generated: seed {seed}, {sampler.upper()} {steps} steps",
+                     {"seed": seed, "sampler": sampler, "steps": steps},
+                     trajectory=(s.timesteps, s.states[:, :1]), seconds=time.perf_counter() - t0)
+
+    def uploaded(self, path: str | Path | None) -> Query:
+        """An image file, converted by the library as the model needs it; DataError if unusable."""
+        if path is None or str(path) == "":
+            raise DataError("no file was uploaded; choose an image file first")
+        name = Path(path).name
+        t0 = time.perf_counter()
+        try:
+            nbytes = Path(path).stat().st_size
+        except OSError:
+            raise DataError(f"{name}: the upload could not be read; please try again") from None
+        if nbytes == 0:
+            raise DataError(f"{name}: the file is empty (0 bytes)")
+        img = open_image(Path(path), name=name)
+        image = image_to_tensor(img, self.model.channels, self.model.size)
+        notes = _conversion_notes(img, self.model.channels, self.model.size, _u8(image))
+        return Query(image, "upload", f"upload: {name} ({img.size[0]}×{img.size[1]} {img.mode})",
+                     {"file": name, "original_size": list(img.size), "original_mode": img.mode},
+                     notes=notes, seconds=time.perf_counter() - t0)
+
+    def training(self, row, label: str | None = None) -> Query:
+        """Training image `row` of the selected index (from its stored thumbnails)."""
+        idx = self.index(label)
+        if row is None or str(row).strip() == "":
+            raise DataError("enter a training image id (row)")
+        row = int(row)
+        if not 0 <= row < len(idx):
+            raise DataError(f"training image id must be between 0 and {len(idx) - 1} (got {row})")
+        if idx.thumbs is None:
+            raise DataError("this index stores no thumbnails, so its training images cannot be shown")
+        return Query(self._from_u8(idx.thumbs[row]), "training",
+                     f"training image id {row} ({idx.items[row]['source']}, label {idx.items[row]['label']})",
+                     {"row": row, "source": idx.items[row]["source"], "label": idx.items[row]["label"]})
+
+    def _from_u8(self, u8: np.ndarray) -> torch.Tensor:
+        from PIL import Image
+
+        return image_to_tensor(Image.fromarray(np.asarray(u8)), self.model.channels, self.model.size)
+
+    def attribute(self, q: Query, label: str | None = None, k: int = 8) -> Answer:
+        """Top-k proponents and opponents of `q` with the index `label` (the default: the first)."""
+        idx = self.index(label)
+        label = label or self.labels[0]
+        k = int(k) if k is not None else 8
+        if not 1 <= k <= MAX_K:
+            raise DataError(f"k must be between 1 and {MAX_K} (got {k})")
+        traj = None
+        if idx.attributor is not None and idx.attributor.spec.measurement == "trajectory":
+            if q.trajectory is None:
+                raise DataError(f"{label} measures the loss along the query's own sampling trajectory; "
+                                "only generated queries have one — generate a query or pick another method")
+            traj = q.trajectory
+        t0 = time.perf_counter()
+        with self.lock:
+            t1 = time.perf_counter()
+            res = idx.query(q.image.to(next(self.model.unet.parameters()).device), k=min(k, len(idx)),
+                            trajectory=traj, with_all=True)
+            t2 = time.perf_counter()
+        timings = {"wait_for_model": t1 - t0, "all_scores": max(0.0, t2 - t1 - sum(res.timings.values()))}
+        if q.seconds:
+            timings = {("sampling" if q.kind == "generated" else "decoding"): q.seconds, **timings}
+        data = report.payload(res, idx.manifest, index_path=idx.path, query=q.to_dict(),
+                              settings={"method": label, "k": k}, timings=timings)
+        return Answer(q, label, k, data)
+
+    def export(self, ans: Answer) -> list[str]:
+        """report.png, scores.json, scores.csv and query.png in a fresh folder (`explorer.exports`)."""
+        return exports.write_exports(ans.data, ans.query.u8, self.indexes[ans.index_label])
