@@ -44,6 +44,11 @@ class MethodSpec:
     description: str = ""
     dim: int = DEFAULT_DIM  # default feature budget D
 
+    @property
+    def needs_curvature(self) -> bool:
+        """Whether the method preconditions with a fitted curvature (K-FAC, EK-FAC)."""
+        return self.preconditioner in ("kfac", "kfac-exact", "ekfac")
+
 
 METHODS: dict[str, MethodSpec] = {
     "ekfac": MethodSpec("ekfac", description="EK-FAC influence, K-FAC-expand, MC GGN (recommended)"),
@@ -149,10 +154,21 @@ class Attributor:
         if self.spec.preconditioner == "trak" and self.config.dim is None:
             raise ValueError("TRAK-style methods need a projection (dim); the unprojected ΦᵀΦ is too large")
 
+    @classmethod
+    def from_parts(cls, model, n_train: int, config: AttributionConfig, curvature: Curvature | None = None,
+                   projection: Projection | None = None, trak_inverse: torch.Tensor | None = None,
+                   density: torch.Tensor | None = None, device: str | torch.device | None = None) -> Attributor:
+        """An Attributor from saved parts (an index), without the training set: only its size is
+        needed on the query side. It computes query features, not training features."""
+        att = cls(model, None, config, device=device, progress=False)
+        att._n_train = n_train
+        att.curvature, att.projection, att.trak_inverse, att.density = curvature, projection, trak_inverse, density
+        return att
+
     # ---- setup -------------------------------------------------------------------------------
     @property
     def n_train(self) -> int:
-        return len(self.train)
+        return self._n_train if self.train is None else len(self.train)
 
     @property
     def uses_model(self) -> bool:

@@ -105,7 +105,7 @@ def fit_curvature_stage(b: Build) -> Curvature | None:
     """Stage 1: the curvature (each process sums over its share of the batches; all-reduced),
     reused from curvature.safetensors when a previous run wrote it."""
     att, cfg, t = b.att, b.cfg, time.time()
-    if att.spec.preconditioner not in ("kfac", "kfac-exact", "ekfac"):
+    if not att.spec.needs_curvature:
         return None
     if b.lay.curvature.exists():
         _say(f"reusing the fitted curvature in {b.lay.curvature}")
@@ -128,10 +128,14 @@ def fit_curvature_stage(b: Build) -> Curvature | None:
 
 
 def projection_stage(b: Build, curvature: Curvature | None) -> None:
-    """Stage 2: the feature maps' projection (seeded), written to projection.safetensors."""
-    b.att.fit(curvature=curvature)
+    """Stage 2: the feature maps' projection (seeded), written to projection.safetensors, and
+    with `importance` the timestep density, written to density.safetensors."""
+    density = load_file(str(b.lay.density))["density"] if b.lay.density.exists() else None
+    b.att.fit(curvature=curvature, density=density)
     if b.dist.main and b.att.projection is not None and not b.lay.projection.exists():
         replace_with(b.lay.projection, b.att.projection.save)
+    if b.dist.main and b.att.density is not None and density is None:
+        save_tensors(b.lay.density, {"density": b.att.density})
 
 
 def feature_shards_stage(b: Build) -> None:

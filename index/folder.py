@@ -117,7 +117,7 @@ def remove_finished(lay: IndexLayout) -> None:
     """Delete a finished index (only on --overwrite): the manifest first, so a kill midway leaves
     an unfinished build rather than a finished index with missing files."""
     lay.manifest.unlink(missing_ok=True)
-    for name in (lay.BUILD, lay.CURVATURE, lay.PROJECTION, lay.TRAK, lay.FEATURES, lay.ITEMS, lay.THUMBS):
+    for name in lay.FILES:
         lay.path(name).unlink(missing_ok=True)
     shutil.rmtree(lay.shards, ignore_errors=True)
 

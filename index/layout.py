@@ -22,6 +22,7 @@ class IndexLayout:
     CURVATURE = "curvature.safetensors"
     PROJECTION = "projection.safetensors"
     TRAK = "trak.safetensors"
+    DENSITY = "density.safetensors"  # importance density of timesteps, for `importance` configs
     FEATURES = "features.faiss"
     ITEMS = "items.jsonl"
     THUMBS = "thumbs.npy"
@@ -29,8 +30,8 @@ class IndexLayout:
     ASIDE = ".aside"  # unfinished builds with other settings are moved here, one folder per key
     # every finished file but the store carries a sha256 in the manifest; the store (large) is
     # checked by its size and its FAISS header instead
-    CHECKSUMMED = (CURVATURE, PROJECTION, TRAK, ITEMS, THUMBS)
-    FILES = (MANIFEST, BUILD, CURVATURE, PROJECTION, TRAK, FEATURES, ITEMS, THUMBS)
+    CHECKSUMMED = (CURVATURE, PROJECTION, TRAK, DENSITY, ITEMS, THUMBS)
+    FILES = (MANIFEST, BUILD, CURVATURE, PROJECTION, TRAK, DENSITY, FEATURES, ITEMS, THUMBS)
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -60,6 +61,10 @@ class IndexLayout:
     @property
     def trak(self) -> Path:
         return self.root / self.TRAK
+
+    @property
+    def density(self) -> Path:
+        return self.root / self.DENSITY
 
     @property
     def features(self) -> Path:

@@ -240,41 +240,37 @@ def load(index_dir: str | Path, model=None, data_fingerprint: str | None = None,
     items = _read_items(lay, n)
     has_thumbs = lay.THUMBS in manifest["files"] if verified else lay.thumbs.exists()
     thumbs = _read_thumbs(lay, n) if has_thumbs else None
-    att = None
-    if model is not None:
-        try:
-            cfg = AttributionConfig(**manifest["method"])
-        except (TypeError, ValueError) as e:
-            raise IndexLoadError(f"{lay.manifest}: its method settings are not understood ({e}); "
-                                 "rebuild the index") from None
-        att = Attributor(model, _NoData(n), cfg, device=device, progress=False)
-        if att.uses_model:
-            try:
-                att.projection = Projection.load(lay.projection)
-            except Exception as e:  # safetensors raises several types on a damaged file
-                raise IndexLoadError(f"{lay.projection}: unreadable ({e}); "
-                                     "rebuild the index") from None
-        if att.spec.preconditioner in ("kfac", "kfac-exact", "ekfac") and att.split:
-            try:  # the query side carries half the preconditioner
-                att.curvature = Curvature.load(lay.curvature)
-            except Exception as e:
-                raise IndexLoadError(f"{lay.curvature}: unreadable ({e}); "
-                                     "rebuild the index") from None
-        if att.spec.preconditioner == "trak" and lay.trak.exists():
-            att.trak_inverse = load_file(str(lay.trak))["trak_inverse"]
+    att = _query_attributor(lay, manifest, model, device) if model is not None else None
     return Index(index_dir, manifest, fx, items, thumbs, att)
+
+
+def _read_part(path: Path, read):
+    try:
+        return read(path)
+    except Exception as e:  # safetensors raises several types on a damaged file
+        raise IndexLoadError(f"{path}: unreadable ({e}); rebuild the index") from None
+
+
+def _query_attributor(lay: IndexLayout, manifest: dict, model, device) -> Attributor:
+    """The query side of the index's method, from its saved parts: the projection, the curvature
+    (whose (G+λ)^(−½) the query side carries when the sketch projects), the timestep density."""
+    try:
+        cfg = AttributionConfig(**manifest["method"])
+    except (TypeError, ValueError) as e:
+        raise IndexLoadError(f"{lay.manifest}: its method settings are not understood ({e}); "
+                             "rebuild the index") from None
+    projection = curvature = trak = density = None
+    if cfg.spec.preconditioner != "pixel":
+        projection = _read_part(lay.projection, Projection.load)
+    if cfg.spec.needs_curvature and projection is not None and projection.is_sketch:
+        curvature = _read_part(lay.curvature, Curvature.load)
+    if cfg.spec.preconditioner == "trak" and lay.trak.exists():
+        trak = _read_part(lay.trak, lambda p: load_file(str(p))["trak_inverse"])
+    if cfg.importance:
+        density = _read_part(lay.density, lambda p: load_file(str(p))["density"])
+    return Attributor.from_parts(model, manifest["data"]["n"], cfg, curvature, projection, trak, density,
+                                 device=device)
 
 
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-class _NoData:
-    """Stands in for the training set on the query side, where only its size is needed."""
-
-    def __init__(self, n: int):
-        self.n = n
-        self.images = None
-
-    def __len__(self) -> int:
-        return self.n

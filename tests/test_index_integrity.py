@@ -198,3 +198,18 @@ def test_index_without_checksums_still_loads(copy, model, capfd):
     edit_manifest(lay, lambda m: m.pop("files"))
     idx = load(lay.root, model)
     assert len(idx) == N and "not verified" in capfd.readouterr().err
+
+
+def test_importance_index_keeps_its_timestep_density(tmp_path, model):
+    """An index built with importance-sampled timesteps stores the density, and its query side
+    uses it (a query side without it would measure with uniform timesteps)."""
+    from attribution.influence import Attributor
+
+    data = load_dataset("mnist", channels=1, size=8, n=32)
+    c = AttributionConfig(method="ekfac", dim=64, draws=2, curvature_draws=1, batch_size=16, importance=True,
+                          profile_images=8)
+    idx = load(build_index(model, data, tmp_path / "imp", c, shard_size=16, progress=False), model)
+    assert "density.safetensors" in idx.manifest["files"] and idx.attributor.density is not None
+    att = Attributor(model, data, c, progress=False).fit()
+    q = load_dataset("mnist", channels=1, size=8, n=36).images[32:]
+    np.testing.assert_allclose(idx.query_features(q), att.query_features(q).numpy(), rtol=1e-4, atol=1e-6)
