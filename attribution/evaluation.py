@@ -223,13 +223,15 @@ def removal_sets(scores: np.ndarray, fraction: float, rng: np.random.Generator |
 
 def retrain_top_k(groundtruth: str | Path, out: str | Path, methods: list[str], fractions=(0.02, 0.10),
                   n_queries: int = 5, configs: dict | None = None, log=print,
-                  worker: tuple[int, int] = (0, 1)) -> dict | None:
+                  worker: tuple[int, int] = (0, 1), seeds: int = 1) -> dict | None:
     """Remove each query's top-k influences (per method, and at random), retrain, measure the rise.
 
-    Every retraining uses the subset models' recipe and seed (`steps`, seed 0 of the ground
-    truth, so the same initialisation and draws); the baseline is that recipe on all N images.
-    Each finished model's losses are saved at once, so a restart loses at most one model.
-    Returns the summary (also written to `out/retrain_top_k.json`) once every model is done.
+    Every retraining uses the subset models' recipe and seeds (`steps`, training seed s of the
+    ground truth for s < `seeds`, so the same initialisations and draws); the baseline is that
+    recipe on all N images, per seed. A removal's rise is its loss minus its seed's baseline,
+    averaged over the seeds. Each finished model's losses are saved at once, so a restart loses at
+    most one model. Returns the summary (also written to `out/retrain_top_k.json`) once every
+    model is done.
     """
     from attribution.influence import AttributionConfig
 
@@ -237,15 +239,18 @@ def retrain_top_k(groundtruth: str | Path, out: str | Path, methods: list[str], 
     cfg, out = gt.config, Path(out)
     (out / "models").mkdir(parents=True, exist_ok=True)
     queries = gt.queries[:n_queries]
-    seed = cfg.seed + 100
-    tcfg = train_config(cfg, seed)
+    tcfg = train_config(cfg, cfg.seed + 100)
 
-    def run(name: str, rows: np.ndarray) -> None:
-        path = out / "models" / f"{name}.npy"
+    def tag(name: str, s: int) -> str:  # seed 0 keeps the plain name (models trained before seeds)
+        return name if s == 0 else f"{name}-s{s}"
+
+    def run(name: str, rows: np.ndarray, s: int) -> None:
+        path = out / "models" / f"{tag(name, s)}.npy"
         if path.exists():
             return
-        model = train(build_model(cfg.preset, seed=seed), gt.train_images[torch.from_numpy(rows)], tcfg,
-                      progress=False)
+        seed = cfg.seed + 100 + s
+        model = train(build_model(cfg.preset, seed=seed), gt.train_images[torch.from_numpy(rows)],
+                      train_config(cfg, seed), progress=False)
         save_numpy(path, measure(model, queries, cfg.measure_draws, cfg.seed + 3))
 
     removed = {}
@@ -267,23 +272,29 @@ def retrain_top_k(groundtruth: str | Path, out: str | Path, methods: list[str], 
                 removed[f"{method}-{frac:g}-{q}"] = sets[q]
     # interleaved (fraction, query, method) so a partial run compares the methods on the same queries
     order = [f"{m}-{f:g}-{q}" for f in fractions for q in range(n_queries) for m in methods]
-    jobs = [("baseline", np.arange(gt.train_images.shape[0]))]
-    jobs += [(name, np.setdiff1d(np.arange(gt.train_images.shape[0]), removed[name]))
-             for name in order if name in removed]
-    jobs = [j for j in jobs if not (out / "models" / f"{j[0]}.npy").exists()][worker[0]::worker[1]]
+    every = [("baseline", np.arange(gt.train_images.shape[0]))]
+    every += [(name, np.setdiff1d(np.arange(gt.train_images.shape[0]), removed[name]))
+              for name in order if name in removed]
+    jobs = [(name, rows, s) for s in range(seeds) for name, rows in every
+            if not (out / "models" / f"{tag(name, s)}.npy").exists()][worker[0]::worker[1]]
     t0 = time.time()
-    for n_done, (name, rows) in enumerate(jobs):
-        run(name, rows)
-        log(f"{name} done ({n_done + 1}/{len(jobs)}; "
+    for n_done, (name, rows, s) in enumerate(jobs):
+        run(name, rows, s)
+        log(f"{tag(name, s)} done ({n_done + 1}/{len(jobs)}; "
             f"{(time.time() - t0) / (n_done + 1) * (len(jobs) - n_done - 1) / 60:.0f} min left)")
     names = ["baseline"] + [f"{m}-{f:g}-{q}" for m in methods for f in fractions for q in range(n_queries)]
-    if any(not (out / "models" / f"{n}.npy").exists() for n in names):
+    if any(not (out / "models" / f"{tag(n, s)}.npy").exists() for n in names for s in range(seeds)):
         log("some models are still being trained (by other workers, or scores are missing)")
         return None
-    base = np.load(out / "models" / "baseline.npy")
-    rise = {m: {f"{f:g}": [float(np.load(out / "models" / f"{m}-{f:g}-{q}.npy")[q] - base[q])
-                           for q in range(n_queries)] for f in fractions} for m in methods}
-    summary = {"n_queries": n_queries, "fractions": list(fractions), "recipe": asdict(tcfg),
+
+    def loss(name: str, s: int) -> np.ndarray:
+        return np.load(out / "models" / f"{tag(name, s)}.npy")
+
+    base = np.mean([loss("baseline", s) for s in range(seeds)], axis=0)
+    rise = {m: {f"{f:g}": [float(np.mean([loss(f"{m}-{f:g}-{q}", s)[q] - loss("baseline", s)[q]
+                                          for s in range(seeds)])) for q in range(n_queries)]
+                for f in fractions} for m in methods}
+    summary = {"n_queries": n_queries, "fractions": list(fractions), "recipe": asdict(tcfg), "seeds": seeds,
                "baseline_loss": base.tolist(), "rise": rise,
                "mean_se": {m: {f: mean_se(v) for f, v in r.items()} for m, r in rise.items()},
                "paired": {f"{a}-vs-{b}": {f"{f:g}": mean_se(np.array(rise[a][f"{f:g}"]) - np.array(rise[b][f"{f:g}"]))
