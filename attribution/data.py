@@ -203,8 +203,9 @@ def _wide_to_8bit(img: Image.Image, shown: str) -> tuple[Image.Image, str]:
         u8, note = _floor8(arr / 65535.0 * 255.0), f"{kind} pixels in [0, 65535] read as 16 bit: v × 255 / 65535"
     elif hi > lo:
         u8 = _floor8((arr - lo) / (hi - lo) * 255.0)
+        shift = f"v + {-lo:g}" if lo < 0 else f"v − {lo:g}"
         note = (f"{kind} pixels from {lo:g} to {hi:g} fit none of the fixed ranges, so they were "
-                f"stretched linearly to 8 bits as (v − {lo:g}) × 255 / ({hi:g} − {lo:g})")
+                f"stretched linearly to 8 bits as ({shift}) × 255 / {hi - lo:g}")
     else:
         span = "[-1, 255]" if mode == "F" else "0..65535"
         raise DataError(f"{shown}: every pixel of this {kind} image is {lo:g}, outside {span}, so no "

@@ -488,7 +488,7 @@ def test_float_tiff_mappings(tmp_path: Path):
     t = load_image(neg, channels=1, size=4)[0]
     assert t.min() == -1 and t.max() == 1 and t.unique().numel() > 8
     notes = conversion_notes(open_image(neg), 1, 4)
-    assert any("stretched linearly" in n and "(v − -15)" in n for n in notes), notes
+    assert any("stretched linearly" in n and "(v + 15) × 255 / 10" in n for n in notes), notes
     # above 255: stretched too
     t = load_image(_float_tiff(tmp_path / "big.tif", 1e6 * ramp), channels=1, size=4)[0]
     assert t.min() == -1 and t.max() == 1
