@@ -3,11 +3,14 @@
     attribution index build --model MODEL_DIR --data DATA --out INDEX_DIR [--method …]
     torchrun --nproc-per-node 2 -m index.build --out INDEX_DIR …      (data-parallel)
 
-A build writes `build.json` (its settings) first; finished pieces are renamed into place
-atomically, so a killed build rerun with the same settings continues from its finished shards
-and gives the same index. Different settings in the same folder start a new build. Under
-torchrun each rank computes every world-size-th shard and its share of the curvature sums
-(all-reduced); rank 0 assembles the index.
+Stages (each a function below): prepare the folder (index/folder.py) and record the run in
+build.json, curvature, projection (and timestep density), feature shards, FAISS store, items and
+thumbnails, manifest (last: its presence marks a finished index). Every finished piece is renamed
+into place atomically, and every run reads the curvature and projection back from their files, so
+a build killed at any point and rerun with the same settings gives the same bytes as one never
+interrupted (tests/test_index_resume.py kills it at each stage through INDEX_BUILD_KILL_AT,
+index/runlog.py). Under torchrun each rank computes every world-size-th shard and its share of the
+curvature sums (all-reduced); rank 0 assembles the index.
 """
 
 from __future__ import annotations
@@ -23,20 +26,23 @@ from pathlib import Path
 
 import faiss
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from attribution.atomic import replace_with, save_json, save_numpy, save_tensors, save_text
-from attribution.curvature import Curvature
+from attribution.atomic import replace_with, save_numpy, save_tensors, save_text
+from attribution.curvature import Curvature, fit_curvature
 from attribution.data import ImageDataset, load_dataset, to_uint8
 from attribution.errors import AttributionError
+from attribution.features import model_layer_shapes
 from attribution.influence import DEFAULT_DIM, TRAK_DIM, AttributionConfig, Attributor, dim_arg
 from attribution.model import DiffusionModel, load_model, pick_device
+from attribution.projection import Projection, make_projection
 from index.dist import Dist
-from index.folder import apply_plan, plan_folder
-from index.integrity import file_records
+from index.folder import apply_plan, plan_folder, remove_temporaries
+from index.integrity import canonical_safetensors, file_records
 from index.layout import IndexLayout
 from index.manifest import CODE_VERSION, FORMAT_VERSION, settings_key
-from index.store import FAISS_TYPES, faiss_from_chunks, resolve_faiss_type, write_faiss
+from index.runlog import RunLog, checkpoint
+from index.store import FAISS_TYPES, faiss_from_chunks, resolve_faiss_type
 
 SHARD = 256  # images per shard (a multiple of every batch size used)
 
@@ -56,7 +62,7 @@ def build_settings(model: DiffusionModel, data: ImageDataset, cfg: AttributionCo
 
 @dataclass
 class Build:
-    """One run of a build: what it reads, where it writes, and what it has made so far."""
+    """One run of a build: what it reads, where it writes, and its statistics."""
 
     model: DiffusionModel
     data: ImageDataset
@@ -71,9 +77,8 @@ class Build:
     progress: bool = True
     thumbs: bool = True
     att: Attributor | None = None
+    log: RunLog | None = None
     t0: float = field(default_factory=time.time)
-    times: dict = field(default_factory=dict)  # seconds per stage of this run
-    rows_computed: int = 0  # feature rows this run computed (all processes)
 
     @property
     def n(self) -> int:
@@ -87,55 +92,72 @@ class Build:
     def chatty(self) -> bool:
         return self.progress and self.dist.main
 
+    def written_by_main(self, path: Path, write) -> None:
+        """`write(tmp)` on rank 0 unless `path` exists (atomic rename), then every rank waits."""
+        if self.dist.main and not path.exists():
+            replace_with(path, write)
+        self.dist.barrier()
+
 
 def prepare_folder(b: Build, overwrite: bool) -> bool:
-    """Stage 0: check the output folder, write build.json; False if the index is already built."""
+    """Stage 0: check the output folder, start this run's record in build.json; False if the
+    index is already built."""
     plan = plan_folder(b.lay, b.key, b.settings, overwrite)  # every rank: a refusal stops them all
     b.dist.barrier()
     if b.dist.main:
         apply_plan(b.lay, plan, b.key, _say)
         if not b.lay.manifest.exists():
-            save_json(b.lay.build, {"key": b.key, "settings": b.settings})
+            remove_temporaries(b.lay)
             b.lay.shards.mkdir(exist_ok=True)
     b.dist.barrier()
-    return not b.lay.manifest.exists()
+    if b.lay.manifest.exists():
+        return False
+    b.log = RunLog(b.lay, b.key, b.settings, b.dist.world, write=b.dist.main)
+    return True
 
 
-def fit_curvature_stage(b: Build) -> Curvature | None:
+def curvature_stage(b: Build) -> Curvature | None:
     """Stage 1: the curvature (each process sums over its share of the batches; all-reduced),
-    reused from curvature.safetensors when a previous run wrote it."""
-    att, cfg, t = b.att, b.cfg, time.time()
+    written to curvature.safetensors. Every run then reads it back from that file, so features
+    computed before and after a resume see the very same tensors (bit-identical indexes)."""
+    att, cfg = b.att, b.cfg
     if not att.spec.needs_curvature:
         return None
     if b.lay.curvature.exists():
         _say(f"reusing the fitted curvature in {b.lay.curvature}")
-        return Curvature.load(b.lay.curvature)
-    from attribution.curvature import fit_curvature
-
-    crows = att.curvature_rows()
-    batches = [crows[i:i + cfg.batch_size] for i in range(0, len(crows), cfg.batch_size)]
-    rows = [r for batch in batches[b.dist.rank::b.dist.world] for r in batch]
-    _say(f"fitting {att.curvature_config().kind.upper()} curvature on {len(crows)} of {b.n} images "
-         f"× {cfg.curvature_draws} draws ({b.dist.world} process(es))")
-    curvature = fit_curvature(b.model, b.data.images[rows], rows, att.curvature_config(),
-                              batch_size=cfg.batch_size, progress=b.chatty, device=b.device,
-                              allreduce=b.dist.allreduce)
-    curvature.meta["n_images"] = len(crows)
-    if b.dist.main:
-        replace_with(b.lay.curvature, curvature.save)
-    b.times["curvature"] = time.time() - t
-    return curvature
+    else:
+        t = time.time()
+        crows = att.curvature_rows()
+        batches = [crows[i:i + cfg.batch_size] for i in range(0, len(crows), cfg.batch_size)]
+        rows = [r for batch in batches[b.dist.rank::b.dist.world] for r in batch]
+        _say(f"fitting {att.curvature_config().kind.upper()} curvature on {len(crows)} of {b.n} images "
+             f"× {att.curvature_draws} draws ({b.dist.world} process(es))")
+        curvature = fit_curvature(b.model, b.data.images[rows], rows, att.curvature_config(),
+                                  batch_size=cfg.batch_size, progress=b.chatty, device=b.device,
+                                  allreduce=b.dist.allreduce)
+        curvature.meta["n_images"] = len(crows)
+        checkpoint("curvature-fitted")
+        b.written_by_main(b.lay.curvature, lambda t: canonical_safetensors(curvature.save(t) or t))
+        b.log.add(seconds_curvature=time.time() - t)
+        checkpoint("curvature-written")
+    return Curvature.load(b.lay.curvature)
 
 
 def projection_stage(b: Build, curvature: Curvature | None) -> None:
-    """Stage 2: the feature maps' projection (seeded), written to projection.safetensors, and
-    with `importance` the timestep density, written to density.safetensors."""
+    """Stage 2: the projection (seeded) to projection.safetensors and, with `importance`, the
+    timestep density to density.safetensors; like the curvature, both are read back from file."""
+    att, cfg = b.att, b.cfg
+    projection = None
+    if att.uses_model:
+        shapes = model_layer_shapes(b.model.unet)
+        proj = make_projection(shapes, cfg.dim, cfg.seed, cfg.projection)
+        b.written_by_main(b.lay.projection, lambda t: canonical_safetensors(proj.save(t) or t))
+        projection = Projection.load(b.lay.projection)
     density = load_file(str(b.lay.density))["density"] if b.lay.density.exists() else None
-    b.att.fit(curvature=curvature, density=density)
-    if b.dist.main and b.att.projection is not None and not b.lay.projection.exists():
-        replace_with(b.lay.projection, b.att.projection.save)
-    if b.dist.main and b.att.density is not None and density is None:
-        save_tensors(b.lay.density, {"density": b.att.density})
+    att.fit(curvature=curvature, projection=projection, density=density)
+    if att.density is not None and density is None:
+        b.written_by_main(b.lay.density, lambda t: save_file({"density": att.density.contiguous()}, str(t)))
+    checkpoint("projection-written")
 
 
 def feature_shards_stage(b: Build) -> None:
@@ -148,15 +170,17 @@ def feature_shards_stage(b: Build) -> None:
     if b.dist.main:
         _say(f"computing features for {b.n} images ({len(b.shards) - len(todo) * b.dist.world} of "
              f"{len(b.shards)} shards already done), D = {b.att.dim}, {b.cfg.draws} draws per image")
-    t = time.time()
     bar = tqdm(total=sum(e - s for s, e in todo), desc="features", unit="img", disable=not b.chatty)
-    for s, e in todo:
+    for k, (s, e) in enumerate(todo, 1):
+        t = time.time()
         raw = b.att.raw_train_features(list(range(s, e)), progress=False)
         save_tensors(b.lay.shard(s, e), {"raw": raw})
+        b.log.add(seconds_features=time.time() - t, rows=e - s if b.dist.world == 1 else 0)
         bar.update(e - s)
+        checkpoint(f"shard-{k}")
     bar.close()
-    b.times["features"] = time.time() - t
-    b.rows_computed = sum(e - s for s, e in todo)
+    if b.dist.world > 1:  # rows of every process, not only rank 0's
+        b.log.add(rows=int(b.dist.allreduce(torch.tensor(sum(e - s for s, e in todo)))))
     b.dist.barrier()
 
 
@@ -167,7 +191,7 @@ def _shard_raw(b: Build, s: int, e: int) -> torch.Tensor:
 def store_stage(b: Build) -> faiss.Index:
     """Stage 4 (rank 0): TRAK's inverse if the method needs it, then the FAISS store, streamed
     from the shards one at a time (TRAK's (ΦᵀΦ/N + λ)⁻¹ needs all of Φ at once)."""
-    att = b.att
+    att, t = b.att, time.time()
     if att.spec.preconditioner == "trak":
         att.fit_trak(torch.cat([_shard_raw(b, s, e) for s, e in b.shards]))
         save_tensors(b.lay.trak, {"trak_inverse": att.trak_inverse})
@@ -175,7 +199,14 @@ def store_stage(b: Build) -> faiss.Index:
     _say(f"writing the {kind} FAISS store ({b.n} × {att.dim})")
     index = faiss_from_chunks(lambda: (att.finish_train_features(_shard_raw(b, s, e)).numpy()
                                        for s, e in b.shards), att.dim, kind)
-    write_faiss(index, b.lay.features)
+
+    def write(tmp: Path) -> None:
+        faiss.write_index(index, str(tmp))
+        checkpoint("store-tmp")  # killed while the store is half-way to its place
+
+    replace_with(b.lay.features, write)
+    b.log.add(seconds_store=time.time() - t)
+    checkpoint("store-written")
     return index
 
 
@@ -188,13 +219,17 @@ def items_stage(b: Build) -> None:
     if b.thumbs:
         images = to_uint8(data.images)
         save_numpy(b.lay.thumbs, images.squeeze(-1) if data.images.shape[1] == 1 else images)
+    checkpoint("items-written")
 
 
 def manifest_stage(b: Build, index: faiss.Index) -> dict:
-    """Stage 6 (rank 0): manifest.json, written last; its presence marks a finished index."""
+    """Stage 6 (rank 0): manifest.json, written last; its presence marks a finished index. Its
+    build statistics cover every run of the build (build.json keeps them between runs)."""
     att, kind = b.att, resolve_faiss_type(b.faiss_type, b.n, b.att.dim)
     proj = att.projection
-    t_feat = b.times.get("features", 0.0)
+    b.log.finish(save=False)  # build.json records the finish once the manifest is in place
+    stats = {**b.log.summary(), "processes": b.dist.world,
+             "peak_rss_mb_rank0": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     manifest = {**b.settings, "code_version": CODE_VERSION, "key": b.key,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "projection": {"kind": proj.kind if proj else None, "total_dim": att.dim,
@@ -203,11 +238,10 @@ def manifest_stage(b: Build, index: faiss.Index) -> dict:
                 "files": file_records(b.lay),
                 "faiss": {"type": kind, "requested": b.faiss_type, "metric": "inner_product",
                           "ntotal": int(index.ntotal)},
-                "build": {"seconds_curvature": round(b.times.get("curvature", 0.0), 2),
-                          "seconds_features": round(t_feat, 2), "processes": b.dist.world,
-                          "peak_rss_mb_rank0": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-                          "images_per_second": round(b.rows_computed / max(t_feat, 1e-9), 2)}}
-    save_json(b.lay.manifest, manifest)
+                "build": stats}
+    replace_with(b.lay.manifest, lambda t: (t.write_text(json.dumps(manifest, indent=2, sort_keys=True,
+                                                                   default=str)), checkpoint("manifest-tmp")))
+    b.log.save()
     return manifest
 
 
@@ -233,7 +267,7 @@ def build_index(model: DiffusionModel, data: ImageDataset, out: str | Path, cfg:
             return b.lay.root
         model.to(device)
         b.att = Attributor(model, data, cfg, device=device, progress=b.chatty)
-        projection_stage(b, fit_curvature_stage(b))
+        projection_stage(b, curvature_stage(b))
         feature_shards_stage(b)
         if b.dist.main:
             index = store_stage(b)

@@ -122,6 +122,15 @@ def remove_finished(lay: IndexLayout) -> None:
     shutil.rmtree(lay.shards, ignore_errors=True)
 
 
+def remove_temporaries(lay: IndexLayout) -> None:
+    """Delete the temporary files a killed run left behind (never a finished file)."""
+    for folder in (lay.root, lay.shards):
+        if folder.is_dir():
+            for p in folder.iterdir():
+                if p.is_file() and ".tmp" in p.name and (lay.is_own_name(p.name) or folder == lay.shards):
+                    p.unlink()
+
+
 def apply_plan(lay: IndexLayout, plan: FolderPlan, key: str, say) -> None:
     """Carry out `plan` (rank 0 only); `say` prints a line for the user."""
     lay.root.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ store, and the store's size and FAISS header (ntotal, d); `verify_files` refuses
 from __future__ import annotations
 
 import hashlib
+import json
 import struct
 from pathlib import Path
 
@@ -23,6 +24,24 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def canonical_safetensors(path: str | Path) -> Path:
+    """Rewrite a safetensors file's header with its metadata in sorted order, in place. The library
+    writes metadata in hash-map order, which differs from process to process, so the same tensors
+    would give different bytes (and checksums) in a resumed build."""
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        if "__metadata__" in header:
+            header = {"__metadata__": dict(sorted(header["__metadata__"].items())),
+                      **{k: v for k, v in header.items() if k != "__metadata__"}}
+        new = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(new) > n:  # never so for the same content; refuse rather than shift the data
+            raise RuntimeError(f"{path}: canonical safetensors header longer than the original")
+        f.seek(8)
+        f.write(new + b" " * (n - len(new)))
+    return Path(path)
 
 
 def faiss_header(path: str | Path) -> tuple[int, int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -202,14 +203,22 @@ def test_index_without_checksums_still_loads(copy, model, capfd):
 
 def test_importance_index_keeps_its_timestep_density(tmp_path, model):
     """An index built with importance-sampled timesteps stores the density, and its query side
-    uses it (a query side without it would measure with uniform timesteps)."""
+    uses it (a query side without it would draw uniform timesteps)."""
+    from safetensors.torch import load_file
+
+    from attribution.curvature import Curvature
     from attribution.influence import Attributor
+    from attribution.projection import Projection
 
     data = load_dataset("mnist", channels=1, size=8, n=32)
     c = AttributionConfig(method="ekfac", dim=64, draws=2, curvature_draws=1, batch_size=16, importance=True,
                           profile_images=8)
-    idx = load(build_index(model, data, tmp_path / "imp", c, shard_size=16, progress=False), model)
+    lay = IndexLayout(build_index(model, data, tmp_path / "imp", c, shard_size=16, progress=False))
+    idx = load(lay.root, model)
     assert "density.safetensors" in idx.manifest["files"] and idx.attributor.density is not None
-    att = Attributor(model, data, c, progress=False).fit()
+    parts = dict(curvature=Curvature.load(lay.curvature), projection=Projection.load(lay.projection))
     q = load_dataset("mnist", channels=1, size=8, n=36).images[32:]
-    np.testing.assert_allclose(idx.query_features(q), att.query_features(q).numpy(), rtol=1e-4, atol=1e-6)
+    same = Attributor(model, data, c, progress=False).fit(**parts, density=load_file(lay.density)["density"])
+    np.testing.assert_array_equal(idx.query_features(q), same.query_features(q).numpy())
+    uniform = Attributor(model, data, replace(c, importance=False), progress=False).fit(**parts)
+    assert not np.allclose(idx.query_features(q), uniform.query_features(q).numpy(), rtol=1e-2)
