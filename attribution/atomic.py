@@ -14,11 +14,19 @@ from safetensors.torch import save_file
 
 
 def replace_with(path: str | Path, write: Callable[[Path], object]) -> Path:
-    """Call `write(tmp)` on a temporary path beside `path` (same suffix), then rename it to `path`."""
+    """Call `write(tmp)` on a temporary path beside `path` (same suffix), then rename it to `path`.
+    If the write fails (a full disk, a read-only folder, an interrupt), the temporary is removed."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # e.g. a read-only folder: the original error is the one to report
+            pass
+        raise
     return path
 
 
