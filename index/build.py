@@ -33,9 +33,10 @@ from attribution.curvature import Curvature, fit_curvature
 from attribution.data import ImageDataset, load_dataset, to_uint8
 from attribution.errors import AttributionError
 from attribution.features import model_layer_shapes
-from attribution.influence import DEFAULT_DIM, TRAK_DIM, AttributionConfig, Attributor, dim_arg
+from attribution.influence import DEFAULT_DIM, METHODS, TRAK_DIM, AttributionConfig, Attributor, dim_arg
 from attribution.model import DiffusionModel, load_model, pick_device
 from attribution.projection import Projection, make_projection
+from index.checks import NON_NEGATIVE, POSITIVE, check_build, user_error
 from index.dist import Dist
 from index.folder import apply_plan, plan_folder, remove_temporaries
 from index.integrity import canonical_safetensors, file_records
@@ -257,6 +258,8 @@ def build_index(model: DiffusionModel, data: ImageDataset, out: str | Path, cfg:
 
     The raw feature shards exist for resuming; once the store is written they are removed unless
     `keep_shards` (they are N·D float32, four times the size of an sq8 store)."""
+    check_build(cfg, len(data), shard_size)
+    resolve_faiss_type(faiss_type, len(data), 1)  # an unknown store type: refused before any work
     device = pick_device(str(device) if device else None)
     settings = {**build_settings(model, data, cfg, model_path, data_spec), "faiss": faiss_type,
                 "shard_size": shard_size}
@@ -277,6 +280,10 @@ def build_index(model: DiffusionModel, data: ImageDataset, out: str | Path, cfg:
                 shutil.rmtree(b.lay.shards, ignore_errors=True)
             _say(f"index written to {b.lay.root} ({b.n} images, D = {b.att.dim}, {time.time() - b.t0:.0f} s)")
         b.dist.barrier()
+    except Exception as e:  # a full disk or a read-only folder: a plain message
+        if (plain := user_error(e, b.lay.root)) is None:
+            raise
+        raise plain from None
     finally:
         b.dist.close()
     return b.lay.root
@@ -294,23 +301,24 @@ def add_build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model folder (default: assets/mnist-unet)")
     p.add_argument("--data", default="mnist", help="'mnist' (embedded, 5,000 images) or an image folder")
     p.add_argument("--out", required=True, help="index folder to write (resumed if present)")
-    p.add_argument("--method", default=d.method)
-    p.add_argument("--dim", type=int, default=None,
+    p.add_argument("--method", default=d.method, choices=list(METHODS), metavar="METHOD",
+                   help=f"one of {', '.join(METHODS)} (default {d.method})")
+    p.add_argument("--dim", type=NON_NEGATIVE, default=None,
                    help=f"feature budget D per image (0: unprojected; default: the method's, {DEFAULT_DIM}, "
                         f"{TRAK_DIM} for TRAK-style methods)")
     p.add_argument("--projection", default=d.projection, choices=["sketch", "kronecker"],
                    help="count sketch (default, faithful) or Kronecker (the K-FAC fast path)")
-    p.add_argument("--draws", type=int, default=d.draws, help="(t, ε) draws per training image")
-    p.add_argument("--curvature-draws", type=int, default=d.curvature_draws)
-    p.add_argument("--curvature-images", type=int, default=d.curvature_images,
+    p.add_argument("--draws", type=POSITIVE, default=d.draws, help="(t, ε) draws per training image")
+    p.add_argument("--curvature-draws", type=POSITIVE, default=d.curvature_draws)
+    p.add_argument("--curvature-images", type=NON_NEGATIVE, default=d.curvature_images,
                    help="fit the curvature on a seeded subset of this many images (0: all)")
-    p.add_argument("--query-draws", type=int, default=d.query_draws)
+    p.add_argument("--query-draws", type=POSITIVE, default=d.query_draws)
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--batch-size", type=POSITIVE, default=d.batch_size)
     p.add_argument("--faiss", choices=FAISS_TYPES, default="auto",
                    help="auto: exact float32 'flat' up to 512 MiB of vectors, else 'sq8' (1 byte a number)")
-    p.add_argument("--n", type=int, default=None, help="index only the first N images")
-    p.add_argument("--shard-size", type=int, default=SHARD, help="images per resumable shard")
+    p.add_argument("--n", type=POSITIVE, default=None, help="index only the first N images")
+    p.add_argument("--shard-size", type=POSITIVE, default=SHARD, help="images per resumable shard")
     p.add_argument("--keep-shards", action="store_true", help="keep the raw feature shards after the build")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a finished index with other settings in --out (refused otherwise)")

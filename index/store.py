@@ -18,7 +18,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from attribution.atomic import replace_with
 from attribution.curvature import Curvature
+from attribution.errors import ConfigError
 from attribution.influence import AttributionConfig, Attributor
 from attribution.projection import Projection
 from index.integrity import verify_files
@@ -33,7 +35,7 @@ AUTO_FLAT_BYTES = 1 << 29  # "auto": flat float32 up to 512 MiB of vectors, 8-bi
 def resolve_faiss_type(kind: str, n: int, d: int) -> str:
     """'auto' -> 'flat' when N·D float32 fit in AUTO_FLAT_BYTES, else 'sq8'; others unchanged."""
     if kind not in FAISS_TYPES:
-        raise ValueError(f"unknown FAISS index type {kind!r}; choose one of {', '.join(FAISS_TYPES)}")
+        raise ConfigError(f"unknown FAISS index type {kind!r}; choose one of {', '.join(FAISS_TYPES)}")
     if kind != "auto":
         return kind
     return "flat" if 4 * n * d <= AUTO_FLAT_BYTES else "sq8"
@@ -72,9 +74,7 @@ def faiss_from_chunks(chunks: Callable[[], Iterable[np.ndarray]], d: int, kind: 
 
 
 def write_faiss(index: faiss.Index, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    faiss.write_index(index, str(tmp))
-    tmp.replace(path)
+    replace_with(path, lambda t: faiss.write_index(index, str(t)))
 
 
 @dataclass
