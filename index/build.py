@@ -38,14 +38,15 @@ from attribution.model import DiffusionModel, load_model, pick_device
 from attribution.projection import Projection, make_projection
 from index.checks import NON_NEGATIVE, POSITIVE, check_build, user_error
 from index.dist import Dist
+from index.faiss_build import faiss_arg, faiss_from_chunks, resolve_faiss_type
 from index.folder import apply_plan, plan_folder, remove_temporaries
 from index.integrity import canonical_safetensors, file_records
 from index.layout import IndexLayout
 from index.manifest import CODE_VERSION, FORMAT_VERSION, settings_key
 from index.runlog import RunLog, checkpoint
-from index.store import FAISS_TYPES, faiss_from_chunks, resolve_faiss_type
 
 SHARD = 256  # images per shard (a multiple of every batch size used)
+STORE_DTYPES = {"flat": "float32", "ivf": "float32", "hnsw": "float32", "sq8": "uint8 (sq8)"}
 
 
 def _say(msg: str) -> None:
@@ -199,7 +200,7 @@ def store_stage(b: Build) -> faiss.Index:
     kind = resolve_faiss_type(b.faiss_type, b.n, att.dim)
     _say(f"writing the {kind} FAISS store ({b.n} × {att.dim})")
     index = faiss_from_chunks(lambda: (att.finish_train_features(_shard_raw(b, s, e)).numpy()
-                                       for s, e in b.shards), att.dim, kind)
+                                       for s, e in b.shards), att.dim, kind, n=b.n)
 
     def write(tmp: Path) -> None:
         faiss.write_index(index, str(tmp))
@@ -235,7 +236,7 @@ def manifest_stage(b: Build, index: faiss.Index) -> dict:
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "projection": {"kind": proj.kind if proj else None, "total_dim": att.dim,
                                "per_layer": proj.dims if proj else None,
-                               "dtype": "uint8 (sq8)" if kind == "sq8" else "float32"},
+                               "dtype": STORE_DTYPES.get(kind, f"as encoded by {kind}")},
                 "files": file_records(b.lay),
                 "faiss": {"type": kind, "requested": b.faiss_type, "metric": "inner_product",
                           "ntotal": int(index.ntotal)},
@@ -259,7 +260,7 @@ def build_index(model: DiffusionModel, data: ImageDataset, out: str | Path, cfg:
     The raw feature shards exist for resuming; once the store is written they are removed unless
     `keep_shards` (they are N·D float32, four times the size of an sq8 store)."""
     check_build(cfg, len(data), shard_size)
-    resolve_faiss_type(faiss_type, len(data), 1)  # an unknown store type: refused before any work
+    resolve_faiss_type(faiss_type, len(data))  # an unknown store type: refused before any work
     device = pick_device(str(device) if device else None)
     settings = {**build_settings(model, data, cfg, model_path, data_spec), "faiss": faiss_type,
                 "shard_size": shard_size}
@@ -271,6 +272,7 @@ def build_index(model: DiffusionModel, data: ImageDataset, out: str | Path, cfg:
         model.to(device)
         b.att = Attributor(model, data, cfg, device=device, progress=b.chatty)
         projection_stage(b, curvature_stage(b))
+        resolve_faiss_type(faiss_type, b.n, b.att.dim)  # a factory string that does not fit D
         feature_shards_stage(b)
         if b.dist.main:
             index = store_stage(b)
@@ -315,8 +317,10 @@ def add_build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--query-draws", type=POSITIVE, default=d.query_draws)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--batch-size", type=POSITIVE, default=d.batch_size)
-    p.add_argument("--faiss", choices=FAISS_TYPES, default="auto",
-                   help="auto: exact float32 'flat' up to 512 MiB of vectors, else 'sq8' (1 byte a number)")
+    p.add_argument("--faiss", type=faiss_arg, default="auto", metavar="TYPE",
+                   help="auto (default): exact float32 'flat' up to 512 MiB of vectors, else 'sq8' (1 byte "
+                        "a number); flat, sq8, ivf, hnsw; or a FAISS factory string such as IVF64,SQ8, "
+                        "IVF256,PQ16 or HNSW32 (trained on a sample of the features)")
     p.add_argument("--n", type=POSITIVE, default=None, help="index only the first N images")
     p.add_argument("--shard-size", type=POSITIVE, default=SHARD, help="images per resumable shard")
     p.add_argument("--keep-shards", action="store_true", help="keep the raw feature shards after the build")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,63 +17,21 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from attribution.atomic import replace_with
 from attribution.curvature import Curvature
-from attribution.errors import ConfigError
 from attribution.influence import AttributionConfig, Attributor
 from attribution.projection import Projection
+from index.faiss_build import (  # noqa: F401  (re-exported: the store's types and builders)
+    AUTO_FLAT_BYTES,
+    FAISS_TYPES,
+    faiss_from_chunks,
+    resolve_faiss_type,
+    write_faiss,
+)
 from index.integrity import verify_files
 from index.layout import IndexLayout
 from index.manifest import IndexLoadError, check_data, check_model, read_manifest
 
-FAISS_TYPES = ("auto", "flat", "sq8", "ivf", "hnsw")
 EXHAUSTIVE = (faiss.IndexFlat, faiss.IndexScalarQuantizer)  # every vector scored on every search
-AUTO_FLAT_BYTES = 1 << 29  # "auto": flat float32 up to 512 MiB of vectors, 8-bit scalar quantizer above
-
-
-def resolve_faiss_type(kind: str, n: int, d: int) -> str:
-    """'auto' -> 'flat' when N·D float32 fit in AUTO_FLAT_BYTES, else 'sq8'; others unchanged."""
-    if kind not in FAISS_TYPES:
-        raise ConfigError(f"unknown FAISS index type {kind!r}; choose one of {', '.join(FAISS_TYPES)}")
-    if kind != "auto":
-        return kind
-    return "flat" if 4 * n * d <= AUTO_FLAT_BYTES else "sq8"
-
-
-def faiss_from_chunks(chunks: Callable[[], Iterable[np.ndarray]], d: int, kind: str = "flat",
-                      nlist: int | None = None) -> faiss.Index:
-    """An inner-product FAISS index over row blocks (n_i, D) float32; `chunks()` is called once
-    (flat, hnsw), twice (sq8: per-dimension min/max first, so no value is clipped) or its blocks
-    are concatenated (ivf, which trains k-means on all vectors).
-
-    sq8 stores 1 byte per number; its inner-product error is ≈ 1% of the count sketch's own."""
-    if kind == "ivf":
-        feats = np.ascontiguousarray(np.concatenate(list(chunks())), dtype=np.float32)
-        nlist = nlist or max(1, min(4096, int(4 * np.sqrt(feats.shape[0]))))
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.train(feats)
-        index.nprobe = max(1, nlist // 8)
-        index.add(feats)
-        return index
-    if kind == "flat":
-        index = faiss.IndexFlatIP(d)
-    elif kind == "sq8":
-        index = faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
-        lo, hi = np.full(d, np.inf, np.float32), np.full(d, -np.inf, np.float32)
-        for c in chunks():
-            lo, hi = np.minimum(lo, c.min(0)), np.maximum(hi, c.max(0))
-        index.train(np.stack([lo, hi]).astype(np.float32))  # min/max ranges: exactly these bounds
-    elif kind == "hnsw":
-        index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
-    else:
-        raise ValueError(f"unknown FAISS index type {kind!r}; choose one of {', '.join(FAISS_TYPES[1:])}")
-    for c in chunks():
-        index.add(np.ascontiguousarray(c, dtype=np.float32))
-    return index
-
-
-def write_faiss(index: faiss.Index, path: Path) -> None:
-    replace_with(path, lambda t: faiss.write_index(index, str(t)))
 
 
 @dataclass
