@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from attribution.atomic import replace_with, save_numpy, save_tensors, save_text
+from attribution.console import say
 from attribution.curvature import Curvature, fit_curvature
 from attribution.data import ImageDataset, load_dataset, to_uint8
 from attribution.errors import AttributionError
@@ -47,10 +48,6 @@ from index.runlog import RunLog, checkpoint
 
 SHARD = 256  # images per shard (a multiple of every batch size used)
 STORE_DTYPES = {"flat": "float32", "ivf": "float32", "hnsw": "float32", "sq8": "uint8 (sq8)"}
-
-
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def build_settings(model: DiffusionModel, data: ImageDataset, cfg: AttributionConfig, model_path: str,
@@ -107,7 +104,7 @@ def prepare_folder(b: Build, overwrite: bool) -> bool:
     plan = plan_folder(b.lay, b.key, b.settings, overwrite)  # every rank: a refusal stops them all
     b.dist.barrier()
     if b.dist.main:
-        apply_plan(b.lay, plan, b.key, _say)
+        apply_plan(b.lay, plan, b.key, say)
         if not b.lay.manifest.exists():
             remove_temporaries(b.lay)
             b.lay.shards.mkdir(exist_ok=True)
@@ -126,13 +123,13 @@ def curvature_stage(b: Build) -> Curvature | None:
     if not att.spec.needs_curvature:
         return None
     if b.lay.curvature.exists():
-        _say(f"reusing the fitted curvature in {b.lay.curvature}")
+        say(f"reusing the fitted curvature in {b.lay.curvature}")
     else:
         t = time.time()
         crows = att.curvature_rows()
         batches = [crows[i:i + cfg.batch_size] for i in range(0, len(crows), cfg.batch_size)]
         rows = [r for batch in batches[b.dist.rank::b.dist.world] for r in batch]
-        _say(f"fitting {att.curvature_config().kind.upper()} curvature on {len(crows)} of {b.n} images "
+        say(f"fitting {att.curvature_config().kind.upper()} curvature on {len(crows)} of {b.n} images "
              f"× {att.curvature_draws} draws ({b.dist.world} process(es))")
         curvature = fit_curvature(b.model, b.data.images[rows], rows, att.curvature_config(),
                                   batch_size=cfg.batch_size, progress=b.chatty, device=b.device,
@@ -170,7 +167,7 @@ def feature_shards_stage(b: Build) -> None:
     mine = b.shards[b.dist.rank::b.dist.world]
     todo = [(s, e) for s, e in mine if not b.lay.shard(s, e).exists()]
     if b.dist.main:
-        _say(f"computing features for {b.n} images ({len(b.shards) - len(todo) * b.dist.world} of "
+        say(f"computing features for {b.n} images ({len(b.shards) - len(todo) * b.dist.world} of "
              f"{len(b.shards)} shards already done), D = {b.att.dim}, {b.cfg.draws} draws per image")
     bar = tqdm(total=sum(e - s for s, e in todo), desc="features", unit="img", disable=not b.chatty)
     for k, (s, e) in enumerate(todo, 1):
@@ -198,7 +195,7 @@ def store_stage(b: Build) -> faiss.Index:
         att.fit_trak(torch.cat([_shard_raw(b, s, e) for s, e in b.shards]))
         save_tensors(b.lay.trak, {"trak_inverse": att.trak_inverse})
     kind = resolve_faiss_type(b.faiss_type, b.n, att.dim)
-    _say(f"writing the {kind} FAISS store ({b.n} × {att.dim})")
+    say(f"writing the {kind} FAISS store ({b.n} × {att.dim})")
     index = faiss_from_chunks(lambda: (att.finish_train_features(_shard_raw(b, s, e)).numpy()
                                        for s, e in b.shards), att.dim, kind, n=b.n)
 
@@ -280,7 +277,7 @@ def build_index(model: DiffusionModel, data: ImageDataset, out: str | Path, cfg:
             manifest_stage(b, index)
             if not keep_shards:
                 shutil.rmtree(b.lay.shards, ignore_errors=True)
-            _say(f"index written to {b.lay.root} ({b.n} images, D = {b.att.dim}, {time.time() - b.t0:.0f} s)")
+            say(f"index written to {b.lay.root} ({b.n} images, D = {b.att.dim}, {time.time() - b.t0:.0f} s)")
         b.dist.barrier()
     except Exception as e:  # a full disk or a read-only folder: a plain message
         if (plain := user_error(e, b.lay.root)) is None:
@@ -346,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_build(args)
     except AttributionError as e:
-        _say(f"error: {e}")
+        say(f"error: {e}")
         return 2
     return 0
 

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from attribution.console import say
 from attribution.curvature import Curvature
 from attribution.influence import AttributionConfig, Attributor
 from attribution.projection import Projection
@@ -190,7 +190,7 @@ def load(index_dir: str | Path, model=None, data_fingerprint: str | None = None,
         check_data(manifest, data_fingerprint, index_dir)
     verified = verify_files(lay, manifest)
     if not verified:
-        _say(f"note: {index_dir} was built before indexes recorded checksums, so its files are not "
+        say(f"note: {index_dir} was built before indexes recorded checksums, so its files are not "
              "verified; rebuild it to add them")
     n = manifest["data"]["n"]
     fx = _read_store(lay, manifest)
@@ -227,7 +227,3 @@ def _query_attributor(lay: IndexLayout, manifest: dict, model, device) -> Attrib
         density = _read_part(lay.density, lambda p: load_file(str(p))["density"])
     return Attributor.from_parts(model, manifest["data"]["n"], cfg, curvature, projection, trak, density,
                                  device=device)
-
-
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
