@@ -4,7 +4,7 @@
     a build in progress, same settings     -> resume it
     a build in progress, other settings    -> its files move to .aside/<its key>/, a new build
                                               (and a build whose key is in .aside/ resumes from there)
-    a finished index, same settings        -> nothing to do
+    a finished index, same settings        -> nothing to do, unless `overwrite` (then rebuilt)
     a finished index, other settings       -> refused (naming the settings), unless `overwrite`
     anything else (other files, a file)    -> refused
 """
@@ -54,8 +54,11 @@ def plan_folder(lay: IndexLayout, key: str, settings: dict, overwrite: bool = Fa
         return FolderPlan("new")
     if lay.is_finished:
         old_key, old = _finished_settings(lay)
+        if old_key == key and not overwrite:
+            return FolderPlan("done", key, f"{root}: the index is already built with these settings "
+                                           "(--overwrite rebuilds it)")
         if old_key == key:
-            return FolderPlan("done", key, f"{root}: the index is already built with these settings")
+            return FolderPlan("overwrite", key, f"{root}: rebuilding the index there (--overwrite)")
         what = ("other settings (" + settings_diff(old, settings) + ")") if old is not None \
             else "a manifest that cannot be read"
         if not overwrite:

@@ -15,7 +15,7 @@ from pathlib import Path
 from attribution.errors import IndexLoadError
 from index.layout import IndexLayout
 
-REBUILD = "rebuild the index with `attribution index build`"
+REBUILD = "rebuild it with `attribution index build … --overwrite`"
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -62,18 +62,18 @@ def read_manifest(index_dir: str | Path) -> dict:
     try:
         m = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise IndexLoadError(f"{path}: corrupted manifest ({e}); rebuild the index") from None
+        raise IndexLoadError(f"{path}: corrupted manifest ({e}); rebuild it with `attribution index build … --overwrite`") from None
     if not isinstance(m, dict):
         raise IndexLoadError(f"{path}: corrupted manifest (a JSON {type(m).__name__}, not an object); "
-                             "rebuild the index")
+                             "rebuild it with `attribution index build … --overwrite`")
     if m.get("format_version") != FORMAT_VERSION:
         raise IndexLoadError(f"{index_dir}: index format version {m.get('format_version')!r}, this code "
-                          f"reads version {FORMAT_VERSION}; rebuild it with `attribution index build`")
+                          f"reads version {FORMAT_VERSION}; rebuild it with `attribution index build … --overwrite`")
     check_sections(m, path)
     got = settings_key(manifest_settings(m))
     if got != m["key"]:
         raise IndexLoadError(f"{path}: the settings in the manifest do not match its key ({got}, recorded "
-                             f"{m['key']}): it was edited after the build; rebuild the index")
+                             f"{m['key']}): it was edited after the build; rebuild it with `attribution index build … --overwrite`")
     return m
 
 
@@ -89,7 +89,7 @@ def check_sections(m: dict, path) -> None:
     missing += [sec for sec in REQUIRED if sec in m and not isinstance(m[sec], dict)]
     if missing:
         raise IndexLoadError(f"{path}: corrupted manifest (missing or malformed: {', '.join(missing)}); "
-                             "rebuild the index")
+                             "rebuild it with `attribution index build … --overwrite`")
 
 
 def check_model(manifest: dict, weights_sha256: str, index_dir) -> None:

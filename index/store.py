@@ -143,11 +143,11 @@ def _read_store(lay: IndexLayout, manifest: dict) -> faiss.Index:
         fx = faiss.read_index(str(lay.features))
     except RuntimeError as e:
         raise IndexLoadError(f"{lay.features}: unreadable or truncated FAISS file "
-                             f"({str(e).splitlines()[0][:120]}); rebuild the index") from None
+                             f"({str(e).splitlines()[0][:120]}); rebuild it with `attribution index build … --overwrite`") from None
     n, d = manifest["data"]["n"], manifest["projection"]["total_dim"]
     if fx.ntotal != n or fx.d != d:
         raise IndexLoadError(f"{lay.root}: {lay.FEATURES} holds {fx.ntotal}×{fx.d} vectors, the manifest "
-                             f"says {n}×{d}; rebuild the index")
+                             f"says {n}×{d}; rebuild it with `attribution index build … --overwrite`")
     return fx
 
 
@@ -155,12 +155,12 @@ def _read_items(lay: IndexLayout, n: int) -> list[dict]:
     try:
         items = [json.loads(line) for line in lay.items.read_text(encoding="utf-8").splitlines()]
     except (OSError, ValueError) as e:  # ValueError: bad JSON or bytes that are not UTF-8
-        raise IndexLoadError(f"{lay.items}: unreadable ({e}); rebuild the index") from None
+        raise IndexLoadError(f"{lay.items}: unreadable ({e}); rebuild it with `attribution index build … --overwrite`") from None
     if len(items) != n:
-        raise IndexLoadError(f"{lay.items}: {len(items)} items, expected {n}; rebuild the index")
+        raise IndexLoadError(f"{lay.items}: {len(items)} items, expected {n}; rebuild it with `attribution index build … --overwrite`")
     for i, it in enumerate(items):
         if not isinstance(it, dict) or it.get("row") != i or not {"label", "source"} <= it.keys():
-            raise IndexLoadError(f"{lay.items}: line {i + 1} is not the item of row {i}; rebuild the index")
+            raise IndexLoadError(f"{lay.items}: line {i + 1} is not the item of row {i}; rebuild it with `attribution index build … --overwrite`")
     return items
 
 
@@ -168,10 +168,10 @@ def _read_thumbs(lay: IndexLayout, n: int) -> np.ndarray:
     try:
         thumbs = np.load(lay.thumbs, allow_pickle=False)
     except (OSError, ValueError) as e:
-        raise IndexLoadError(f"{lay.thumbs}: unreadable ({e}); rebuild the index") from None
+        raise IndexLoadError(f"{lay.thumbs}: unreadable ({e}); rebuild it with `attribution index build … --overwrite`") from None
     if thumbs.ndim not in (3, 4) or thumbs.shape[0] != n or thumbs.dtype != np.uint8:
         raise IndexLoadError(f"{lay.thumbs}: {thumbs.dtype} {tuple(thumbs.shape)}, expected {n} uint8 "
-                             "thumbnails; rebuild the index")
+                             "thumbnails; rebuild it with `attribution index build … --overwrite`")
     return thumbs
 
 
@@ -205,7 +205,7 @@ def _read_part(path: Path, read):
     try:
         return read(path)
     except Exception as e:  # safetensors raises several types on a damaged file
-        raise IndexLoadError(f"{path}: unreadable ({e}); rebuild the index") from None
+        raise IndexLoadError(f"{path}: unreadable ({e}); rebuild it with `attribution index build … --overwrite`") from None
 
 
 def _query_attributor(lay: IndexLayout, manifest: dict, model, device) -> Attributor:
@@ -215,7 +215,7 @@ def _query_attributor(lay: IndexLayout, manifest: dict, model, device) -> Attrib
         cfg = AttributionConfig(**manifest["method"])
     except (TypeError, ValueError) as e:
         raise IndexLoadError(f"{lay.manifest}: its method settings are not understood ({e}); "
-                             "rebuild the index") from None
+                             "rebuild it with `attribution index build … --overwrite`") from None
     projection = curvature = trak = density = None
     if cfg.spec.preconditioner != "pixel":
         projection = _read_part(lay.projection, Projection.load)

@@ -53,6 +53,20 @@ def test_finished_index_with_other_settings_is_refused_unless_overwrite(parts, t
     assert snapshot(out) != before and IndexLayout(out).is_finished
 
 
+def test_overwrite_rebuilds_a_damaged_index_with_the_same_settings(parts, tmp_path, capfd):
+    from attribution.errors import IndexLoadError
+    from index.store import load
+
+    lay = IndexLayout(build(parts, tmp_path / "idx"))
+    lay.thumbs.write_bytes(b"damaged")
+    with pytest.raises(IndexLoadError, match="--overwrite"):
+        load(lay.root)
+    build(parts, lay.root)  # same settings: left alone, with a hint
+    assert "--overwrite rebuilds it" in capfd.readouterr().err and lay.thumbs.read_bytes() == b"damaged"
+    build(parts, lay.root, overwrite=True)
+    assert len(load(lay.root)) == N
+
+
 def test_unfinished_build_with_other_settings_is_moved_aside_and_comes_back(parts, tmp_path, capfd):
     lay = IndexLayout(build(parts, tmp_path / "idx"))
     lay.manifest.unlink()  # as if killed before the end: build.json, shards, ...
