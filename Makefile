@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine (Debian, Python 3.11, no GPU):
 #   make demo   creates .venv, installs the CPU torch build and the project, starts the explorer
-#   make test   the same install plus the dev extras and a headless Chromium, then the test suite
+#   make test   the same install plus the dev extras and a headless Chromium, then `ruff check .` and
+#               the test suite
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -32,7 +33,9 @@ install-dev: $(VENV)/.installed-dev
 demo: install
 	$(BIN)/attribution demo
 
+# lint first (seconds), then every test; `pytest -m "not slow and not browser and not peers"` is the quick subset
 test: install-dev
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -x --durations=15
 
 lint: install-dev

@@ -129,6 +129,7 @@ def choose(page, dropdown: str, option: str) -> None:
     assert page.input_value(f"#{dropdown} input") == option
 
 
+@pytest.mark.browser
 def test_browser(server, client, browser, tiny, files, tmp_path):
     k = 8
     page = browser.new_page(viewport={"width": 1280, "height": 800})
@@ -318,6 +319,7 @@ def test_explorer_queries_and_exports(tiny, files, tmp_path):
         ex.index("nope")
 
 
+@pytest.mark.slow
 def test_default_index_is_built_in_the_background(tiny, tmp_path):
     """A missing index: the page shows the build state, then answers."""
     out = tmp_path / "built"

@@ -27,6 +27,7 @@ def _folder(path: Path, n: int, size: tuple[int, int], mode: str, seed: int) -> 
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("channels", [1, 3])
 def test_scores_cli_contract(tmp_path, channels):
     model = build_model("tiny", seed=0, in_channels=channels, out_channels=channels)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from attribution.data import mnist
@@ -57,6 +58,7 @@ def test_seed_agreement_of_identical_seeds_is_one():
     assert np.allclose(seed_agreement(np.concatenate([m, m], axis=1)), 1.0)
 
 
+@pytest.mark.slow
 def test_sign_convention_end_to_end_with_retrained_models():
     """Queries are training images; models trained on subsets that contain a query image fit it
     better, so Σ_{i∈S} τ(q, i) must correlate positively with −loss(q; θ_S)."""

@@ -76,6 +76,7 @@ def test_flat_index_top_k_is_dense_top_k(setup, reference):
     np.testing.assert_allclose(s_top, -np.sort(-dense, axis=1)[:, :k], rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_killed_build_resumes_to_the_same_index(setup, reference):
     out = setup / "killed"
     rng = random.Random(0)
@@ -100,6 +101,7 @@ def test_killed_build_resumes_to_the_same_index(setup, reference):
     assert (out / "manifest.json").exists()
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_equal_one(setup, reference):
     out = setup / "dist"
     torchrun = Path(sys.executable).parent / "torchrun"
@@ -179,6 +181,7 @@ def test_changed_settings_start_a_new_build(setup, reference, tmp_path):
     np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_sq8_store_tracks_the_flat_one(setup, reference, tmp_path):
     """The 8-bit store (1 byte a number, the default for big indexes) keeps the ranking: its
     quantisation error is tiny next to the spread of the scores, and no value is clipped."""

@@ -129,6 +129,7 @@ def test_read_only_output_folder(tmp_path, model_dir):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_full_disk(tmp_path, model_dir):
     """Room for build.json but not for the curvature (≈ 1 MB): a plain message, no temporary."""
     r = _in_small_filesystem(tmp_path, f'export MODEL="{model_dir}"; mount -t tmpfs -o size=256k tmpfs "$MNT" && '

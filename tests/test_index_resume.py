@@ -56,6 +56,7 @@ def contents(root: Path) -> dict[str, bytes]:
     return out
 
 
+@pytest.mark.slow
 def test_killed_at_each_stage_then_resumed_is_byte_identical(model_dir, tmp_path):
     ref = tmp_path / "ref"
     assert run(model_dir, ref).returncode == 0
