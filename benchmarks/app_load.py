@@ -48,30 +48,41 @@ def _summary(lat: list[float]) -> dict:
             "mean": round(float(a.mean()), 4), "max": round(float(a.max()), 4), "n": int(len(a))}
 
 
-def run_load(url: str, files: list[Path], clients: int = 8, queries: int = 5, k: int = 8,
-             method: str | None = None, warmup: int = 3) -> dict:
-    """`warmup` unmeasured calls, reference answers (and latencies) from one client, then
-    `clients` × `queries` concurrent calls."""
-    from gradio_client import Client, handle_file
+def _call(client, f: Path, k: int, method: str | None) -> dict:
+    from gradio_client import handle_file
 
-    def call(client, f: Path) -> dict:
-        args = [handle_file(str(f)), k] + ([method] if method else [])
-        return client.predict(*args, api_name="/attribute")
+    args = [handle_file(str(f)), k] + ([method] if method else [])
+    return client.predict(*args, api_name="/attribute")
 
-    def key(res: dict):
-        return (res["scores"], [h["row"] for h in res["proponents"]], [h["row"] for h in res["opponents"]])
+
+def _key(res: dict):
+    """What must be equal between two answers to the same query."""
+    return (res["scores"], [h["row"] for h in res["proponents"]], [h["row"] for h in res["opponents"]])
+
+
+def _references(url: str, files: list[Path], k: int, method: str | None, warmup: int):
+    """One client: `warmup` unmeasured calls, then every file once. (answers by file, latencies,
+    the index's provenance)."""
+    from gradio_client import Client
 
     single = Client(url, verbose=False)
     for f in files[:warmup]:  # the first queries of a server process are slower; not measured
-        call(single, f)
+        _call(single, f, k, method)
     ref, single_lat, provenance = {}, [], None
     for f in files:
         t0 = time.perf_counter()
-        res = call(single, f)
+        res = _call(single, f, k, method)
         single_lat.append(time.perf_counter() - t0)
-        ref[f], provenance = key(res), res["index"]
+        ref[f], provenance = _key(res), res["index"]
+    return ref, single_lat, provenance
 
-    lat, errors, mismatches, server = [], [], [], []
+
+def _concurrent(url: str, files: list[Path], ref: dict, clients: int, queries: int, k: int,
+                method: str | None) -> dict:
+    """`clients` threads, each its own Client, started together, `queries` calls each."""
+    from gradio_client import Client
+
+    out = {"lat": [], "errors": [], "mismatches": [], "server": []}
     lock = threading.Lock()
     barrier = threading.Barrier(clients)
 
@@ -80,7 +91,7 @@ def run_load(url: str, files: list[Path], clients: int = 8, queries: int = 5, k:
             c = Client(url, verbose=False)
         except Exception as e:
             with lock:
-                errors.append(f"client {i}: could not connect ({type(e).__name__}: {e})")
+                out["errors"].append(f"client {i}: could not connect ({type(e).__name__}: {e})")
             barrier.abort()
             return
         try:
@@ -91,17 +102,17 @@ def run_load(url: str, files: list[Path], clients: int = 8, queries: int = 5, k:
             f = files[(i + j) % len(files)]
             t0 = time.perf_counter()
             try:
-                res = call(c, f)
+                res = _call(c, f, k, method)
             except Exception as e:
                 with lock:
-                    errors.append(f"client {i} query {j}: {type(e).__name__}: {e}")
+                    out["errors"].append(f"client {i} query {j}: {type(e).__name__}: {e}")
                 continue
             dt = time.perf_counter() - t0
             with lock:
-                lat.append(dt)
-                server.append(res["timings_s"])
-                if key(res) != ref[f]:
-                    mismatches.append(f"client {i} query {j} ({f.name})")
+                out["lat"].append(dt)
+                out["server"].append(res["timings_s"])
+                if _key(res) != ref[f]:
+                    out["mismatches"].append(f"client {i} query {j} ({f.name})")
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
     t0 = time.perf_counter()
@@ -109,9 +120,19 @@ def run_load(url: str, files: list[Path], clients: int = 8, queries: int = 5, k:
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - t0
+    out["wall"] = time.perf_counter() - t0
+    return out
+
+
+def run_load(url: str, files: list[Path], clients: int = 8, queries: int = 5, k: int = 8,
+             method: str | None = None, warmup: int = 3) -> dict:
+    """`warmup` unmeasured calls, reference answers (and latencies) from one client, then
+    `clients` × `queries` concurrent calls."""
+    ref, single_lat, provenance = _references(url, files, k, method, warmup)
+    c = _concurrent(url, files, ref, clients, queries, k, method)
+    lat, server, wall = c["lat"], c["server"], c["wall"]
     return {"clients": clients, "queries_per_client": queries, "k": k, "method": method, "warmup_calls": warmup,
-            "calls": clients * queries, "ok": len(lat), "errors": errors, "mismatches": mismatches,
+            "calls": clients * queries, "ok": len(lat), "errors": c["errors"], "mismatches": c["mismatches"],
             "latency_s": _summary(lat), "single_client_latency_s": _summary(single_lat),
             "wall_s": round(wall, 3), "throughput_per_s": round(len(lat) / wall, 3) if wall else None,
             "server_timings_s": {name: _summary([t[name] for t in server if name in t])

@@ -210,28 +210,31 @@ def render_report(data: dict, query_image: np.ndarray, thumbs: np.ndarray | None
         tx.text(0.0, 1.0, _settings_text(data), va="top", ha="left", fontsize=6.5, family="monospace",
                 wrap=True, transform=tx.transAxes)
         _histogram(fig.add_subplot(head[2]), data.get("scores"), props, opps)
-        for block, (hits, name, color) in enumerate(((props, "proponents (highest τ: make the query "
-                                                      "more likely)", PROPONENT_COLOR),
-                                                     (opps, "opponents (lowest τ: make it less likely)",
-                                                      OPPONENT_COLOR))):
+        sides = ((props, "proponents (highest τ: make the query more likely)", PROPONENT_COLOR),
+                 (opps, "opponents (lowest τ: make it less likely)", OPPONENT_COLOR))
+        for block, (hits, name, color) in enumerate(sides):
             start = 1 + block * (krows + 1)
-            lab = fig.add_subplot(outer[start])
-            lab.axis("off")
-            lab.text(0, 0.5, f"top {len(hits)} {name}", fontsize=9, color=color, va="center",
-                     transform=lab.transAxes)
-            for r in range(krows):
-                cells = outer[start + 1 + r].subgridspec(1, ncol, wspace=0.15)
-                for c in range(ncol):
-                    i = r * ncol + c
-                    ax = fig.add_subplot(cells[c])
-                    if i >= len(hits):
-                        ax.axis("off")
-                        continue
-                    h = hits[i]
-                    img = thumbs[h["row"]] if thumbs is not None else np.zeros((8, 8), np.uint8)
-                    _show(ax, img, caption(h).replace(" · id", "\nid"), color=color)
+            _gallery(fig, [outer[start + j] for j in range(krows + 1)], hits, f"top {len(hits)} {name}", color, thumbs, ncol)
         fig.savefig(path, format="png")
     return path
+
+
+def _gallery(fig, slots, hits: list[dict], label: str, color: str, thumbs: np.ndarray | None, ncol: int) -> None:
+    """One side's label (the first slot) and its thumbnails, `ncol` a row (the other slots)."""
+    lab = fig.add_subplot(slots[0])
+    lab.axis("off")
+    lab.text(0, 0.5, label, fontsize=9, color=color, va="center", transform=lab.transAxes)
+    for r in range(len(slots) - 1):
+        cells = slots[1 + r].subgridspec(1, ncol, wspace=0.15)
+        for c in range(ncol):
+            i = r * ncol + c
+            ax = fig.add_subplot(cells[c])
+            if i >= len(hits):
+                ax.axis("off")
+                continue
+            h = hits[i]
+            img = thumbs[h["row"]] if thumbs is not None else np.zeros((8, 8), np.uint8)
+            _show(ax, img, caption(h).replace(" · id", "\nid"), color=color)
 
 
 __all__ = ["payload", "provenance", "write_json", "write_csv", "score_histogram", "render_report",
