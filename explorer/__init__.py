@@ -7,6 +7,7 @@ Layers import one way: `attribution` (the library) ← `index` (the FAISS store)
     cli.py        the `attribution` command (train, sample, scores, index build, query, evaluate, serve, demo)
     launch.py     start the app: options, loading the model and indexes, serving
     ui.py         the Gradio Blocks page and its API endpoints
+    render.py     what the page shows as text and images (thumbnails, captions, banner, CSS)
     service.py    the query service behind the page: Explorer, Query, Answer
     build_job.py  the background build of a missing default index
     exports.py    export files of one answer, and their housekeeping
