@@ -177,7 +177,8 @@ def run_methods(a: argparse.Namespace, workdir: Path, setup: dict) -> dict:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from benchmarks.peers import __doc__ as doc
 
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.peers", description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_const", dest="mode", const="quick")
     p.add_argument("--medium", action="store_const", dest="mode", const="medium")
     p.add_argument("--mode", choices=tuple(MODES))
