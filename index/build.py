@@ -130,13 +130,13 @@ def curvature_stage(b: Build) -> Curvature | None:
         batches = [crows[i:i + cfg.batch_size] for i in range(0, len(crows), cfg.batch_size)]
         rows = [r for batch in batches[b.dist.rank::b.dist.world] for r in batch]
         say(f"fitting {att.curvature_config().kind.upper()} curvature on {len(crows)} of {b.n} images "
-             f"× {att.curvature_draws} draws ({b.dist.world} process(es))")
+            f"× {att.curvature_draws} draws ({b.dist.world} process(es))")
         curvature = fit_curvature(b.model, b.data.images[rows], rows, att.curvature_config(),
                                   batch_size=cfg.batch_size, progress=b.chatty, device=b.device,
                                   allreduce=b.dist.allreduce)
         curvature.meta["n_images"] = len(crows)
         checkpoint("curvature-fitted")
-        b.written_by_main(b.lay.curvature, lambda t: canonical_safetensors(curvature.save(t) or t))
+        b.written_by_main(b.lay.curvature, lambda tmp: canonical_safetensors(curvature.save(tmp) or tmp))
         b.log.add(seconds_curvature=time.time() - t)
         checkpoint("curvature-written")
     return Curvature.load(b.lay.curvature)
@@ -150,7 +150,7 @@ def projection_stage(b: Build, curvature: Curvature | None) -> None:
     if att.uses_model:
         shapes = model_layer_shapes(b.model.unet)
         proj = make_projection(shapes, cfg.dim, cfg.seed, cfg.projection)
-        b.written_by_main(b.lay.projection, lambda t: canonical_safetensors(proj.save(t) or t))
+        b.written_by_main(b.lay.projection, lambda tmp: canonical_safetensors(proj.save(tmp) or tmp))
         projection = Projection.load(b.lay.projection)
     density = load_file(str(b.lay.density))["density"] if b.lay.density.exists() else None
     att.fit(curvature=curvature, projection=projection, density=density)
@@ -168,7 +168,7 @@ def feature_shards_stage(b: Build) -> None:
     todo = [(s, e) for s, e in mine if not b.lay.shard(s, e).exists()]
     if b.dist.main:
         say(f"computing features for {b.n} images ({len(b.shards) - len(todo) * b.dist.world} of "
-             f"{len(b.shards)} shards already done), D = {b.att.dim}, {b.cfg.draws} draws per image")
+            f"{len(b.shards)} shards already done), D = {b.att.dim}, {b.cfg.draws} draws per image")
     bar = tqdm(total=sum(e - s for s, e in todo), desc="features", unit="img", disable=not b.chatty)
     for k, (s, e) in enumerate(todo, 1):
         t = time.time()
