@@ -274,10 +274,22 @@ class Attributor:
             self.config.antithetic, progress=self.progress if progress is None else progress,
             desc="training features", device=self.device, halves=halves)
 
+    @property
+    def spread_available(self) -> bool:
+        """Whether scores get stability figures from independent halves of the draws: a model-based
+        method whose draws split evenly (antithetic pairs stay together), not TRAK-style (its
+        refitted inverse makes a half-split meaningless) and not the trajectory measurement."""
+        unit = 4 if self.config.antithetic else 2
+        return (self.uses_model and self.spec.preconditioner != "trak" and self.spec.measurement != "trajectory"
+                and self.config.draws % unit == 0 and self.config.query_draws % unit == 0)
+
     def finish_with_spread(self, raw_halves: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw half features (n, 2, D) -> (φ, δ): the finished features and their half-difference
         under the same transforms (normalisation to first order: `_normalize_with_spread`)."""
-        phi, delta = split_halves(raw_halves)
+        return self.finish_pair(*split_halves(raw_halves))
+
+    def finish_pair(self, phi: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `finish_with_spread`, from the raw mean φ (n, D) and half-difference δ (n, D)."""
         if self.spec.preconditioner == "trak":
             phi, delta = phi @ self.trak_inverse, delta @ self.trak_inverse
         return _normalize_with_spread(phi, delta) if self.spec.normalize else (phi, delta)

@@ -16,23 +16,12 @@ shown figure pools it with the shown list's mean: se_shown² = (se² + mean(se²
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 
 def split(halves):
     """(…, 2, D) half features -> (mean, half-difference), each (…, D)."""
     return (halves[..., 0, :] + halves[..., 1, :]) / 2, (halves[..., 0, :] - halves[..., 1, :]) / 2
-
-
-@dataclass
-class Spread:
-    """Per-image stability figures for one query, aligned with the given rows."""
-
-    se: np.ndarray  # pooled standard error of each score (score units)
-    rank_a: np.ndarray | None  # 1-based rank under the draws of half A (None: not all scores known)
-    rank_b: np.ndarray | None
 
 
 def half_estimates(s_pp, s_pd, s_dp, s_dd):

@@ -37,6 +37,7 @@ from attribution.features import model_layer_shapes
 from attribution.influence import DEFAULT_DIM, METHODS, TRAK_DIM, AttributionConfig, Attributor, dim_arg
 from attribution.model import DiffusionModel, load_model, pick_device
 from attribution.projection import Projection, make_projection
+from attribution.uncertainty import split as split_halves
 from index.checks import NON_NEGATIVE, POSITIVE, check_build, user_error
 from index.dist import Dist
 from index.faiss_build import faiss_arg, faiss_from_chunks, resolve_faiss_type
@@ -48,6 +49,7 @@ from index.runlog import RunLog, checkpoint
 
 SHARD = 256  # images per shard (a multiple of every batch size used)
 STORE_DTYPES = {"flat": "float32", "ivf": "float32", "hnsw": "float32", "sq8": "uint8 (sq8)"}
+SPREAD_STORE = "sq4"  # the half-differences behind the stability figures: 4 bits a number
 
 
 def build_settings(model: DiffusionModel, data: ImageDataset, cfg: AttributionConfig, model_path: str,
@@ -172,8 +174,11 @@ def feature_shards_stage(b: Build) -> None:
     bar = tqdm(total=sum(e - s for s, e in todo), desc="features", unit="img", disable=not b.chatty)
     for k, (s, e) in enumerate(todo, 1):
         t = time.time()
-        raw = b.att.raw_train_features(list(range(s, e)), progress=False)
-        save_tensors(b.lay.shard(s, e), {"raw": raw})
+        if b.att.spread_available:  # two independent halves of the draws: their mean and half-difference
+            mean, delta = split_halves(b.att.raw_train_features(list(range(s, e)), progress=False, halves=True))
+            save_tensors(b.lay.shard(s, e), {"raw": mean.contiguous(), "raw_delta": delta.contiguous()})
+        else:
+            save_tensors(b.lay.shard(s, e), {"raw": b.att.raw_train_features(list(range(s, e)), progress=False)})
         b.log.add(seconds_features=time.time() - t, rows=e - s if b.dist.world == 1 else 0)
         bar.update(e - s)
         checkpoint(f"shard-{k}")
@@ -183,8 +188,31 @@ def feature_shards_stage(b: Build) -> None:
     b.dist.barrier()
 
 
-def _shard_raw(b: Build, s: int, e: int) -> torch.Tensor:
-    return load_file(str(b.lay.shard(s, e)))["raw"]
+def _shard_raw(b: Build, s: int, e: int, part: str = "raw") -> torch.Tensor:
+    return load_file(str(b.lay.shard(s, e)))[part]
+
+
+def spread_stage(b: Build) -> None:
+    """Stage 4b (rank 0), for methods with independent halves: the half-differences δ of the
+    finished features in an sq4 store (spread.faiss; the stability figures) and every training
+    image's self-influence τ(i, i) = N φ_A·φ_B (self_influence.npy; independent halves, so the
+    draws' own noise does not inflate it)."""
+    att, t = b.att, time.time()
+    if not att.spread_available:
+        return
+
+    def pairs():
+        for s, e in b.shards:
+            yield att.finish_pair(_shard_raw(b, s, e), _shard_raw(b, s, e, "raw_delta"))
+
+    say(f"writing the stability store ({b.n} × {att.dim}, {SPREAD_STORE}) and self-influence")
+    spread = faiss_from_chunks(lambda: (d.numpy() for _, d in pairs()), att.dim, SPREAD_STORE, n=b.n)
+    replace_with(b.lay.spread, lambda tmp: faiss.write_index(spread, str(tmp)))
+    self_inf = torch.cat([att.n_train * (phi.double().pow(2).sum(1) - d.double().pow(2).sum(1))
+                          for phi, d in pairs()]).float().numpy()
+    save_numpy(b.lay.self_influence, self_inf)
+    b.log.add(seconds_store=time.time() - t)
+    checkpoint("spread-written")
 
 
 def store_stage(b: Build) -> faiss.Index:
@@ -273,6 +301,7 @@ def build_index(model: DiffusionModel, data: ImageDataset, out: str | Path, cfg:
         feature_shards_stage(b)
         if b.dist.main:
             index = store_stage(b)
+            spread_stage(b)
             items_stage(b)
             manifest_stage(b, index)
             if not keep_shards:

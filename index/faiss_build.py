@@ -21,8 +21,9 @@ import numpy as np
 from attribution.atomic import replace_with
 from attribution.errors import ConfigError
 
-FAISS_TYPES = ("auto", "flat", "sq8", "ivf", "hnsw")
-AUTO_FLAT_BYTES = 1 << 29  # "auto": flat float32 up to 512 MiB of vectors, 8-bit scalar quantizer above
+FAISS_TYPES = ("auto", "flat", "sq8", "sq4", "ivf", "hnsw")
+SCALAR_BITS = {"sq8": faiss.ScalarQuantizer.QT_8bit, "sq4": faiss.ScalarQuantizer.QT_4bit}
+AUTO_FLAT_BYTES = 1 << 28  # "auto": flat float32 up to 256 MiB of vectors, 8-bit scalar quantizer above
 TRAIN_ROWS = 65536  # the most rows a factory index is trained on ...
 TRAIN_BYTES = 1 << 30  # ... and the most memory that sample may take
 PROBE_D = 960  # a dimension divisible by most sub-quantizer counts, to check a factory string's syntax
@@ -137,7 +138,8 @@ def faiss_from_chunks(chunks: Callable[[], Iterable[np.ndarray]], d: int, kind: 
     string: a training sample first, where its index needs training) or its blocks are
     concatenated (ivf, which trains k-means on all vectors). `n`: the number of rows, if known.
 
-    sq8 stores 1 byte per number; its inner-product error is ≈ 1% of the count sketch's own."""
+    sq8 stores 1 byte per number; its inner-product error is ≈ 1% of the count sketch's own. sq4
+    (half a byte) holds the half-differences behind the stability figures."""
     if is_factory(kind):
         return _from_factory(chunks, d, kind, n)
     if kind == "ivf":
@@ -150,8 +152,8 @@ def faiss_from_chunks(chunks: Callable[[], Iterable[np.ndarray]], d: int, kind: 
         return index
     if kind == "flat":
         index = faiss.IndexFlatIP(d)
-    elif kind == "sq8":
-        index = faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
+    elif kind in SCALAR_BITS:
+        index = faiss.IndexScalarQuantizer(d, SCALAR_BITS[kind], faiss.METRIC_INNER_PRODUCT)
         lo, hi = np.full(d, np.inf, np.float32), np.full(d, -np.inf, np.float32)
         for c in chunks():
             lo, hi = np.minimum(lo, c.min(0)), np.maximum(hi, c.max(0))

@@ -24,14 +24,17 @@ class IndexLayout:
     TRAK = "trak.safetensors"
     DENSITY = "density.safetensors"  # importance density of timesteps, for `importance` configs
     FEATURES = "features.faiss"
+    SPREAD = "spread.faiss"  # half-differences δ of the features (stability figures), 4 bits a number
+    SELF_INFLUENCE = "self_influence.npy"  # τ(i, i) of every training image, from independent halves
     ITEMS = "items.jsonl"
     THUMBS = "thumbs.npy"
     SHARDS = "shards"
     ASIDE = ".aside"  # unfinished builds with other settings are moved here, one folder per key
     # every finished file but the store carries a sha256 in the manifest; the store (large) is
     # checked by its size and its FAISS header instead
-    CHECKSUMMED = (CURVATURE, PROJECTION, TRAK, DENSITY, ITEMS, THUMBS)
-    FILES = (MANIFEST, BUILD, CURVATURE, PROJECTION, TRAK, DENSITY, FEATURES, ITEMS, THUMBS)
+    CHECKSUMMED = (CURVATURE, PROJECTION, TRAK, DENSITY, SPREAD, SELF_INFLUENCE, ITEMS, THUMBS)
+    FILES = (MANIFEST, BUILD, CURVATURE, PROJECTION, TRAK, DENSITY, FEATURES, SPREAD, SELF_INFLUENCE, ITEMS,
+             THUMBS)
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -69,6 +72,14 @@ class IndexLayout:
     @property
     def features(self) -> Path:
         return self.root / self.FEATURES
+
+    @property
+    def spread(self) -> Path:
+        return self.root / self.SPREAD
+
+    @property
+    def self_influence(self) -> Path:
+        return self.root / self.SELF_INFLUENCE
 
     @property
     def items(self) -> Path:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from attribution import uncertainty as uq
 from attribution.console import say
 from attribution.curvature import Curvature
 from attribution.influence import AttributionConfig, Attributor
@@ -36,11 +37,20 @@ EXHAUSTIVE = (faiss.IndexFlat, faiss.IndexScalarQuantizer)  # every vector score
 
 @dataclass
 class Hit:
+    """One shown training image. The stability figures (None where the index has none):
+    `se`, the standard error of the score under new draws; `rank_a`, `rank_b`, its rank under each
+    of two independent halves of the draws; `distinct`, whether its score is more than two standard
+    errors from the first one not shown (attribution/uncertainty.py)."""
+
     rank: int
     row: int
     score: float
     label: int
     source: str
+    se: float | None = None
+    rank_a: int | None = None
+    rank_b: int | None = None
+    distinct: bool | None = None
 
 
 @dataclass
@@ -49,23 +59,28 @@ class QueryResult:
     opponents: list[Hit]
     timings: dict[str, float] = field(default_factory=dict)
     all_scores: np.ndarray | None = None
+    stability: dict | None = None  # pooled se, how many shown are distinguishable, how it was made
 
     def to_dict(self) -> dict:
         return {"proponents": [h.__dict__ for h in self.proponents],
-                "opponents": [h.__dict__ for h in self.opponents], "timings_s": self.timings}
+                "opponents": [h.__dict__ for h in self.opponents], "timings_s": self.timings,
+                "stability": self.stability}
 
 
 class Index:
     """A loaded index: FAISS store, items, thumbnails, and the query-side feature map."""
 
     def __init__(self, path: Path, manifest: dict, faiss_index: faiss.Index, items: list[dict],
-                 thumbs: np.ndarray | None, attributor: Attributor | None):
+                 thumbs: np.ndarray | None, attributor: Attributor | None, spread: faiss.Index | None = None,
+                 self_influence: np.ndarray | None = None):
         self.path = path
         self.manifest = manifest
         self.faiss = faiss_index
         self.items = items
         self.thumbs = thumbs
         self.attributor = attributor
+        self.spread = spread  # half-differences of the features (sq4), for the stability figures
+        self.self_influence = self_influence  # (N,) τ(i, i), where the index has it
 
     def __len__(self) -> int:
         return self.faiss.ntotal
@@ -116,19 +131,73 @@ class Index:
         return [Hit(r + 1, int(i), float(s), int(self.items[i]["label"]), self.items[i]["source"])
                 for r, (s, i) in enumerate(zip(scores, rows)) if i >= 0]
 
+    @property
+    def has_spread(self) -> bool:
+        return self.spread is not None and self.attributor is not None and self.attributor.spread_available
+
     def query(self, image: torch.Tensor, k: int = 16, trajectory=None, with_all: bool = False) -> QueryResult:
-        """One query image (C, H, W) in [-1, 1] -> top-k proponents and opponents."""
+        """One query image (C, H, W) in [-1, 1] -> top-k proponents and opponents, with their
+        stability figures where the index holds half-differences."""
         t0 = time.perf_counter()
-        psi = self.query_features(image.unsqueeze(0), trajectory)
+        dpsi = None
+        if self.has_spread:
+            psi, dpsi = (f.numpy() for f in self.attributor.query_features_with_spread(image.unsqueeze(0), trajectory))
+        else:
+            psi = self.query_features(image.unsqueeze(0), trajectory)
         t1 = time.perf_counter()
         scores = self.all_scores(psi) if self.exhaustive else None
-        s_top, i_top, s_bot, i_bot = self.search(psi, k) if scores is None else _ends(scores, min(k, len(self)))
+        k = min(k, len(self))
+        s_top, i_top, s_bot, i_bot = self.search(psi, k) if scores is None else _ends(scores, k)
         t2 = time.perf_counter()
         res = QueryResult(self.hits(s_top[0], i_top[0]), self.hits(s_bot[0], i_bot[0]),
                           {"query_gradient": t1 - t0, "search": t2 - t1})
+        if dpsi is not None:
+            res.stability = stability_figures(self, psi, dpsi, scores, res)
+            res.timings["stability"] = time.perf_counter() - t2
         if with_all and scores is not None:
             res.all_scores = scores[0]
         return res
+
+
+def stability_figures(idx: Index, psi: np.ndarray, dpsi: np.ndarray, scores: np.ndarray | None,
+                      res: QueryResult, z: float = 2.0) -> dict:
+    """Fills each hit's se, ranks under the two halves and `distinct` (attribution/uncertainty.py);
+    returns the summary. `scores` (1, N) are all scores when the store is exhaustive."""
+    both = np.ascontiguousarray(np.concatenate([psi, dpsi]), dtype=np.float32)
+    s, i = idx.spread.search(both, idx.spread.ntotal)  # ψ·δ and δψ·δ for every image
+    on_spread = np.empty_like(s)
+    np.put_along_axis(on_spread, i, s, axis=1)
+    s_pd, s_dd = on_spread
+    shown = np.array([h.row for h in res.proponents + res.opponents], dtype=np.int64)
+    if scores is not None:
+        s_pp, s_dp = scores[0], idx.all_scores(dpsi)[0]
+        h_a, h_b = uq.half_estimates(s_pp, s_pd, s_dp, s_dd)
+    else:  # an approximate store: δψ·φ from the shown images' reconstructed features, no ranks
+        s_pp = h_a = h_b = None
+        s_dp = np.zeros(len(idx))
+        s_dp[shown] = np.stack([idx.faiss.reconstruct(int(r)) for r in shown]) @ dpsi[0]
+    raw = uq.raw_se(s_pd, s_dp)
+    for hits, desc in ((res.proponents, True), (res.opponents, False)):
+        if not hits:
+            continue
+        rows = np.array([h.row for h in hits])
+        nxt = None
+        if s_pp is not None and len(hits) < len(idx):
+            order = np.argsort(-s_pp if desc else s_pp, kind="stable")
+            nxt = int(order[len(hits)])
+        se = uq.pooled(raw[rows if nxt is None else np.append(rows, nxt)])
+        flags = (uq.distinguishable(np.array([h.score for h in hits]), se[:len(hits)], float(s_pp[nxt]), se[-1], z,
+                                    desc) if nxt is not None else [None] * len(hits))
+        ra = uq.ranks_of(h_a, rows, desc) if h_a is not None else [None] * len(hits)
+        rb = uq.ranks_of(h_b, rows, desc) if h_b is not None else [None] * len(hits)
+        for h, e, a, b, f in zip(hits, se, ra, rb, flags):
+            h.se, h.distinct = float(e), None if f is None else bool(f)
+            h.rank_a, h.rank_b = (None if a is None else int(a)), (None if b is None else int(b))
+    pooled = float(np.sqrt(np.mean(raw[shown] ** 2))) if shown.size else None
+    return {"pooled_se": pooled, "z": z,
+            "distinct_proponents": sum(bool(h.distinct) for h in res.proponents),
+            "distinct_opponents": sum(bool(h.distinct) for h in res.opponents),
+            "method": "independent halves of the training and query draws (attribution/uncertainty.py)"}
 
 
 def _ends(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -198,7 +267,22 @@ def load(index_dir: str | Path, model=None, data_fingerprint: str | None = None,
     has_thumbs = lay.THUMBS in manifest["files"] if verified else lay.thumbs.exists()
     thumbs = _read_thumbs(lay, n) if has_thumbs else None
     att = _query_attributor(lay, manifest, model, device) if model is not None else None
-    return Index(index_dir, manifest, fx, items, thumbs, att)
+    spread = _read_faiss(lay.spread) if (lay.SPREAD in manifest["files"] if verified else lay.spread.exists()) else None
+    self_inf = None
+    if lay.SELF_INFLUENCE in manifest.get("files", {}):
+        self_inf = _read_part(lay.self_influence, lambda p: np.load(p, allow_pickle=False))
+        if self_inf.shape != (n,):
+            raise IndexLoadError(f"{lay.self_influence}: shape {self_inf.shape}, expected ({n},); "
+                                 "rebuild it with `attribution index build … --overwrite`")
+    return Index(index_dir, manifest, fx, items, thumbs, att, spread, self_inf)
+
+
+def _read_faiss(path: Path) -> faiss.Index:
+    try:
+        return faiss.read_index(str(path))
+    except RuntimeError as e:
+        raise IndexLoadError(f"{path}: unreadable or truncated FAISS file ({str(e).splitlines()[0][:120]}); "
+                             "rebuild it with `attribution index build … --overwrite`") from None
 
 
 def _read_part(path: Path, read):
