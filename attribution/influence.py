@@ -262,17 +262,20 @@ class Attributor:
     def raw_train_features(self, rows: list[int] | None = None, progress: bool | None = None,
                            halves: bool = False) -> torch.Tensor:
         """Training features before any dataset-level transform (TRAK's ΦᵀΦ, normalisation):
-        (n, D), or with `halves` (n, 2, D) from two independent halves of each image's draws."""
+        (n, D), or with `halves` (n, 2, D) from two independent halves of each image's draws. Where
+        the method has halves (`spread_available`) the (n, D) features are their mean, so the index
+        (which stores halves) and direct scoring see the very same numbers."""
         rows = list(range(self.n_train)) if rows is None else list(rows)
         images = self.train.images[rows]
         if not self.uses_model:
             flat = images.flatten(1).float()
             return torch.stack([flat, flat], 1) if halves else flat
-        return gradient_features(
+        f = gradient_features(
             self.model, self.feature_map("train"), images, rows, self.measurement("train"),
             self.config.draws, self.config.seed, self.config.batch_size, self.config.stratified,
             self.config.antithetic, progress=self.progress if progress is None else progress,
-            desc="training features", device=self.device, halves=halves)
+            desc="training features", device=self.device, halves=halves or self.spread_available)
+        return f if halves or not self.spread_available else split_halves(f)[0]
 
     @property
     def spread_available(self) -> bool:
@@ -320,6 +323,8 @@ class Attributor:
         """ψ (Q, D) for query images (Q, C, H, W) in [-1, 1]."""
         if not self.uses_model:
             psi = images.flatten(1).float()
+        elif self.spread_available:  # the mean of the halves: the same numbers as with the spread
+            psi = split_halves(self._raw_query_features(images, trajectory, halves=True))[0]
         else:
             psi = self._raw_query_features(images, trajectory, halves=False)
         return _normalize(psi) if self.spec.normalize else psi
