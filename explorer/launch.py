@@ -5,7 +5,9 @@
 
 Environment variables (used when the flag is not given): ATTRIBUTION_MODEL (model folder),
 ATTRIBUTION_INDEX (comma-separated index folders; several give a method selector),
-GRADIO_SERVER_NAME, GRADIO_SERVER_PORT. Without options the default model (assets/mnist-unet)
+GRADIO_SERVER_NAME, GRADIO_SERVER_PORT; a flag that is given always wins. Binding anywhere but
+loopback prints a one-line warning. From the command line the server runs with
+MALLOC_ARENA_MAX=2 (`limit_malloc_arenas`). Without options the default model (assets/mnist-unet)
 and the default index (indexes/mnist-ekfac) are used; a missing default index is built first,
 in the background, while the page shows its progress.
 """
@@ -53,13 +55,70 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _address(args: argparse.Namespace) -> tuple[str, int]:
-    host = getattr(args, "host", None)
-    if host in (None, "127.0.0.1"):  # the default; a Space sets GRADIO_SERVER_NAME=0.0.0.0
-        host = os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")
+    """Host and port: a flag that was given wins; else the environment (a Space sets
+    GRADIO_SERVER_NAME=0.0.0.0); else 127.0.0.1:7860. ConfigError for a port that is not one."""
+    from attribution.errors import ConfigError
+
+    host = getattr(args, "host", None) or os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1"
     port = getattr(args, "port", None)
-    if port in (None, 7860):
-        port = int(os.environ.get("GRADIO_SERVER_PORT", "7860"))
+    if port is None:
+        text = os.environ.get("GRADIO_SERVER_PORT") or "7860"
+        try:
+            port = int(text)
+        except ValueError:
+            raise ConfigError(f"GRADIO_SERVER_PORT={text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"port {port} is not between 0 and 65535")
     return host, port
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 and localhost: reachable from this machine only."""
+    import ipaddress
+
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def warn_if_exposed(host: str) -> None:
+    """One line when the app will listen beyond this machine."""
+    if not is_loopback(host):
+        say(f"warning: listening on {host}, not only on this machine: anyone who can reach this "
+            "address can use the app; give --host 127.0.0.1 to keep it local")
+
+
+ARENA_MAX = "2"
+
+
+def limit_malloc_arenas() -> None:
+    """Re-execute this very command with MALLOC_ARENA_MAX=2 unless the variable is set already.
+
+    glibc gives each thread that contends for malloc its own arena (up to 8 × cores); the
+    server's request threads then fragment memory and its RSS grew from 1.2 to 2.2 GB over 360
+    queries (issue 14), against ~1.0 GB with two arenas. glibc reads the variable once, when the
+    process starts, so setting os.environ now would do nothing: the process replaces itself
+    (os.execv, same pid, same arguments: `sys.orig_argv`) with the variable set. Called only by
+    the command-line entry points (`attribution serve|demo`, `python app.py`), never when the
+    app is started from Python. Set MALLOC_ARENA_MAX yourself to choose another value."""
+    import platform
+    import sys
+
+    if os.environ.get("MALLOC_ARENA_MAX") or platform.libc_ver()[0] != "glibc":
+        return
+    os.environ["MALLOC_ARENA_MAX"] = ARENA_MAX
+    argv = list(getattr(sys, "orig_argv", []))
+    if not argv:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execv(sys.executable, [sys.executable, *argv[1:]])
+    except OSError as e:  # keep running without the limit
+        say(f"note: could not restart with MALLOC_ARENA_MAX={ARENA_MAX} ({e}); memory may grow under load")
 
 
 def _load_indexes(index_dirs: list[Path], model, model_path: str | None, device):
@@ -88,17 +147,24 @@ def main(args: argparse.Namespace | None = None) -> int:
     """Start the app (`args` from `parse_args` or the CLI's serve/demo: model, index, host, port)."""
     import torch
 
-    from attribution.errors import IndexLoadError, ModelError
+    from attribution.errors import ConfigError, IndexLoadError, ModelError
     from attribution.model import load_model, pick_device
     from explorer.build_job import DEFAULT_INDEX
     from explorer.service import Explorer
     from explorer.ui import build_demo
 
-    args = args if args is not None else parse_args()
+    if args is None:  # `python app.py`: the command line is this process's own
+        args = parse_args()
+        limit_malloc_arenas()
     model_path = getattr(args, "model", None) or os.environ.get("ATTRIBUTION_MODEL") or None
     index_arg = getattr(args, "index", None) or os.environ.get("ATTRIBUTION_INDEX") or ""
     index_dirs = [Path(s.strip()) for s in index_arg.split(",") if s.strip()] or [DEFAULT_INDEX]
-    host, port = _address(args)
+    try:
+        host, port = _address(args)
+    except ConfigError as e:
+        say(f"error: {e}")
+        return 2
+    warn_if_exposed(host)
     device = pick_device(getattr(args, "device", None))
     t0 = time.time()
     try:
