@@ -49,7 +49,7 @@ class CurvatureConfig:
     sharing: str = "expand"
     draws: int = 4
     seed: int = 0
-    damping: float = 1e-8  # relative to the layer's mean eigenvalue
+    damping: float = 0.1  # relative to the layer's mean eigenvalue (influence.DAMPING)
     stratified: bool = True
 
     def __post_init__(self) -> None:

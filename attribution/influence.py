@@ -28,7 +28,8 @@ from attribution.seeds import CURVATURE_SUBSET, PROFILE_DRAWS, PROFILE_SUBSET, g
 from attribution.uncertainty import split as split_halves
 
 QUERY_KEY = -1  # all queries share the same draws (common random numbers on the query side)
-DEFAULT_DIM = 131072  # count-sketch buckets: Spearman 0.94 to unprojected EK-FAC (ARCHITECTURE.md)
+DEFAULT_DIM = 16384  # count-sketch buckets at damping 0.1 (ARCHITECTURE.md "Damping, draws and D")
+DAMPING = 0.1  # relative to each layer's mean eigenvalue; chosen a priori (ARCHITECTURE.md)
 TRAK_DIM = 8192  # TRAK-style methods invert a D × D matrix
 
 
@@ -40,7 +41,7 @@ class MethodSpec:
     train_fn: str = "loss"
     measurement: str = "loss"
     normalize: bool = False
-    damping: float = 1e-8
+    damping: float = DAMPING
     description: str = ""
     dim: int = DEFAULT_DIM  # default feature budget D
 
@@ -75,8 +76,8 @@ class AttributionConfig:
     "default" resolves to the method's D when the config is made."""
 
     method: str = "ekfac"
-    draws: int = 8
-    query_draws: int = 32
+    draws: int = 16  # (t, ε) draws per training image: two independent halves of 8
+    query_draws: int = 128
     curvature_draws: int = 4
     curvature_min_rows: int = 4000  # small sets: more curvature draws per image, up to this many rows
     curvature_images: int | None = 1000  # a seeded random subset fits the curvature; None: all
@@ -89,8 +90,8 @@ class AttributionConfig:
     seed: int = 0
     batch_size: int = 32
     stratified: bool = True
-    antithetic: bool = False
-    importance: bool = False  # timesteps drawn by importance (attribution/timesteps.py)
+    antithetic: bool = True  # draw 2j+1 uses −ε of draw 2j
+    importance: bool = True  # timesteps drawn by importance (attribution/timesteps.py)
     profile_images: int = 32  # training images that measure the importance density
     extra: dict = field(default_factory=dict)
 
@@ -103,6 +104,10 @@ class AttributionConfig:
             raise ValueError(f"dim must be a positive int, None (unprojected) or 'default', not {self.dim!r}")
         if self.t_range is not None:
             self.t_range = tuple(self.t_range)
+        if self.damping is not None and not (self.damping > 0 and self.damping < float("inf")):
+            from attribution.errors import ConfigError
+
+            raise ConfigError(f"damping must be a positive number (relative to the mean eigenvalue), not {self.damping!r}")
 
     @property
     def spec(self) -> MethodSpec:
@@ -187,6 +192,12 @@ class Attributor:
         n = len(self.curvature_rows())
         return max(self.config.curvature_draws, -(-self.config.curvature_min_rows // max(n, 1)))
 
+    @property
+    def curvature_batch_size(self) -> int:
+        """Images per curvature batch: as many (image, draw) rows as `batch_size` images at
+        `curvature_draws` give, so the raised draws of a small set do not grow the batch's memory."""
+        return max(1, self.config.batch_size * self.config.curvature_draws // self.curvature_draws)
+
     def curvature_rows(self) -> list[int]:
         """The training rows the curvature is fitted on (sorted; a seeded subset if configured)."""
         n, k = self.n_train, self.config.curvature_images
@@ -208,7 +219,7 @@ class Attributor:
             rows = self.curvature_rows()
             self.curvature = curvature or fit_curvature(
                 self.model, self.train.images[rows], rows, self.curvature_config(),
-                batch_size=self.config.batch_size, progress=self.progress, device=self.device)
+                batch_size=self.curvature_batch_size, progress=self.progress, device=self.device)
         if self.config.importance:
             self.density = density if density is not None else self.fit_density()
         return self

@@ -24,6 +24,18 @@ from attribution import evaluation as ev  # noqa: E402
 from attribution.influence import DEFAULT_DIM, TRAK_DIM, AttributionConfig  # noqa: E402
 
 K, D, DT = 8, DEFAULT_DIM, TRAK_DIM  # every method at its default D (TRAK-style: D × D inverse)
+# issue 13's variance reduction: the same draws for every method (antithetic, importance-sampled
+# timesteps, K = 16, Kq = 128); the K-FAC family's damping 0.1 × mean eigenvalue, D = 16384
+NEW = dict(draws=16, query_draws=128, antithetic=True, importance=True)
+NEW_ROWS = [
+    ("EK-FAC, new default (damping 0.1, antithetic, importance, K=16, Kq=128, D=16384)",
+     dict(method="ekfac", damping=0.1, dim=16384, **NEW)),
+    ("EK-FAC, new default, unprojected", dict(method="ekfac", damping=0.1, dim=None, **NEW)),
+    (f"TRAK, D={DT}, new draws", dict(method="trak", **NEW)),
+    (f"D-TRAK, D={DT}, new draws", dict(method="dtrak", **NEW)),
+    ("EK-FAC, new default at D=8192", dict(method="ekfac", damping=0.1, dim=8192, **NEW)),
+    (f"EK-FAC, damping 1e-8, new draws, D={D}", dict(method="ekfac", damping=1e-8, dim=D, **NEW)),
+]
 ROWS = [  # (row label, config overrides), most important first (the run is resumable by row)
     (f"EK-FAC (expand, GGN_model), D={D}", dict(method="ekfac")),
     ("EK-FAC, unprojected", dict(method="ekfac", dim=None)),
@@ -43,7 +55,7 @@ ROWS = [  # (row label, config overrides), most important first (the run is resu
     ("K-FAC expand, Kronecker projection (fast path), D=8192", dict(method="kfac", projection="kronecker", dim=8192)),
     (f"K-FAC expand, exact damping, D={D}", dict(method="kfac-exact-damping")),
     (f"EK-FAC, damping 1e-3 (ablation, not the default), D={D}", dict(method="ekfac", damping=1e-3)),
-]
+] + NEW_ROWS
 
 
 def main() -> None:

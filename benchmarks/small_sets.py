@@ -29,7 +29,8 @@ from attribution.model import load_model  # noqa: E402
 ROWS = [
     ("old default (damping 1e-8, K=8, Kq=32)", dict(damping=1e-8, draws=8, query_draws=32, antithetic=False,
                                                     importance=False, dim=131072, curvature_min_rows=0)),
-    ("new default", dict()),
+    ("new default (damping 0.1, antithetic, importance, K=16, Kq=128, D=16384)",
+     dict(damping=0.1, draws=16, query_draws=128, antithetic=True, importance=True, dim=16384)),
 ]
 
 

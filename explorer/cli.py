@@ -72,7 +72,31 @@ def _method_config(a: argparse.Namespace):
         kw["draws"] = a.draws
     if getattr(a, "projection", None):
         kw["projection"] = a.projection
+    if getattr(a, "damping", None) is not None:
+        kw["damping"] = a.damping
     return AttributionConfig(**kw)
+
+
+def cmd_stability(a: argparse.Namespace) -> None:
+    from attribution.data import image_folder
+    from attribution.model import load_model, pick_device
+    from attribution.stability import seed_stability
+
+    device = pick_device(a.device)
+    model = load_model(a.model, device=device)
+    train = image_folder(a.data, model.channels, model.size)
+    queries = image_folder(a.queries, model.channels, model.size)
+    cfg = _method_config(a)
+    say(f"seed stability of {cfg.method} (draws {cfg.draws}, query draws {cfg.query_draws}, D = "
+        f"{cfg.dim or 'unprojected'}): {len(queries)} queries × {len(train)} training images, seeds "
+        f"{a.seeds[0]} and {a.seeds[1]} (every random choice differs between them)")
+    res = seed_stability(model, train, queries.images.to(device), cfg, tuple(a.seeds), a.k, device=device)
+    say(f"per-query Spearman {res['spearman']:.3f}, top-{res['k']} overlap {res['top_k_overlap']:.2f} "
+        f"(per query {res['per_query_overlap']} of {res['k']})")
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(res, indent=2))
+        say(f"wrote {a.json}")
 
 
 def cmd_scores(a: argparse.Namespace) -> None:
@@ -114,9 +138,19 @@ def cmd_query(a: argparse.Namespace) -> None:
     idx = load(a.index, model, device=device)
     image = load_image(a.image, model.channels, model.size).to(device)
     res = idx.query(image, k=a.top_k)
-    print(f"{'rank':>4}  {'proponent':>9}  {'label':>5}  {'score':>11}    {'opponent':>9}  {'label':>5}  {'score':>11}")
+    print(f"{'rank':>4}  {'proponent':>9}  {'label':>5}  {'score':>11}  {'± se':>8}    "
+          f"{'opponent':>9}  {'label':>5}  {'score':>11}  {'± se':>8}")
+
+    def se(h) -> str:  # '~': not distinguishable from the first one not shown
+        return "–" if h.se is None else f"{h.se:.1e}" + ("~" if h.distinct is False else " ")
+
     for p, o in zip(res.proponents, res.opponents):
-        print(f"{p.rank:>4}  {p.row:>9}  {p.label:>5}  {p.score:>11.4e}    {o.row:>9}  {o.label:>5}  {o.score:>11.4e}")
+        print(f"{p.rank:>4}  {p.row:>9}  {p.label:>5}  {p.score:>11.4e}  {se(p):>8}    "
+              f"{o.row:>9}  {o.label:>5}  {o.score:>11.4e}  {se(o):>8}")
+    if res.stability:
+        st = res.stability
+        say(f"stability: {st['distinct_proponents']} of {len(res.proponents)} proponents are more than "
+            f"{st['z']:g} standard errors above the first one not shown ('~' marks the others)")
     t = res.timings
     say(f"query gradient {t['query_gradient'] * 1e3:.0f} ms, search {t['search'] * 1e3:.1f} ms")
     if a.json:
@@ -214,9 +248,29 @@ def _add_scores(sub, methods: list[str]) -> None:
     sc.add_argument("--dim", type=int, default=None, help="projection budget D (0: unprojected)")
     sc.add_argument("--projection", default=None, choices=["sketch", "kronecker"],
                     help="count sketch (default, faithful) or Kronecker (the K-FAC fast path)")
+    sc.add_argument("--damping", type=float, default=None,
+                    help="relative damping λ / mean eigenvalue (default: the method's, 0.1 for K-FAC/EK-FAC)")
     sc.add_argument("--seed", type=int, default=0)
     sc.add_argument("--device", default=None)
     sc.set_defaults(func=cmd_scores)
+
+
+def _add_stability(sub, methods: list[str]) -> None:
+    st = sub.add_parser("stability", help="seed-to-seed Spearman and top-k overlap of a method (JSON)")
+    st.add_argument("--model", required=True)
+    st.add_argument("--data", required=True, help="folder of training images (file-name order)")
+    st.add_argument("--queries", required=True, help="folder of query images (file-name order)")
+    st.add_argument("--method", default="ekfac", choices=methods)
+    st.add_argument("--draws", type=int, default=None)
+    st.add_argument("--dim", type=int, default=None, help="projection budget D (0: unprojected)")
+    st.add_argument("--projection", default=None, choices=["sketch", "kronecker"])
+    st.add_argument("--damping", type=float, default=None, help="relative damping (default: the method's)")
+    st.add_argument("--seeds", type=int, nargs=2, default=[0, 1], metavar=("S1", "S2"))
+    st.add_argument("--k", type=int, default=10, help="top-k for the overlap")
+    st.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    st.add_argument("--json", default=None, help="write the figures (per query too) here")
+    st.add_argument("--device", default=None)
+    st.set_defaults(func=cmd_stability)
 
 
 def _add_index(sub) -> None:
@@ -306,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_sample(sub)
     _add_scores(sub, list(METHODS))
+    _add_stability(sub, list(METHODS))
     _add_index(sub)
     _add_query(sub)
     _add_evaluate(sub, list(METHODS))

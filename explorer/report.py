@@ -34,6 +34,36 @@ def caption(hit: dict) -> str:
     return f"#{hit['rank']} · {fmt_score(hit['score'])} · id {hit['row']} · label {label}"
 
 
+def stability_caption(hit: dict) -> str:
+    """'± se · halves #a/#b ✓' (✓: more than two standard errors from the first one not shown);
+    '' for a hit without stability figures."""
+    if hit.get("se") is None:
+        return ""
+    halves = f" · halves #{hit['rank_a']}/#{hit['rank_b']}" if hit.get("rank_a") is not None else ""
+    mark = {True: " ✓", False: " ~"}.get(hit.get("distinct"), "")
+    return f"± {hit['se']:.2g}{halves}{mark}"
+
+
+def stability_md(data: dict) -> str:
+    """The page's stability panel: how far each shown score would move under new draws."""
+    st = data.get("stability")
+    if not st:
+        return ("**Stability:** not available for this index (TRAK-style methods, the trajectory "
+                "measurement, or an index built without independent halves of its draws).")
+    lines = [f"**Stability** (standard error under new draws, from two independent halves of the training "
+             f"and query draws; ✓ = more than {st['z']:g} standard errors above the first image not shown, "
+             f"~ = not distinguishable from it): {st['distinct_proponents']} of {len(data['proponents'])} "
+             f"proponents and {st['distinct_opponents']} of {len(data['opponents'])} opponents are distinguishable.",
+             "", "| side | # | id | score ± se | rank under half A / B | |", "|---|---|---|---|---|---|"]
+    for side, hits in (("proponent", data["proponents"]), ("opponent", data["opponents"])):
+        for h in hits:
+            ranks = f"{h['rank_a']} / {h['rank_b']}" if h.get("rank_a") is not None else "–"
+            mark = {True: "✓", False: "~"}.get(h.get("distinct"), "")
+            lines.append(f"| {side} | {h['rank']} | {h['row']} | {fmt_score(h['score'])} ± {h['se']:.2g} | "
+                         f"{ranks} | {mark} |")
+    return "\n".join(lines)
+
+
 def provenance(manifest: dict, path: str | Path | None = None) -> dict:
     """What an index was built from, in a compact form (for exports and the page).
 
@@ -61,7 +91,8 @@ def payload(result, manifest: dict, *, index_path=None, query: dict | None = Non
     """A `QueryResult` (index.store) + context -> a JSON-able dict.
 
     Keys: query, settings, index (provenance), proponents, opponents (lists of
-    {rank, row, score, label, source}), scores (all N scores by row, or None), timings_s.
+    {rank, row, score, label, source, se, rank_a, rank_b, distinct}), stability (the summary, or
+    None), scores (all N scores by row, or None), timings_s.
     """
     scores = None
     if getattr(result, "all_scores", None) is not None:
@@ -74,6 +105,7 @@ def payload(result, manifest: dict, *, index_path=None, query: dict | None = Non
         "index": provenance(manifest, index_path),
         "proponents": [dict(h.__dict__) for h in result.proponents],
         "opponents": [dict(h.__dict__) for h in result.opponents],
+        "stability": getattr(result, "stability", None),
         "scores": scores,
         "timings_s": t,
     }
@@ -88,7 +120,8 @@ def write_json(data: dict, path: str | Path) -> Path:
 def write_csv(data: dict, path: str | Path, sources: list[str] | None = None,
               labels: list[int] | None = None) -> Path:
     """One line per training image (all N when the payload holds all scores, else the hits),
-    sorted by score, highest first: rank, row, score, label, source, proponent/opponent rank."""
+    sorted by score, highest first: rank, row, score, label, source, proponent/opponent rank, and
+    for the shown hits their stability figures (se, rank under each half, distinguishable)."""
     path = Path(path)
     prop = {h["row"]: h["rank"] for h in data["proponents"]}
     opp = {h["row"]: h["rank"] for h in data["opponents"]}
@@ -102,14 +135,17 @@ def write_csv(data: dict, path: str | Path, sources: list[str] | None = None,
     order = sorted(rows, key=lambda r: -scores[r])
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["rank", "row", "score", "label", "source", "proponent_rank", "opponent_rank"])
+        w.writerow(["rank", "row", "score", "label", "source", "proponent_rank", "opponent_rank",
+                    "se", "rank_half_a", "rank_half_b", "distinguishable"])
         for rank, r in enumerate(order, 1):
-            if r in hits:
-                label, source = hits[r]["label"], hits[r]["source"]
+            h = hits.get(r, {})
+            if h:
+                label, source = h["label"], h["source"]
             else:
                 label = labels[r] if labels is not None else ""
                 source = sources[r] if sources is not None else ""
-            w.writerow([rank, r, repr(float(scores[r])), label, source, prop.get(r, ""), opp.get(r, "")])
+            stab = [("" if h.get(k) is None else h[k]) for k in ("se", "rank_a", "rank_b", "distinct")]
+            w.writerow([rank, r, repr(float(scores[r])), label, source, prop.get(r, ""), opp.get(r, ""), *stab])
     return path
 
 
@@ -234,8 +270,9 @@ def _gallery(fig, slots, hits: list[dict], label: str, color: str, thumbs: np.nd
                 continue
             h = hits[i]
             img = thumbs[h["row"]] if thumbs is not None else np.zeros((8, 8), np.uint8)
-            _show(ax, img, caption(h).replace(" · id", "\nid"), color=color)
+            title = caption(h).replace(" · id", "\nid")
+            _show(ax, img, title + ("\n" + stability_caption(h) if h.get("se") is not None else ""), color=color)
 
 
-__all__ = ["payload", "provenance", "write_json", "write_csv", "score_histogram", "render_report",
+__all__ = ["payload", "provenance", "stability_md", "stability_caption", "write_json", "write_csv", "score_histogram", "render_report",
            "fmt_score", "caption"]

@@ -53,12 +53,13 @@ class Page:
     plot: gr.Plot
     timings: gr.Markdown
     answer: gr.State  # the last Answer (None before the first query)
+    stability: gr.Markdown
 
     @property
     def outputs(self) -> list:
         """Everything a query fills (the order of the undocumented API endpoints' outputs)."""
         return [self.query_img, self.query_md, self.status, self.props, self.opps, self.plot, self.timings,
-                self.answer, self.files]
+                self.answer, self.files, self.stability]
 
 
 # ---- layout ---------------------------------------------------------------------------------------
@@ -108,6 +109,7 @@ def _results_column() -> dict:
     c["opps"] = gr.Gallery(label="opponents (lowest τ: make it less likely)", columns=8, height="auto",
                            format="png", object_fit="contain", allow_preview=False, elem_id="opponents",
                            elem_classes=["hits"])
+    c["stability"] = gr.Markdown("", elem_id="stability")
     with gr.Row(equal_height=False):
         c["plot"] = gr.Plot(label="all scores", elem_id="histogram", min_width=360, scale=3)
         c["timings"] = gr.Markdown("", elem_id="timings", min_height=40)
@@ -167,7 +169,7 @@ class Handlers:
         return {p.query_img: enlarge(q.u8, QUERY_PX), p.query_md: info, p.status: status,
                 p.props: gallery(ans, "proponents", idx.thumbs), p.opps: gallery(ans, "opponents", idx.thumbs),
                 p.plot: fig, p.timings: timings_md(data["timings_s"]), p.answer: ans,
-                p.files: gr.update(value=None, visible=False)}
+                p.files: gr.update(value=None, visible=False), p.stability: report.stability_md(data)}
 
     def on_generate(self, seed, sampler, steps, label, k, previous):
         return self.query(lambda: self.ex.generated(seed, sampler, steps), label, k, previous)

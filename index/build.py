@@ -121,7 +121,7 @@ def curvature_stage(b: Build) -> Curvature | None:
     """Stage 1: the curvature (each process sums over its share of the batches; all-reduced),
     written to curvature.safetensors. Every run then reads it back from that file, so features
     computed before and after a resume see the very same tensors (bit-identical indexes)."""
-    att, cfg = b.att, b.cfg
+    att = b.att
     if not att.spec.needs_curvature:
         return None
     if b.lay.curvature.exists():
@@ -129,12 +129,13 @@ def curvature_stage(b: Build) -> Curvature | None:
     else:
         t = time.time()
         crows = att.curvature_rows()
-        batches = [crows[i:i + cfg.batch_size] for i in range(0, len(crows), cfg.batch_size)]
+        cb = att.curvature_batch_size
+        batches = [crows[i:i + cb] for i in range(0, len(crows), cb)]
         rows = [r for batch in batches[b.dist.rank::b.dist.world] for r in batch]
         say(f"fitting {att.curvature_config().kind.upper()} curvature on {len(crows)} of {b.n} images "
             f"× {att.curvature_draws} draws ({b.dist.world} process(es))")
         curvature = fit_curvature(b.model, b.data.images[rows], rows, att.curvature_config(),
-                                  batch_size=cfg.batch_size, progress=b.chatty, device=b.device,
+                                  batch_size=cb, progress=b.chatty, device=b.device,
                                   allreduce=b.dist.allreduce)
         curvature.meta["n_images"] = len(crows)
         checkpoint("curvature-fitted")
@@ -321,7 +322,7 @@ def config_from_args(a: argparse.Namespace) -> AttributionConfig:
     return AttributionConfig(method=a.method, draws=a.draws, curvature_draws=a.curvature_draws,
                              curvature_images=a.curvature_images or None,
                              query_draws=a.query_draws, dim=dim_arg(a.dim), seed=a.seed,
-                             batch_size=a.batch_size, projection=a.projection)
+                             batch_size=a.batch_size, projection=a.projection, damping=a.damping)
 
 
 def add_build_args(p: argparse.ArgumentParser) -> None:
@@ -341,6 +342,8 @@ def add_build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--curvature-images", type=NON_NEGATIVE, default=d.curvature_images,
                    help="fit the curvature on a seeded subset of this many images (0: all)")
     p.add_argument("--query-draws", type=POSITIVE, default=d.query_draws)
+    p.add_argument("--damping", type=float, default=None,
+                   help="relative damping λ / mean eigenvalue (default: the method's, 0.1 for K-FAC/EK-FAC)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--batch-size", type=POSITIVE, default=d.batch_size)
     p.add_argument("--faiss", type=faiss_arg, default="auto", metavar="TYPE",

@@ -307,7 +307,7 @@ def _query_attributor(lay: IndexLayout, manifest: dict, model, device) -> Attrib
         curvature = _read_part(lay.curvature, Curvature.load)
     if cfg.spec.preconditioner == "trak" and lay.trak.exists():
         trak = _read_part(lay.trak, lambda p: load_file(str(p))["trak_inverse"])
-    if cfg.importance:
+    if cfg.importance and cfg.spec.preconditioner != "pixel":  # pixel similarity draws nothing
         density = _read_part(lay.density, lambda p: load_file(str(p))["density"])
     return Attributor.from_parts(model, manifest["data"]["n"], cfg, curvature, projection, trak, density,
                                  device=device)
