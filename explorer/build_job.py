@@ -1,25 +1,38 @@
 """The background build of a missing index: the app starts at once, shows the build's progress,
 and answers queries when the index is ready. It builds exactly what `attribution index build`
 builds with the same options (`default_build_config`), so either can resume the other's build.
+
+While it builds, queries are answered over the images indexed so far (`BuildJob.partial()`): once
+the curvature, the projection and the first feature shard are written, an in-memory flat FAISS
+index over the finished shards (refreshed as new shards appear) serves them, labelled as partial.
+The build runs on its own copy of the model, so these queries do not wait for it.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
+import json
 import threading
 import time
 import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import faiss
+import numpy as np
 import torch
 
 from attribution.console import say
-from attribution.data import load_dataset
+from attribution.curvature import Curvature
+from attribution.data import load_dataset, to_uint8
 from attribution.influence import METHODS, AttributionConfig, Attributor
 from attribution.model import DiffusionModel
+from attribution.projection import Projection
 from index.build import add_build_args, build_index, config_from_args
 from index.layout import IndexLayout
+from index.store import Index
 from index.store import load as load_index
 
 if TYPE_CHECKING:
@@ -28,6 +41,7 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_INDEX = ROOT / "indexes" / "mnist-ekfac"
 DEFAULT_DATA = "mnist"
+PARTIAL_MAX_BYTES = 1 << 30  # the partial index stops growing here (2,048 images at D = 131072)
 
 
 def default_build_config(out: Path = DEFAULT_INDEX) -> AttributionConfig:
@@ -36,6 +50,22 @@ def default_build_config(out: Path = DEFAULT_INDEX) -> AttributionConfig:
     p = argparse.ArgumentParser()
     add_build_args(p)
     return config_from_args(p.parse_args(["--data", DEFAULT_DATA, "--out", str(out)]))
+
+
+def build_spec(out: Path, extra: str = "") -> dict:
+    """BuildJob arguments for `out`: the default settings plus `extra` `attribution index build`
+    options (a string, e.g. "--data my_images --n 500 --draws 8"), as the CLI would build them."""
+    import shlex
+
+    from attribution.errors import ConfigError
+
+    p = argparse.ArgumentParser(prog="ATTRIBUTION_BUILD_ARGS", exit_on_error=False)
+    add_build_args(p)
+    try:
+        a = p.parse_args(["--data", DEFAULT_DATA, *shlex.split(extra), "--out", str(out)])
+    except (argparse.ArgumentError, SystemExit) as e:
+        raise ConfigError(f"ATTRIBUTION_BUILD_ARGS={extra!r}: {e}") from None
+    return {"out": Path(out), "data": a.data, "n": a.n, "config": config_from_args(a)}
 
 
 class BuildJob(threading.Thread):
@@ -54,39 +84,54 @@ class BuildJob(threading.Thread):
         self.n_images: int | None = None
         self.error: str | None = None
         self.done = False
+        self.data = None
+        self._partial: Index | None = None
+        self._partial_lock = threading.Lock()
 
     def calibrate(self, model: DiffusionModel, data) -> float:
         """Seconds for the whole build, extrapolated from the same work on a few images."""
         m = min(len(data), 16)  # small: this time is spent before the build starts
+        # the fit on m images gets the draws per image of the real fit (not raised to
+        # curvature_min_rows rows, which would cost as much as the real curvature)
+        cfg = dataclasses.replace(self.cfg, curvature_min_rows=0)
         t0 = time.perf_counter()
-        att = Attributor(model, data.subset(range(m)), self.cfg, progress=False).fit()
+        att = Attributor(model, data.subset(range(m)), cfg, progress=False).fit()
         t1 = time.perf_counter()
         att.raw_train_features()
         t2 = time.perf_counter()
         n_curv = min(len(data), self.cfg.curvature_images or len(data))  # the curvature sees a subset
-        return ((t1 - t0) * n_curv + (t2 - t1) * len(data)) / m * 1.15
+        rows_curv = max(n_curv * self.cfg.curvature_draws, self.cfg.curvature_min_rows)
+        return ((t1 - t0) * rows_curv / self.cfg.curvature_draws + (t2 - t1) * len(data)) / m * 1.15
 
     def run(self) -> None:
-        ex, model = self.explorer, self.explorer.model
+        ex = self.explorer
         serving_threads = torch.get_num_threads()
         try:
+            # the build's own copy of the model (its feature hooks), so that queries over the
+            # partial index use the served model under ex.lock meanwhile; the same weights
             with ex.lock:
-                torch.set_num_threads(self.threads)
-                data = load_dataset(self.data_spec, model.channels, model.size, self.n)
-                self.n_images = len(data)
-                self.phase = "estimating the build time"
-                self.estimate_s = self.calibrate(model, data)
-                say(f"building the index at {self.out}: {len(data)} images, method {self.cfg.method}; "
-                     f"about {max(1, round(self.estimate_s / 60))} minute(s). Progress follows; the page "
-                     "shows it too. This happens once; later starts load the index in seconds.")
-                self.phase = "building"
-                build_index(model, data, self.out, self.cfg, model_path=self.model_path,
-                            data_spec=self.data_spec, progress=True)
-                idx = load_index(self.out, model)
-                torch.set_num_threads(serving_threads)
+                model = copy.deepcopy(ex.model)
+            torch.set_num_threads(self.threads)
+            data = load_dataset(self.data_spec, model.channels, model.size, self.n)
+            self.data, self.n_images = data, len(data)
+            self.phase = "estimating the build time"
+            self.estimate_s = self.calibrate(model, data)
+            say(f"building the index at {self.out}: {len(data)} images, method {self.cfg.method}; "
+                f"about {max(1, round(self.estimate_s / 60))} minute(s). Progress follows; the page "
+                "shows it too, and answers over the images indexed so far once the first shard is "
+                "written. This happens once; later starts load the index in seconds.")
+            self.phase = "building"
+            build_index(model, data, self.out, self.cfg, model_path=self.model_path,
+                        data_spec=self.data_spec, progress=True)
+            del model
+            torch.set_num_threads(serving_threads)
+            idx = load_index(self.out, ex.model)
             ex.add_index(idx)
+            with self._partial_lock:
+                self._partial = None
+            say(f"index ready ({time.time() - self.started_at:.0f} s); the page now answers queries "
+                "over every image")
             ex.warmup()
-            say(f"index ready ({time.time() - self.started_at:.0f} s); the page now answers queries")
         except Exception as e:  # shown on the page; the app stays up
             self.error = f"{type(e).__name__}: {e}"
             traceback.print_exc()
@@ -112,4 +157,85 @@ class BuildJob(threading.Thread):
                 parts.append("step 1 of 2: fitting the curvature")
             else:
                 parts.append(f"step 2 of 2: features of {layout.rows_done()} / {self.n_images} images")
-        return " · ".join(parts) + ". This page updates by itself; queries work once it is done."
+        p = self._partial
+        if p is not None:
+            parts.append(f"queries are answered now over the images indexed so far ({partial_note(p)})")
+            return " · ".join(parts) + ". This page updates by itself."
+        return " · ".join(parts) + (". This page updates by itself; queries work once the first "
+                                    "images are indexed.")
+
+    # ---- the partial index ------------------------------------------------------------------------
+    def partial(self) -> Index | None:
+        """An in-memory flat index over the feature shards finished so far (None before the
+        curvature, the projection and the first shard are written, and once the build is done);
+        new shards are added on each call. Its manifest's `partial` says how many images it holds."""
+        if self.done or self.data is None or self.phase != "building" or self.explorer.indexes:
+            return None
+        with self._partial_lock:
+            try:
+                self._grow_partial()
+            except Exception:  # a shard removed or half-read at the end of the build: keep what we have
+                pass
+            return self._partial
+
+    def _grow_partial(self) -> None:
+        from safetensors.torch import load_file
+
+        lay, n, p = IndexLayout(self.out), len(self.data), self._partial
+        start, new = (0 if p is None else len(p)), []
+        for s, e, path in lay.finished_shards():  # the contiguous run of new shards from `start`
+            if s == start:
+                new.append((e, path))
+                start = e
+        if not new:
+            return
+        if p is None:
+            att = self._partial_attributor(lay)
+            if att is None:
+                return
+            d = att.dim if att.uses_model else self.data.images[0].numel()
+            settings = json.loads(lay.build.read_text()).get("settings", {})
+            thumbs = to_uint8(self.data.images)
+            thumbs = thumbs.squeeze(-1) if self.data.images.shape[1] == 1 else thumbs
+            items = [{"row": i, "label": int(self.data.labels[i]), "source": self.data.sources[i]}
+                     for i in range(n)]
+            p = Index(self.out, {**settings, "projection": {"total_dim": d}, "faiss": {"type": "flat (in memory, partial)"},
+                       "partial": {"indexed": 0, "of": n}},
+                      faiss.IndexFlatIP(d), items, thumbs, att)
+        for e, path in new:
+            if e * p.faiss.d * 4 > PARTIAL_MAX_BYTES and len(p) > 0:
+                break  # the finished index is coming; memory stays bounded meanwhile
+            feats = p.attributor.finish_train_features(load_file(str(path))["raw"])
+            p.faiss.add(np.ascontiguousarray(feats.numpy(), dtype=np.float32))
+        p.manifest["partial"]["indexed"] = len(p)
+        p.manifest["data"] = {**p.manifest.get("data", {}), "n": len(p)}
+        self._partial = p
+
+    def _partial_attributor(self, lay: IndexLayout) -> Attributor | None:
+        """The query side from the parts written so far (as index/store.py loads a finished index)."""
+        from safetensors.torch import load_file
+
+        cfg, spec = self.cfg, METHODS[self.cfg.method]
+        if spec.preconditioner == "trak" or not lay.build.exists():
+            return None  # TRAK's inverse needs every training image
+        projection = curvature = density = None
+        if spec.preconditioner != "pixel":
+            if not lay.projection.exists():
+                return None
+            projection = Projection.load(lay.projection)
+        if cfg.spec.needs_curvature and projection is not None and projection.is_sketch:
+            if not lay.curvature.exists():
+                return None
+            curvature = Curvature.load(lay.curvature)
+        if cfg.importance:
+            if not lay.density.exists():
+                return None
+            density = load_file(str(lay.density))["density"]
+        return Attributor.from_parts(self.explorer.model, len(self.data), cfg, curvature, projection, None,
+                                     density, device=next(self.explorer.model.unet.parameters()).device)
+
+
+def partial_note(idx: Index) -> str:
+    """'partial: 768 of 5,000 images indexed' for a partial index; '' for a finished one."""
+    p = idx.manifest.get("partial")
+    return f"partial: {p['indexed']:,} of {p['of']:,} images indexed" if p else ""

@@ -4,7 +4,9 @@
     attribution demo | serve [the same options]       (the same, through the CLI)
 
 Environment variables (used when the flag is not given): ATTRIBUTION_MODEL (model folder),
-ATTRIBUTION_INDEX (comma-separated index folders; several give a method selector),
+ATTRIBUTION_INDEX (comma-separated index folders; several give a method selector; a folder that
+holds no finished index yet is built there in the background, e.g. a Space's persistent /data/index,
+with the default settings plus ATTRIBUTION_BUILD_ARGS, e.g. "--data DIR --n 500"),
 GRADIO_SERVER_NAME, GRADIO_SERVER_PORT; a flag that is given always wins. Binding anywhere but
 loopback prints a one-line warning. From the command line the server runs with
 MALLOC_ARENA_MAX=2 (`limit_malloc_arenas`). Without options the default model (assets/mnist-unet)
@@ -121,12 +123,16 @@ def limit_malloc_arenas() -> None:
         say(f"note: could not restart with MALLOC_ARENA_MAX={ARENA_MAX} ({e}); memory may grow under load")
 
 
-def _load_indexes(index_dirs: list[Path], model, model_path: str | None, device):
-    """The indexes that load, and the build of a missing default index (None: nothing to build).
-    Raises IndexLoadError for any other index that does not load."""
+def _load_indexes(index_dirs: list[Path], model, model_path: str | None, device, build_missing=()):
+    """The indexes that load, and the build of a missing index (None: nothing to build): the
+    default index, or a folder in `build_missing` (those named by ATTRIBUTION_INDEX, e.g. a Space's
+    persistent /data/index) that holds no finished index yet; it is built there in the background
+    with the default settings plus ATTRIBUTION_BUILD_ARGS (`attribution index build` options), and
+    loaded from there on later starts. Raises IndexLoadError for any other index that does not load."""
     from attribution.errors import IndexLoadError
     from attribution.model import DEFAULT_MODEL_DIR
-    from explorer.build_job import DEFAULT_DATA, DEFAULT_INDEX, default_build_config
+    from explorer.build_job import DEFAULT_INDEX, build_spec
+    from index.layout import IndexLayout
     from index.store import load as load_index
 
     indexes, build = [], None
@@ -135,11 +141,13 @@ def _load_indexes(index_dirs: list[Path], model, model_path: str | None, device)
             indexes.append(load_index(d, model, device=device))
         except IndexLoadError as e:
             is_default = d.resolve() == DEFAULT_INDEX.resolve() and model_path in (None, str(DEFAULT_MODEL_DIR))
-            if not is_default:
+            buildable = d in build_missing and not IndexLayout(d).is_finished and build is None
+            if not (is_default or buildable):
                 raise IndexLoadError(f"{e}\nbuild it with: attribution index build --model "
                                      f"{model_path or 'assets/mnist-unet'} --out {d}") from None
-            say(f"{e}\nbuilding the default index in the background; the page shows its progress")
-            build = {"out": d, "model_path": "default", "data": DEFAULT_DATA, "config": default_build_config(d)}
+            say(f"{e}\nbuilding the index at {d} in the background; the page shows its progress")
+            build = {**build_spec(d, os.environ.get("ATTRIBUTION_BUILD_ARGS", "")),
+                     "model_path": model_path or "default"}
     return indexes, build
 
 
@@ -174,8 +182,9 @@ def main(args: argparse.Namespace | None = None) -> int:
         say(f"error: {e}{hint}")
         return 2
     try:
-        indexes, build = _load_indexes(index_dirs, model, model_path, device)
-    except IndexLoadError as e:
+        from_env = index_dirs if not getattr(args, "index", None) and os.environ.get("ATTRIBUTION_INDEX") else []
+        indexes, build = _load_indexes(index_dirs, model, model_path, device, from_env)  # from_env: built if missing
+    except (IndexLoadError, ConfigError) as e:
         say(f"error: {e}")
         return 2
     demo = build_demo(model, explorer=Explorer(model, indexes), build=build)

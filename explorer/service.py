@@ -32,6 +32,22 @@ MAX_K = 64
 log = logging.getLogger("attribution.app")
 
 
+def on_gpu(fn):
+    """`spaces.GPU(fn)` where the `spaces` package is importable (a Hugging Face ZeroGPU Space
+    lends a GPU for each call), `fn` itself where it is not."""
+    try:
+        import spaces
+    except ImportError:
+        return fn
+    return spaces.GPU(fn)
+
+
+@on_gpu
+def query_index(idx: Index, image: torch.Tensor, k: int, trajectory=None):
+    """The query-gradient work and the search of one query (on a Space's GPU where it lends one)."""
+    return idx.query(image, k=k, trajectory=trajectory, with_all=True)
+
+
 def _u8(image: torch.Tensor) -> np.ndarray:
     """(C, H, W) in [-1, 1] -> (H, W) or (H, W, 3) uint8."""
     u8 = to_uint8(image.unsqueeze(0))[0]
@@ -136,7 +152,18 @@ class Explorer:
     def labels(self) -> list[str]:
         return list(self.indexes)
 
+    def partial(self) -> Index | None:
+        """While the only index is being built: the index over the images done so far, or None."""
+        return self.build.partial() if self.build is not None and not self.indexes else None
+
+    @property
+    def answering(self) -> bool:
+        """Whether queries are answered now (a finished index, or a partial one during the build)."""
+        return self.ready or self.partial() is not None
+
     def index(self, label: str | None) -> Index:
+        if not self.indexes and (part := self.partial()) is not None:
+            return part
         if not self.indexes:
             raise Busy(self.build.status() if self.build else "No index is loaded.")
         if not label:
@@ -156,7 +183,7 @@ class Explorer:
             raise DataError(f"steps must be between 1 and 1000 (got {steps})")
         if not 0 <= seed < 2**31:
             raise DataError(f"the seed must be between 0 and {2**31 - 1} (got {seed})")
-        if not self.ready:
+        if not self.answering:
             raise Busy(self.build.status() if self.build else "No index is loaded.")
         t0 = time.perf_counter()
         with self.lock:
@@ -186,6 +213,19 @@ class Explorer:
                      {"file": name, "original_size": list(img.size), "original_mode": img.mode},
                      notes=notes, seconds=time.perf_counter() - t0)
 
+    def drawn(self, u8: np.ndarray | None) -> Query:
+        """A drawing (H, W[, C]) uint8, light strokes on a dark canvas, converted as an upload is."""
+        from PIL import Image
+
+        if u8 is None or np.asarray(u8).max(initial=0) == 0:
+            raise DataError("the drawing is empty: draw a digit first")
+        img = Image.fromarray(np.asarray(u8, dtype=np.uint8))
+        image = image_to_tensor(img, self.model.channels, self.model.size)
+        notes = [n for n in _conversion_notes(img, self.model.channels, self.model.size, _u8(image))
+                 if "transparent" not in n and "grayscale" not in n]
+        return Query(image, "drawing", f"your drawing ({img.size[0]}×{img.size[1]})",
+                     {"original_size": list(img.size)}, notes=notes)
+
     def training(self, row, label: str | None = None) -> Query:
         """Training image `row` of the selected index (from its stored thumbnails)."""
         idx = self.index(label)
@@ -208,7 +248,7 @@ class Explorer:
     def attribute(self, q: Query, label: str | None = None, k: int = 8) -> Answer:
         """Top-k proponents and opponents of `q` with the index `label` (the default: the first)."""
         idx = self.index(label)
-        label = label or self.labels[0]
+        label = label or (self.labels[0] if self.labels else f"{idx.method} (partial)")
         k = int(k) if k is not None else 8
         if not 1 <= k <= MAX_K:
             raise DataError(f"k must be between 1 and {MAX_K} (got {k})")
@@ -221,16 +261,17 @@ class Explorer:
         t0 = time.perf_counter()
         with self.lock:
             t1 = time.perf_counter()
-            res = idx.query(q.image.to(next(self.model.unet.parameters()).device), k=min(k, len(idx)),
-                            trajectory=traj, with_all=True)
+            res = query_index(idx, q.image.to(next(self.model.unet.parameters()).device), min(k, len(idx)), traj)
             t2 = time.perf_counter()
         timings = {"wait_for_model": t1 - t0, "all_scores": max(0.0, t2 - t1 - sum(res.timings.values()))}
         if q.seconds:
             timings = {("sampling" if q.kind == "generated" else "decoding"): q.seconds, **timings}
         data = report.payload(res, idx.manifest, index_path=idx.path, query=q.to_dict(),
                               settings={"method": label, "k": k}, timings=timings)
+        if idx.manifest.get("partial"):  # answered while the index is being built
+            data["partial"] = dict(idx.manifest["partial"])
         return Answer(q, label, k, data)
 
     def export(self, ans: Answer) -> list[str]:
         """report.png, scores.json, scores.csv and query.png in a fresh folder (`explorer.exports`)."""
-        return exports.write_exports(ans.data, ans.query.u8, self.indexes[ans.index_label])
+        return exports.write_exports(ans.data, ans.query.u8, self.indexes.get(ans.index_label) or self.index(None))

@@ -8,6 +8,7 @@ components it changes; the others keep their values.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -15,17 +16,24 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import gradio as gr
+import numpy as np
 
 from attribution.errors import AttributionError
 from attribution.model import DiffusionModel
 from attribution.sample import SAMPLERS
 from explorer import report
-from explorer.build_job import BuildJob
+from explorer.build_job import BuildJob, partial_note
 from explorer.render import QUERY_PX, enlarge, gallery, index_md, plain, timings_md
 from explorer.service import MAX_K, Answer, Busy, Explorer, Query
 from index.store import load as load_index
 
 log = logging.getLogger("attribution.app")
+ROOT = Path(__file__).resolve().parent.parent
+# the example queries under each tab; their answers are cached once the index is finished
+EXAMPLE_SEEDS = (0, 7, 21)
+EXAMPLE_UPLOAD = ROOT / "assets" / "examples" / "drawn-seven.png"
+EXAMPLE_ROWS = (0, 42)
+SKETCH_PX = 224
 EXPECTED = (AttributionError, Busy)  # failures whose message is for the user (no traceback)
 
 
@@ -38,7 +46,7 @@ class Page:
     sampler: gr.Dropdown
     steps: gr.Number
     gen_btn: gr.Button
-    upload: gr.File
+    upload: gr.Image
     row: gr.Number
     row_btn: gr.Button
     query_img: gr.Image
@@ -54,6 +62,9 @@ class Page:
     timings: gr.Markdown
     answer: gr.State  # the last Answer (None before the first query)
     stability: gr.Markdown
+    sketch: gr.Sketchpad
+    sketch_btn: gr.Button
+    query_col: gr.Column
 
     @property
     def outputs(self) -> list:
@@ -75,15 +86,22 @@ def _query_tabs(n_rows: int | None) -> dict:
                 steps = gr.Number(50, label="steps", precision=0, minimum=1, maximum=1000, min_width=70,
                                   elem_id="steps")
             gen_btn = gr.Button("Generate and attribute", variant="primary", elem_id="generate-btn")
+        with gr.Tab("Draw", id="draw"):
+            sketch = gr.Sketchpad(np.zeros((SKETCH_PX, SKETCH_PX), np.uint8), label="draw a digit (light on dark)",
+                                  type="numpy", image_mode="L", canvas_size=(SKETCH_PX, SKETCH_PX),
+                                  fixed_canvas=True, layers=False, transforms=(), height=SKETCH_PX + 70,
+                                  brush=gr.Brush(colors=["#ffffff"], default_size=14, color_mode="fixed"),
+                                  elem_id="sketch")
+            sketch_btn = gr.Button("Attribute the drawing", variant="primary", elem_id="sketch-btn")
         with gr.Tab("Upload", id="upload"):
-            upload = gr.File(label="drop an image (PNG, JPEG, …): it is attributed at once", type="filepath",
-                             height=128, elem_id="upload")
+            upload = gr.Image(label="drop, paste or choose an image (PNG, JPEG, …): it is attributed at once",
+                              type="filepath", sources=["upload", "clipboard"], height=160, elem_id="upload")
         with gr.Tab("Training image", id="training"):
             row = gr.Number(0, label=f"training image id (0–{n_rows - 1})" if n_rows else "training image id",
                             precision=0, minimum=0, elem_id="row")
             row_btn = gr.Button("Attribute this training image", variant="primary", elem_id="row-btn")
     return {"seed": seed, "sampler": sampler, "steps": steps, "gen_btn": gen_btn, "upload": upload,
-            "row": row, "row_btn": row_btn}
+            "row": row, "row_btn": row_btn, "sketch": sketch, "sketch_btn": sketch_btn}
 
 
 def _query_column(ex: Explorer, default_label: str | None, n_rows: int | None) -> dict:
@@ -123,11 +141,11 @@ def _layout(ex: Explorer, default_label: str | None, n_rows: int | None) -> Page
                 "that most raise (proponents) and lower (opponents) its likelihood.", elem_id="title")
     banner = gr.Markdown(index_md(ex), elem_id="banner")
     with gr.Row(equal_height=False):
-        with gr.Column(scale=1, min_width=290):
+        with gr.Column(scale=1, min_width=290) as query_col:
             left = _query_column(ex, default_label, n_rows)
         with gr.Column(scale=3):
             right = _results_column()
-    return Page(banner=banner, answer=answer, **left, **right)
+    return Page(banner=banner, answer=answer, query_col=query_col, **left, **right)
 
 
 # ---- events ---------------------------------------------------------------------------------------
@@ -138,13 +156,23 @@ class Handlers:
 
     def __init__(self, ex: Explorer, page: Page):
         self.ex, self.page = ex, page
+        self.cache: dict[tuple, dict] = {}  # the examples' answers (finished index only)
+        self.upload_example = _sha256(EXAMPLE_UPLOAD) if EXAMPLE_UPLOAD.exists() else None
 
-    def query(self, make: Callable[[], Query], label, k, previous: Answer | None) -> dict:
-        """Make the query, attribute it, fill the page. Bad input: a warning, the page stays."""
+    def query(self, make: Callable[[], Query], label, k, previous: Answer | None, example: tuple | None = None) -> dict:
+        """Make the query, attribute it, fill the page. Bad input: a warning, the page stays.
+        `example`: the query is one of the page's examples, whose answers are kept once the
+        index is finished (a partial index's answers are not)."""
         t0 = time.perf_counter()
+        key = None if example is None or not self.ex.ready else (*example, label or None, k)
+        if key in self.cache:
+            return self.cache[key]
         try:
             q = make()
-            return self._filled(q, self.ex.attribute(q, label or None, k), t0)
+            out = self._filled(q, self.ex.attribute(q, label or None, k), t0)
+            if key is not None and not out[self.page.answer].data.get("partial"):
+                self.cache[key] = out
+            return out
         except EXPECTED as e:
             msg = str(e)
         except Exception as e:  # keep answering; the log has the traceback
@@ -162,7 +190,9 @@ class Handlers:
             gr.Info("The image was converted: " + "; ".join(q.notes))
         data["timings_s"]["render"] = max(0.0, time.perf_counter() - t0 - sum(data["timings_s"].values()))
         top = data["proponents"][0]
-        status = (f"Top proponent: id {top['row']} (label {top['label']}), score "
+        status = (f"**{partial_note(idx)}** (the index is still being built; this answer covers those "
+                  "images only) · " if data.get("partial") else "") + (
+                  f"Top proponent: id {top['row']} (label {top['label']}), score "
                   f"{report.fmt_score(top['score'])} · {len(data['proponents'])} proponents and "
                   f"{len(data['opponents'])} opponents of {len(idx)} training images, "
                   f"method {ans.index_label}.")
@@ -172,13 +202,19 @@ class Handlers:
                 p.files: gr.update(value=None, visible=False), p.stability: report.stability_md(data)}
 
     def on_generate(self, seed, sampler, steps, label, k, previous):
-        return self.query(lambda: self.ex.generated(seed, sampler, steps), label, k, previous)
+        example = ("generate", seed, sampler, steps) if seed in EXAMPLE_SEEDS and steps == 50 else None
+        return self.query(lambda: self.ex.generated(seed, sampler, steps), label, k, previous, example)
 
     def on_upload(self, path, label, k, previous):
-        return self.query(lambda: self.ex.uploaded(path), label, k, previous)
+        example = ("upload",) if path and self.upload_example and _sha256(path) == self.upload_example else None
+        return self.query(lambda: self.ex.uploaded(path), label, k, previous, example)
 
     def on_row(self, row, label, k, previous):
-        return self.query(lambda: self.ex.training(row, label or None), label, k, previous)
+        example = ("training", row) if row in EXAMPLE_ROWS else None
+        return self.query(lambda: self.ex.training(row, label or None), label, k, previous, example)
+
+    def on_sketch(self, value, label, k, previous):
+        return self.query(lambda: self.ex.drawn(_composite(value)), label, k, previous)
 
     def on_rerun(self, label, k, previous):
         """The same query with another method or k (it was sampled or decoded before)."""
@@ -202,15 +238,51 @@ class Handlers:
         return gr.update(value=self.ex.export(previous), visible=True)
 
 
+def _sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _composite(value) -> np.ndarray | None:
+    """The Sketchpad's value (background, layers, composite) -> the drawing as (H, W) uint8."""
+    img = value.get("composite") if isinstance(value, dict) else value
+    if img is None:
+        return None
+    img = np.asarray(img)
+    if img.ndim == 3:  # RGB(A): light strokes on a dark canvas; transparency counts as dark
+        rgb = img[..., :3].astype(np.float32).mean(-1)
+        img = rgb * (img[..., 3] / 255.0) if img.shape[2] == 4 else rgb
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _examples(page: Page, h: Handlers) -> None:
+    """Examples under the query column: a click fills the input and attributes it (answers cached
+    in memory once the index is finished, so a second click shows them at once)."""
+    p = page
+    ui = {"outputs": p.outputs, "api_visibility": "private"}
+    with p.query_col:
+        gr.Markdown("**Examples** (click one):", elem_id="examples-title")
+        gen = gr.Examples([[s] for s in EXAMPLE_SEEDS], [p.seed], label="generated, by seed", api_visibility="private",
+                          example_labels=[f"seed {s}" for s in EXAMPLE_SEEDS], elem_id="examples-seed")
+        gen.load_input_event.then(lambda: ("ddim", 50), None, [p.sampler, p.steps], api_visibility="private").then(
+            h.on_generate, [p.seed, p.sampler, p.steps, p.method, p.k, p.answer], **ui)
+        if EXAMPLE_UPLOAD.exists():
+            up = gr.Examples([[str(EXAMPLE_UPLOAD)]], [p.upload], label="an upload (a drawn 7)", api_visibility="private",
+                             elem_id="examples-upload")
+            up.load_input_event.then(h.on_upload, [p.upload, p.method, p.k, p.answer], **ui)
+        row = gr.Examples([[r] for r in EXAMPLE_ROWS], [p.row], label="a training image, by id", api_visibility="private",
+                          example_labels=[f"training image {r}" for r in EXAMPLE_ROWS], elem_id="examples-row")
+        row.load_input_event.then(h.on_row, [p.row, p.method, p.k, p.answer], **ui)
+
+
 def _wire(page: Page, h: Handlers) -> None:
     p = page
     ui = {"outputs": p.outputs, "api_visibility": "undocumented"}
     generate_in = [p.seed, p.sampler, p.steps, p.method, p.k, p.answer]
     p.gen_btn.click(h.on_generate, generate_in, **ui)
     p.seed.submit(h.on_generate, generate_in, **ui)
-    # the drop zone is emptied after each upload, ready for the next one
-    p.upload.upload(h.on_upload, [p.upload, p.method, p.k, p.answer], **ui).then(
-        lambda: None, None, p.upload, api_visibility="private")
+    # an upload or a paste shows its preview and is attributed at once
+    p.upload.upload(h.on_upload, [p.upload, p.method, p.k, p.answer], **ui)
+    p.sketch_btn.click(h.on_sketch, [p.sketch, p.method, p.k, p.answer], **ui)
     p.row_btn.click(h.on_row, [p.row, p.method, p.k, p.answer], **ui)
     p.row.submit(h.on_row, [p.row, p.method, p.k, p.answer], **ui)
     p.method.input(h.on_rerun, [p.method, p.k, p.answer], **ui)
@@ -287,7 +359,9 @@ def build_demo(model: DiffusionModel, index_dirs: Sequence[str | Path] = (), *,
     n_rows = len(ex.index(None)) if ex.ready else None
     with gr.Blocks(title="Training-data attribution explorer", delete_cache=(3600, 7200)) as demo:
         page = _layout(ex, default_label, n_rows)
-        _wire(page, Handlers(ex, page))
+        handlers = Handlers(ex, page)
+        _wire(page, handlers)
+        _examples(page, handlers)
         api_method = _add_api(ex, default_label)
         _follow_build(ex, page, api_method)
     demo.explorer = ex
