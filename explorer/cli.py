@@ -13,13 +13,27 @@ import time
 from pathlib import Path
 
 from attribution.console import say
+from explorer.cli_args import (
+    DECAY,
+    FRACTION,
+    NON_NEGATIVE,
+    PORT,
+    POSITIVE,
+    POSITIVE_FLOAT,
+    SEED,
+    Parser,
+    load_model,
+    output,
+    worker,
+    write,
+)
 
 
 def cmd_train(a: argparse.Namespace) -> None:
     from dataclasses import asdict
 
     from attribution.data import load_dataset
-    from attribution.model import build_model, load_model, save_model
+    from attribution.model import build_model, save_model
     from attribution.train import TrainConfig, train
 
     cfg = TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
@@ -50,7 +64,7 @@ def cmd_train(a: argparse.Namespace) -> None:
 
 def cmd_sample(a: argparse.Namespace) -> None:
     from attribution.data import grid, save_images
-    from attribution.model import load_model, pick_device
+    from attribution.model import pick_device
     from attribution.sample import sample
 
     model = load_model(a.model, device=pick_device(a.device))
@@ -79,9 +93,10 @@ def _method_config(a: argparse.Namespace):
 
 def cmd_stability(a: argparse.Namespace) -> None:
     from attribution.data import image_folder
-    from attribution.model import load_model, pick_device
+    from attribution.model import pick_device
     from attribution.stability import seed_stability
 
+    js = output(a.json, "--json") if a.json else None
     device = pick_device(a.device)
     model = load_model(a.model, device=device)
     train = image_folder(a.data, model.channels, model.size)
@@ -93,10 +108,9 @@ def cmd_stability(a: argparse.Namespace) -> None:
     res = seed_stability(model, train, queries.images.to(device), cfg, tuple(a.seeds), a.k, device=device)
     say(f"per-query Spearman {res['spearman']:.3f}, top-{res['k']} overlap {res['top_k_overlap']:.2f} "
         f"(per query {res['per_query_overlap']} of {res['k']})")
-    if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(res, indent=2))
-        say(f"wrote {a.json}")
+    if js:
+        write(js, "--json", lambda path: path.write_text(json.dumps(res, indent=2)))
+        say(f"wrote {js}")
 
 
 def cmd_scores(a: argparse.Namespace) -> None:
@@ -104,8 +118,9 @@ def cmd_scores(a: argparse.Namespace) -> None:
 
     from attribution.data import image_folder
     from attribution.influence import Attributor
-    from attribution.model import load_model, pick_device
+    from attribution.model import pick_device
 
+    out = output(a.out, "--out", ".npy")  # before the work: np.save writes NAME.npy for --out NAME
     device = pick_device(a.device)
     model = load_model(a.model, device=device)
     train = image_folder(a.data, model.channels, model.size)
@@ -116,9 +131,8 @@ def cmd_scores(a: argparse.Namespace) -> None:
     t0 = time.time()
     att = Attributor(model, train, cfg, device=device).fit()
     scores = att.scores(queries.images.to(device)).cpu().numpy().astype(np.float32)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    np.save(a.out, scores)
-    say(f"wrote {a.out}: float32 {scores.shape} (queries × training images, positive = proponent) "
+    write(out, "--out", lambda path: np.save(path, scores))
+    say(f"wrote {out}: float32 {scores.shape} (queries × training images, positive = proponent) "
          f"in {time.time() - t0:.0f} s")
 
 
@@ -130,14 +144,18 @@ def cmd_index_build(a: argparse.Namespace) -> None:
 
 def cmd_query(a: argparse.Namespace) -> None:
     from attribution.data import load_image
-    from attribution.model import load_model, pick_device
+    from attribution.model import pick_device
     from index.store import load
 
+    js = output(a.json, "--json") if a.json else None
     device = pick_device(a.device)
     model = load_model(a.model, device=device)
     idx = load(a.index, model, device=device)
     image = load_image(a.image, model.channels, model.size).to(device)
-    res = idx.query(image, k=a.top_k)
+    k = min(a.top_k, len(idx))
+    if k < a.top_k:
+        say(f"note: --top-k {a.top_k} is more than the {len(idx)} images in the index; showing all {k}")
+    res = idx.query(image, k=k)
     print(f"{'rank':>4}  {'proponent':>9}  {'label':>5}  {'score':>11}  {'± se':>8}    "
           f"{'opponent':>9}  {'label':>5}  {'score':>11}  {'± se':>8}")
 
@@ -155,8 +173,8 @@ def cmd_query(a: argparse.Namespace) -> None:
     say(f"query gradient {t['query_gradient'] * 1e3:.0f} ms, search {t['search'] * 1e3:.1f} ms")
     if a.json:
         out = {"image": str(a.image), "index": str(a.index), "method": idx.method, **res.to_dict()}
-        Path(a.json).write_text(json.dumps(out, indent=2))
-        say(f"wrote {a.json}")
+        write(js, "--json", lambda path: path.write_text(json.dumps(out, indent=2)))
+        say(f"wrote {js}")
 
 
 def cmd_evaluate(a: argparse.Namespace) -> None:
@@ -195,8 +213,7 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
         out["seed_agreement"] = dict(zip(("mean", "se"), ev.mean_se(noise)))
         say(f"retraining noise: seed-to-seed Spearman {out['seed_agreement']['mean']:.3f}")
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(out, indent=2))
+        write(output(a.json, "--json"), "--json", lambda path: path.write_text(json.dumps(out, indent=2)))
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
@@ -209,12 +226,12 @@ def _add_train(sub) -> None:
     t = sub.add_parser("train", help="train a diffusion model (resumable)")
     t.add_argument("--data", default="mnist", help="'mnist' (embedded) or an image folder")
     t.add_argument("--preset", default="mnist")
-    t.add_argument("--n", type=int, default=None, help="use only the first N images")
-    t.add_argument("--steps", type=int, default=2000)
-    t.add_argument("--batch-size", type=int, default=128)
-    t.add_argument("--lr", type=float, default=2e-3)
-    t.add_argument("--warmup", type=int, default=100)
-    t.add_argument("--ema-decay", type=float, default=0.999)
+    t.add_argument("--n", type=POSITIVE, default=None, help="use only the first N images")
+    t.add_argument("--steps", type=POSITIVE, default=2000)
+    t.add_argument("--batch-size", type=POSITIVE, default=128)
+    t.add_argument("--lr", type=POSITIVE_FLOAT, default=2e-3)
+    t.add_argument("--warmup", type=NON_NEGATIVE, default=100)
+    t.add_argument("--ema-decay", type=DECAY, default=0.999)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--init", default=None, help="continue training this model folder (else: a fresh preset)")
     t.add_argument("--workdir", default="runs/train", help="checkpoints (resumed if present)")
@@ -226,11 +243,11 @@ def _add_train(sub) -> None:
 def _add_sample(sub) -> None:
     s = sub.add_parser("sample", help="sample images, write a grid and PNGs")
     s.add_argument("--model", default=None, help="model folder (default: assets/mnist-unet)")
-    s.add_argument("--n", type=int, default=64)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--n", type=POSITIVE, default=64)
+    s.add_argument("--seed", type=SEED, default=0)
     s.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
-    s.add_argument("--steps", type=int, default=50)
-    s.add_argument("--nrow", type=int, default=8)
+    s.add_argument("--steps", type=POSITIVE, default=50)
+    s.add_argument("--nrow", type=POSITIVE, default=8)
     s.add_argument("--grid-only", action="store_true")
     s.add_argument("--out", default="out/samples")
     s.add_argument("--device", default=None)
@@ -244,11 +261,11 @@ def _add_scores(sub, methods: list[str]) -> None:
     sc.add_argument("--queries", required=True, help="folder of query images (file-name order)")
     sc.add_argument("--out", required=True, help="scores.npy: float32 (queries, training images)")
     sc.add_argument("--method", default="ekfac", choices=methods)
-    sc.add_argument("--draws", type=int, default=None)
-    sc.add_argument("--dim", type=int, default=None, help="projection budget D (0: unprojected)")
+    sc.add_argument("--draws", type=POSITIVE, default=None)
+    sc.add_argument("--dim", type=NON_NEGATIVE, default=None, help="projection budget D (0: unprojected)")
     sc.add_argument("--projection", default=None, choices=["sketch", "kronecker"],
                     help="count sketch (default, faithful) or Kronecker (the K-FAC fast path)")
-    sc.add_argument("--damping", type=float, default=None,
+    sc.add_argument("--damping", type=POSITIVE_FLOAT, default=None,
                     help="relative damping λ / mean eigenvalue (default: the method's, 0.1 for K-FAC/EK-FAC)")
     sc.add_argument("--seed", type=int, default=0)
     sc.add_argument("--device", default=None)
@@ -261,12 +278,12 @@ def _add_stability(sub, methods: list[str]) -> None:
     st.add_argument("--data", required=True, help="folder of training images (file-name order)")
     st.add_argument("--queries", required=True, help="folder of query images (file-name order)")
     st.add_argument("--method", default="ekfac", choices=methods)
-    st.add_argument("--draws", type=int, default=None)
-    st.add_argument("--dim", type=int, default=None, help="projection budget D (0: unprojected)")
+    st.add_argument("--draws", type=POSITIVE, default=None)
+    st.add_argument("--dim", type=NON_NEGATIVE, default=None, help="projection budget D (0: unprojected)")
     st.add_argument("--projection", default=None, choices=["sketch", "kronecker"])
-    st.add_argument("--damping", type=float, default=None, help="relative damping (default: the method's)")
+    st.add_argument("--damping", type=POSITIVE_FLOAT, default=None, help="relative damping (default: the method's)")
     st.add_argument("--seeds", type=int, nargs=2, default=[0, 1], metavar=("S1", "S2"))
-    st.add_argument("--k", type=int, default=10, help="top-k for the overlap")
+    st.add_argument("--k", type=POSITIVE, default=10, help="top-k for the overlap")
     st.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     st.add_argument("--json", default=None, help="write the figures (per query too) here")
     st.add_argument("--device", default=None)
@@ -288,7 +305,7 @@ def _add_query(sub) -> None:
     q.add_argument("--index", required=True)
     q.add_argument("--image", required=True)
     q.add_argument("--model", default=None, help="model folder (default: assets/mnist-unet)")
-    q.add_argument("--top-k", type=int, default=16)
+    q.add_argument("--top-k", type=POSITIVE, default=16, help="hits per side (at least 1; at most the index size)")
     q.add_argument("--json", default=None, help="write the result as JSON here")
     q.add_argument("--device", default=None)
     q.set_defaults(func=cmd_query)
@@ -297,11 +314,12 @@ def _add_query(sub) -> None:
 def _add_groundtruth(evs) -> None:
     g = evs.add_parser("groundtruth", help="train the subset models and measure (resumable)")
     g.add_argument("--out", default="benchmarks/groundtruth")
-    g.add_argument("--subsets", type=int, default=32)
-    g.add_argument("--seeds", type=int, default=2)
-    g.add_argument("--steps", type=int, default=400)
-    g.add_argument("--n-train", type=int, default=1000)
-    g.add_argument("--worker", default="0/1", help="i/n: train every n-th model from i (n processes)")
+    g.add_argument("--subsets", type=POSITIVE, default=32)
+    g.add_argument("--seeds", type=POSITIVE, default=2)
+    g.add_argument("--steps", type=POSITIVE, default=400)
+    g.add_argument("--n-train", type=POSITIVE, default=1000)
+    g.add_argument("--worker", default="0/1", type=worker,
+                   help="i/n: train every n-th model from i (n processes)")
     g.set_defaults(func=cmd_evaluate)
 
 
@@ -309,12 +327,12 @@ def _add_lds(evs, methods: list[str]) -> None:
     lds = evs.add_parser("lds", help="LDS of one or more methods on a ground truth")
     lds.add_argument("--groundtruth", default="benchmarks/groundtruth")
     lds.add_argument("--method", nargs="+", default=["ekfac"], choices=methods)
-    lds.add_argument("--draws", type=int, default=8)
-    lds.add_argument("--query-draws", type=int, default=32)
-    lds.add_argument("--curvature-draws", type=int, default=4)
-    lds.add_argument("--dim", type=int, default=None, help="0: unprojected (default: the method's D)")
+    lds.add_argument("--draws", type=POSITIVE, default=8)
+    lds.add_argument("--query-draws", type=POSITIVE, default=32)
+    lds.add_argument("--curvature-draws", type=POSITIVE, default=4)
+    lds.add_argument("--dim", type=NON_NEGATIVE, default=None, help="0: unprojected (default: the method's D)")
     lds.add_argument("--projection", default="sketch", choices=["sketch", "kronecker"])
-    lds.add_argument("--damping", type=float, default=None, help="relative damping (default: the method's)")
+    lds.add_argument("--damping", type=POSITIVE_FLOAT, default=None, help="relative damping (default: the method's)")
     lds.add_argument("--seed", type=int, default=0)
     lds.add_argument("--json", default=None)
     lds.set_defaults(func=cmd_evaluate)
@@ -326,9 +344,10 @@ def _add_retrain(evs) -> None:
     rt.add_argument("--out", default="benchmarks/retrain_top_k")
     rt.add_argument("--method", nargs="+", default=["ekfac", "trak", "random"],
                     help="the first is compared with the others; 'random' removes random images")
-    rt.add_argument("--fractions", type=float, nargs="+", default=[0.02, 0.10])
-    rt.add_argument("--queries", type=int, default=5)
-    rt.add_argument("--worker", default="0/1", help="i/n: train every n-th model from i (n processes)")
+    rt.add_argument("--fractions", type=FRACTION, nargs="+", default=[0.02, 0.10])
+    rt.add_argument("--queries", type=POSITIVE, default=5)
+    rt.add_argument("--worker", default="0/1", type=worker,
+                   help="i/n: train every n-th model from i (n processes)")
     rt.set_defaults(func=cmd_evaluate)
 
 
@@ -346,16 +365,16 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index", default=None, help="index folder(s), comma-separated (env ATTRIBUTION_INDEX; "
                    "default indexes/mnist-ekfac, built if missing)")
     p.add_argument("--host", default=None, help="address to bind (env GRADIO_SERVER_NAME; default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=None, help="port (env GRADIO_SERVER_PORT; default 7860)")
+    p.add_argument("--port", type=PORT, default=None, help="port (env GRADIO_SERVER_PORT; default 7860)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--concurrency", type=int, default=None,
+    p.add_argument("--concurrency", type=POSITIVE, default=None,
                    help="requests per event handled at once (the model runs one at a time; default 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from attribution.influence import METHODS
 
-    p = argparse.ArgumentParser(prog="attribution", description=__doc__)
+    p = Parser(prog="attribution", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     _add_train(sub)
     _add_sample(sub)
@@ -375,6 +394,10 @@ def main(argv: list[str] | None = None) -> int:
     from attribution.errors import AttributionError
 
     args = build_parser().parse_args(argv)
+    if argv is None and args.cmd in ("serve", "demo"):  # the server's own process: see explorer.launch
+        from explorer.launch import limit_malloc_arenas
+
+        limit_malloc_arenas()
     try:
         return args.func(args) or 0
     except AttributionError as e:

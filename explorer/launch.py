@@ -156,8 +156,9 @@ def main(args: argparse.Namespace | None = None) -> int:
     import torch
 
     from attribution.errors import ConfigError, IndexLoadError, ModelError
-    from attribution.model import load_model, pick_device
+    from attribution.model import pick_device
     from explorer.build_job import DEFAULT_INDEX
+    from explorer.cli_args import load_model  # a ModelError for invalid config files, too
     from explorer.service import Explorer
     from explorer.ui import build_demo
 
