@@ -37,6 +37,20 @@ SKETCH_PX = 224
 EXPECTED = (AttributionError, Busy)  # failures whose message is for the user (no traceback)
 
 
+class ImageFile(gr.Image):
+    """`gr.Image` (preview, paste) that hands the uploaded file over as it is, undecoded: the
+    library reads it and says in plain words what it cannot read (a text file, an empty one)."""
+
+    @classmethod
+    def get_block_name(cls) -> str:
+        return "image"  # the same front end as gr.Image
+
+    def preprocess(self, payload):
+        if payload is not None and payload.path and not (payload.url or "").startswith("data:"):
+            return str(payload.path)
+        return super().preprocess(payload)
+
+
 @dataclass
 class Page:
     """The components that events read or fill, by name."""
@@ -46,7 +60,7 @@ class Page:
     sampler: gr.Dropdown
     steps: gr.Number
     gen_btn: gr.Button
-    upload: gr.Image
+    upload: ImageFile
     row: gr.Number
     row_btn: gr.Button
     query_img: gr.Image
@@ -86,16 +100,15 @@ def _query_tabs(n_rows: int | None) -> dict:
                 steps = gr.Number(50, label="steps", precision=0, minimum=1, maximum=1000, min_width=70,
                                   elem_id="steps")
             gen_btn = gr.Button("Generate and attribute", variant="primary", elem_id="generate-btn")
-        with gr.Tab("Draw", id="draw"):
-            sketch = gr.Sketchpad(np.zeros((SKETCH_PX, SKETCH_PX), np.uint8), label="draw a digit (light on dark)",
+        with gr.Tab("Upload", id="upload"):
+            upload = ImageFile(label="drop, paste or choose an image (PNG, JPEG, …): it is attributed at once",
+                              type="filepath", sources=["upload", "clipboard"], height=150, elem_id="upload")
+            sketch = gr.Sketchpad(np.zeros((SKETCH_PX, SKETCH_PX), np.uint8), label="or draw a digit (light on dark)",
                                   type="numpy", image_mode="L", canvas_size=(SKETCH_PX, SKETCH_PX),
                                   fixed_canvas=True, layers=False, transforms=(), height=SKETCH_PX + 70,
                                   brush=gr.Brush(colors=["#ffffff"], default_size=14, color_mode="fixed"),
                                   elem_id="sketch")
             sketch_btn = gr.Button("Attribute the drawing", variant="primary", elem_id="sketch-btn")
-        with gr.Tab("Upload", id="upload"):
-            upload = gr.Image(label="drop, paste or choose an image (PNG, JPEG, …): it is attributed at once",
-                              type="filepath", sources=["upload", "clipboard"], height=160, elem_id="upload")
         with gr.Tab("Training image", id="training"):
             row = gr.Number(0, label=f"training image id (0–{n_rows - 1})" if n_rows else "training image id",
                             precision=0, minimum=0, elem_id="row")
@@ -137,7 +150,7 @@ def _results_column() -> dict:
 def _layout(ex: Explorer, default_label: str | None, n_rows: int | None) -> Page:
     answer = gr.State(None)
     gr.Markdown("## Which training images made this?\nInfluence-function attribution for a "
-                "diffusion model: generate, upload or pick an image; see the training images "
+                "diffusion model: generate, draw, upload or pick an image; see the training images "
                 "that most raise (proponents) and lower (opponents) its likelihood.", elem_id="title")
     banner = gr.Markdown(index_md(ex), elem_id="banner")
     with gr.Row(equal_height=False):
