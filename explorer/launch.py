@@ -35,6 +35,7 @@ def serve(demo, host: str = "127.0.0.1", port: int = 7860, prevent_thread_lock: 
     so that the page answers at once)."""
     from explorer.render import CSS
 
+    refuse_url_files(demo)
     demo.queue(default_concurrency_limit=concurrency)
     out = demo.launch(server_name=host, server_port=port, prevent_thread_lock=True, css=CSS,
                       show_error=True, max_file_size="64mb", footer_links=["api"],
@@ -47,6 +48,50 @@ def serve(demo, host: str = "127.0.0.1", port: int = 7860, prevent_thread_lock: 
     if not prevent_thread_lock:
         demo.block_thread()
     return out
+
+
+URL_REFUSED = "a file given as a URL is refused (it is never fetched): send the file itself"
+
+
+def refuse_url_files(demo) -> None:
+    """An http(s) URL as the path of a file payload (an API call can send one) is refused before
+    anything is fetched: Gradio would download it into its cache before the handler runs."""
+    import gradio as gr
+    from gradio_client.utils import is_http_url_like
+
+    def guard(move, is_async: bool):
+        def check(path):
+            if path is not None and is_http_url_like(str(path)):
+                raise gr.Error(URL_REFUSED, print_exception=False)
+
+        if is_async:
+            async def guarded(path):
+                check(path)
+                return await move(path)
+        else:
+            def guarded(path):
+                check(path)
+                return move(path)
+        guarded.url_guard = True
+        return guarded
+
+    for block in demo.blocks.values():
+        for name, is_async in (("async_move_resource_to_block_cache", True), ("move_resource_to_block_cache", False)):
+            move = getattr(block, name, None)
+            if move is not None and not getattr(move, "url_guard", False):
+                setattr(block, name, guard(move, is_async))
+
+
+def restrict_image_decoders() -> None:
+    """Pillow identifies files only as the accepted formats in this process: the page's image
+    component opens an upload with Pillow before the library's `open_image` (which has its own
+    allow-list) sees it, and must not reach the EPS (Ghostscript) or any other plugin."""
+    from PIL import Image
+
+    from attribution.data import ACCEPTED_FORMATS
+
+    Image.init()
+    Image.ID[:] = [f for f in Image.ID if f in ACCEPTED_FORMATS]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -188,6 +233,7 @@ def main(args: argparse.Namespace | None = None) -> int:
     except (IndexLoadError, ConfigError) as e:
         say(f"error: {e}")
         return 2
+    restrict_image_decoders()
     demo = build_demo(model, explorer=Explorer(model, indexes), build=build)
     if device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
         # One query is many small ops: on a shared 2-core machine two OpenMP threads made it

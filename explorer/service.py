@@ -8,6 +8,7 @@ page is `explorer.ui`, exports `explorer.exports`.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Sequence
@@ -46,6 +47,29 @@ def on_gpu(fn):
 def query_index(idx: Index, image: torch.Tensor, k: int, trajectory=None):
     """The query-gradient work and the search of one query (on a Space's GPU where it lends one)."""
     return idx.query(image, k=k, trajectory=trajectory, with_all=True)
+
+
+def whole(value, name: str, lo: int, hi: int, default: int | None = None) -> int:
+    """`value` from a form or an API call (a number or its text) as a whole number in [lo, hi];
+    DataError for a missing value (unless `default`), text, NaN, a fraction or one out of range."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        if default is not None:
+            return default
+        raise DataError(f"{name} is missing: give a whole number between {lo} and {hi}")
+    bad = DataError(f"{name} must be a whole number between {lo} and {hi} (got {str(value)[:40]!r})")
+    if isinstance(value, bool):
+        raise bad
+    try:
+        v = value if isinstance(value, int) else float(str(value).strip())
+    except (TypeError, ValueError):
+        raise bad from None
+    if isinstance(v, float):
+        if not math.isfinite(v) or v != int(v):
+            raise bad
+        v = int(v)
+    if not lo <= v <= hi:
+        raise DataError(f"{name} must be between {lo} and {hi} (got {v})")
+    return v
 
 
 def _u8(image: torch.Tensor) -> np.ndarray:
@@ -176,13 +200,9 @@ class Explorer:
     def generated(self, seed: int, sampler: str = "ddim", steps: int = 50) -> Query:
         """Sample one image; it is rounded to 8-bit levels (what you see and download is what is
         attributed); its sampling trajectory is kept for trajectory measurements."""
-        seed, steps = int(seed), int(steps)
+        seed, steps = whole(seed, "the seed", 0, 2**31 - 1), whole(steps, "steps", 1, 1000)
         if sampler not in SAMPLERS:
             raise DataError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        if not 1 <= steps <= 1000:
-            raise DataError(f"steps must be between 1 and 1000 (got {steps})")
-        if not 0 <= seed < 2**31:
-            raise DataError(f"the seed must be between 0 and {2**31 - 1} (got {seed})")
         if not self.answering:
             raise Busy(self.build.status() if self.build else "No index is loaded.")
         t0 = time.perf_counter()
@@ -245,13 +265,17 @@ class Explorer:
 
         return image_to_tensor(Image.fromarray(np.asarray(u8)), self.model.channels, self.model.size)
 
+    @staticmethod
+    def check_k(k) -> int:
+        """k as a whole number in [1, MAX_K] (8 when missing); DataError otherwise. Callers check
+        it before making a query, so that a refused request costs no sampling."""
+        return whole(k, "k", 1, MAX_K, default=8)
+
     def attribute(self, q: Query, label: str | None = None, k: int = 8) -> Answer:
         """Top-k proponents and opponents of `q` with the index `label` (the default: the first)."""
         idx = self.index(label)
         label = label or (self.labels[0] if self.labels else f"{idx.method} (partial)")
-        k = int(k) if k is not None else 8
-        if not 1 <= k <= MAX_K:
-            raise DataError(f"k must be between 1 and {MAX_K} (got {k})")
+        k = self.check_k(k)
         traj = None
         if idx.attributor is not None and idx.attributor.spec.measurement == "trajectory":
             if q.trajectory is None:

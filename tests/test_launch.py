@@ -20,6 +20,7 @@ def started(monkeypatch, tiny_workspace):
     """launch.main with the real model and index, but `serve` records where it would listen."""
     calls = []
     monkeypatch.setattr(launch, "serve", lambda demo, host, port, **kw: calls.append((host, port)))
+    monkeypatch.setattr(launch, "restrict_image_decoders", lambda: None)  # process-wide; tested in a child
     model, index = str(tiny_workspace.model_dir), str(tiny_workspace.index("pixel"))
 
     def start(*flags: str) -> tuple[str, int]:
@@ -86,3 +87,13 @@ def test_the_entry_points_restart_with_the_arena_limit():
     out = subprocess.run([sys.executable, "-c", CHILD], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=120)
     assert out.stdout.count("start") == 1 and out.stdout.strip().endswith(" 4"), out.stdout
+
+
+def test_the_server_process_identifies_only_the_accepted_image_formats():
+    code = ("import io; from PIL import Image; from explorer import launch; b = io.BytesIO(); "
+            "Image.new('RGB', (8, 8)).save(b, 'EPS'); launch.restrict_image_decoders(); "
+            "print(sorted(Image.ID)); b.seek(0)\n"
+            "try:\n    Image.open(b); print('opened')\nexcept Image.UnidentifiedImageError:\n    print('refused')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["['BMP', 'GIF', 'JPEG', 'PNG', 'TIFF', 'WEBP']", "refused"], out.stdout
