@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import threading
 import time
@@ -28,7 +27,6 @@ from attribution.console import say
 from attribution.curvature import Curvature
 from attribution.data import load_dataset, to_uint8
 from attribution.influence import METHODS, AttributionConfig, Attributor
-from attribution.model import DiffusionModel
 from attribution.projection import Projection
 from index.build import add_build_args, build_index, config_from_args
 from index.layout import IndexLayout
@@ -88,21 +86,6 @@ class BuildJob(threading.Thread):
         self._partial: Index | None = None
         self._partial_lock = threading.Lock()
 
-    def calibrate(self, model: DiffusionModel, data) -> float:
-        """Seconds for the whole build, extrapolated from the same work on a few images."""
-        m = min(len(data), 16)  # small: this time is spent before the build starts
-        # the fit on m images gets the draws per image of the real fit (not raised to
-        # curvature_min_rows rows, which would cost as much as the real curvature)
-        cfg = dataclasses.replace(self.cfg, curvature_min_rows=0)
-        t0 = time.perf_counter()
-        att = Attributor(model, data.subset(range(m)), cfg, progress=False).fit()
-        t1 = time.perf_counter()
-        att.raw_train_features()
-        t2 = time.perf_counter()
-        n_curv = min(len(data), self.cfg.curvature_images or len(data))  # the curvature sees a subset
-        rows_curv = max(n_curv * self.cfg.curvature_draws, self.cfg.curvature_min_rows)
-        return ((t1 - t0) * rows_curv / self.cfg.curvature_draws + (t2 - t1) * len(data)) / m * 1.15
-
     def run(self) -> None:
         ex = self.explorer
         serving_threads = torch.get_num_threads()
@@ -114,12 +97,10 @@ class BuildJob(threading.Thread):
             torch.set_num_threads(self.threads)
             data = load_dataset(self.data_spec, model.channels, model.size, self.n)
             self.data, self.n_images = data, len(data)
-            self.phase = "estimating the build time"
-            self.estimate_s = self.calibrate(model, data)
-            say(f"building the index at {self.out}: {len(data)} images, method {self.cfg.method}; "
-                f"about {max(1, round(self.estimate_s / 60))} minute(s). Progress follows; the page "
-                "shows it too, and answers over the images indexed so far once the first shard is "
-                "written. This happens once; later starts load the index in seconds.")
+            say(f"building the index at {self.out}: {len(data)} images, method {self.cfg.method}. Progress "
+                "follows; the page shows it too, with an estimate once the first shard is done, and answers "
+                "over the images indexed so far from then on. This happens once; later starts load the "
+                "index in seconds.")
             self.phase = "building"
             build_index(model, data, self.out, self.cfg, model_path=self.model_path,
                         data_spec=self.data_spec, progress=True)
@@ -129,6 +110,7 @@ class BuildJob(threading.Thread):
             ex.add_index(idx)
             with self._partial_lock:
                 self._partial = None
+            self.estimate_s = time.time() - self.started_at
             say(f"index ready ({time.time() - self.started_at:.0f} s); the page now answers queries "
                 "over every image")
             ex.warmup()
@@ -139,6 +121,22 @@ class BuildJob(threading.Thread):
             torch.set_num_threads(serving_threads)
             self.done = True
 
+    def estimate(self, lay: IndexLayout) -> float | None:
+        """Seconds for the whole build, from its own progress: the features started when the last
+        of the curvature, projection and density files was written; the rate of the shards done
+        since then gives the rest (no estimate before the first shard)."""
+        if self.estimate_s is not None or not self.n_images:
+            return self.estimate_s
+        shards = lay.finished_shards()
+        parts = [f.stat().st_mtime for f in (lay.curvature, lay.projection, lay.density) if f.exists()]
+        fresh = [p.stat().st_mtime for _, _, p in shards if p.stat().st_mtime > max(parts + [self.started_at])]
+        if not parts or not fresh:
+            return None
+        start = max(parts + [self.started_at])
+        per_shard = (max(fresh) - start) / len(fresh)
+        left = len(range(lay.rows_done(), self.n_images, shards[0][1] - shards[0][0]))
+        return max(fresh) - self.started_at + per_shard * (left + 0.3)  # + 0.3: the store at the end
+
     def status(self) -> str:
         el = time.time() - self.started_at
         if self.error:
@@ -146,18 +144,22 @@ class BuildJob(threading.Thread):
                     f"the build resumes from its finished parts in `{self.out}`.")
         parts = [f"**Building the index** `{self.out.name}` (first start only): {self.phase}, "
                  f"{el / 60:.1f} min elapsed"]
-        if self.estimate_s:
-            left = self.estimate_s - el
-            parts.append(f"about {max(1, round(self.estimate_s / 60))} min in all, "
+        layout = IndexLayout(self.out)
+        try:
+            est = self.estimate(layout)
+        except OSError:  # a shard removed at the end of the build
+            est = None
+        if est:
+            left = est - el
+            parts.append(f"about {max(1, round(est / 60))} min in all, "
                          + (f"about {round(left / 60)} min left" if left > 90 else "almost done"))
         if self.phase == "building" and self.n_images:
             needs_curvature = METHODS[self.cfg.method].preconditioner in ("kfac", "kfac-exact", "ekfac")
-            layout = IndexLayout(self.out)
             if needs_curvature and not layout.curvature.exists():
-                parts.append("step 1 of 2: fitting the curvature")
+                parts.append("step 1 of 2: fitting the curvature (a few minutes on 2 CPU cores)")
             else:
                 parts.append(f"step 2 of 2: features of {layout.rows_done()} / {self.n_images} images")
-        p = self._partial
+        p = self.partial()
         if p is not None:
             parts.append(f"queries are answered now over the images indexed so far ({partial_note(p)})")
             return " · ".join(parts) + ". This page updates by itself."
