@@ -37,18 +37,20 @@ SKETCH_PX = 224
 EXPECTED = (AttributionError, Busy)  # failures whose message is for the user (no traceback)
 
 
-class ImageFile(gr.Image):
+def image_file(**kwargs) -> gr.Image:
     """`gr.Image` (preview, paste) that hands the uploaded file over as it is, undecoded: the
-    library reads it and says in plain words what it cannot read (a text file, an empty one)."""
+    library reads it and says in plain words what it cannot read (a text file, an empty one).
+    (An instance attribute, not a subclass: Gradio writes a .pyi file next to any subclass.)"""
+    img = gr.Image(**kwargs)
+    decode = img.preprocess
 
-    @classmethod
-    def get_block_name(cls) -> str:
-        return "image"  # the same front end as gr.Image
-
-    def preprocess(self, payload):
+    def preprocess(payload):
         if payload is not None and payload.path and not (payload.url or "").startswith("data:"):
             return str(payload.path)
-        return super().preprocess(payload)
+        return decode(payload)
+
+    img.preprocess = preprocess
+    return img
 
 
 @dataclass
@@ -60,7 +62,7 @@ class Page:
     sampler: gr.Dropdown
     steps: gr.Number
     gen_btn: gr.Button
-    upload: ImageFile
+    upload: gr.Image
     row: gr.Number
     row_btn: gr.Button
     query_img: gr.Image
@@ -101,7 +103,7 @@ def _query_tabs(n_rows: int | None) -> dict:
                                   elem_id="steps")
             gen_btn = gr.Button("Generate and attribute", variant="primary", elem_id="generate-btn")
         with gr.Tab("Upload", id="upload"):
-            upload = ImageFile(label="drop, paste or choose an image (PNG, JPEG, …): it is attributed at once",
+            upload = image_file(label="drop, paste or choose an image (PNG, JPEG, …): it is attributed at once",
                               type="filepath", sources=["upload", "clipboard"], height=150, elem_id="upload")
             sketch = gr.Sketchpad(np.zeros((SKETCH_PX, SKETCH_PX), np.uint8), label="or draw a digit (light on dark)",
                                   type="numpy", image_mode="L", canvas_size=(SKETCH_PX, SKETCH_PX),
