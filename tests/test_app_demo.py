@@ -142,6 +142,17 @@ def test_spaces_gpu_wraps_the_query_work_only_where_spaces_is_importable(tmp_pat
 # --------------------------------------------------------------------------------- in a browser
 
 
+def wait_status(page, text: str, timeout: float = 120_000) -> str:
+    try:
+        page.wait_for_function("t => (document.querySelector('#status') || {}).innerText?.includes(t)",
+                               arg=text, timeout=timeout)
+    except Exception:
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "app-demo-failure.png"))
+        raise AssertionError(f"waited for {text!r} in #status; it shows {page.inner_text('#status')!r}") from None
+    return page.inner_text("#status")
+
+
 def _start_app(env: dict, log: Path, port: int) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log.open("w"),
                             stderr=subprocess.STDOUT)
@@ -198,7 +209,6 @@ def test_space_first_visit_builds_then_reuses_the_index(tiny_workspace, browser,
     (a stub: the query work goes through spaces.GPU) on the first start, absent on the second."""
     from gradio_client import Client
 
-    from tests.test_app import wait_status
 
     stub = tmp_path / "stub"
     (stub / "spaces").mkdir(parents=True)
@@ -236,7 +246,7 @@ def test_space_first_visit_builds_then_reuses_the_index(tiny_workspace, browser,
         page.wait_for_function("() => document.querySelector('#query-info').innerText.includes('training image id 0 ')")
         page.get_by_text("training image 42", exact=True).click()
         page.wait_for_function("() => document.querySelector('#query-info').innerText.includes('training image id 42')")
-        assert page.inner_text("#status") == first
+        page.wait_for_function("t => document.querySelector('#status').innerText == t", arg=first)
         page.close()
         assert "query_index" in gpu_log.read_text()  # spaces.GPU wrapped the query work
     finally:
@@ -264,10 +274,9 @@ def test_screenshot_of_the_app_with_the_default_model(browser, free_port, tmp_pa
     from PIL import Image
 
     from attribution.model import load_model
-    from tests.test_app import wait_status
 
     model = load_model()
-    cfg = AttributionConfig(method="ekfac", draws=2, curvature_draws=1, query_draws=8, dim=4096,
+    cfg = AttributionConfig(method="ekfac", draws=4, curvature_draws=1, query_draws=8, dim=4096,
                             curvature_images=250, curvature_min_rows=250)
     out = tmp_path / "index"
     build_index(model, load_dataset("mnist", 1, 28, 500), out, cfg, model_path="default", data_spec="mnist",
