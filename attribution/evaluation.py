@@ -286,19 +286,23 @@ def retrain_top_k(groundtruth: str | Path, out: str | Path, methods: list[str], 
     if any(not (out / "models" / f"{tag(n, s)}.npy").exists() for n in names for s in range(seeds)):
         log("some models are still being trained (by other workers, or scores are missing)")
         return None
+    summary = _retrain_summary(lambda name, s: np.load(out / "models" / f"{tag(name, s)}.npy"), methods,
+                               fractions, n_queries, seeds)
+    summary["recipe"] = asdict(tcfg)
+    (out / "retrain_top_k.json").write_text(json.dumps(summary, indent=2))
+    return summary
 
-    def loss(name: str, s: int) -> np.ndarray:
-        return np.load(out / "models" / f"{tag(name, s)}.npy")
 
+def _retrain_summary(loss, methods: list[str], fractions, n_queries: int, seeds: int) -> dict:
+    """Rise of each query's loss per removal (mean over seeds of removed − that seed's baseline),
+    mean ± s.e. over queries, and the first method's paired differences to the others."""
     base = np.mean([loss("baseline", s) for s in range(seeds)], axis=0)
     rise = {m: {f"{f:g}": [float(np.mean([loss(f"{m}-{f:g}-{q}", s)[q] - loss("baseline", s)[q]
                                           for s in range(seeds)])) for q in range(n_queries)]
                 for f in fractions} for m in methods}
-    summary = {"n_queries": n_queries, "fractions": list(fractions), "recipe": asdict(tcfg), "seeds": seeds,
-               "baseline_loss": base.tolist(), "rise": rise,
-               "mean_se": {m: {f: mean_se(v) for f, v in r.items()} for m, r in rise.items()},
-               "paired": {f"{a}-vs-{b}": {f"{f:g}": mean_se(np.array(rise[a][f"{f:g}"]) - np.array(rise[b][f"{f:g}"]))
-                                          for f in fractions}
-                          for a in methods[:1] for b in methods[1:]}}
-    (out / "retrain_top_k.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    return {"n_queries": n_queries, "fractions": list(fractions), "seeds": seeds,
+            "baseline_loss": base.tolist(), "rise": rise,
+            "mean_se": {m: {f: mean_se(v) for f, v in r.items()} for m, r in rise.items()},
+            "paired": {f"{a}-vs-{b}": {f"{f:g}": mean_se(np.array(rise[a][f"{f:g}"]) - np.array(rise[b][f"{f:g}"]))
+                                       for f in fractions}
+                       for a in methods[:1] for b in methods[1:]}}

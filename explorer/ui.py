@@ -322,7 +322,8 @@ def _add_api(ex: Explorer, default_label: str | None) -> gr.Dropdown:
 
     def api_call(make: Callable[[], Query], method_label, kk) -> dict:
         try:
-            return ex.attribute(make(), method_label or None, 8 if kk is None else kk).data
+            kk = ex.check_k(kk)  # refused before any sampling
+            return ex.attribute(make(), method_label or None, kk).data
         except EXPECTED as e:
             raise gr.Error(plain(str(e)), print_exception=False) from None
 

@@ -380,7 +380,6 @@ def test_generated_refuses_bad_seed_and_steps_before_sampling(client, samples, s
     assert samples == []
 
 
-@pytest.mark.xfail(reason="needs explorer/ui.py api_call to run ex.check_k(kk) before make() (the lead's file)")
 @pytest.mark.parametrize("k", [0, -1, 10**9])
 def test_generated_refuses_bad_k_before_sampling(client, samples, k):
     from gradio_client.exceptions import AppError

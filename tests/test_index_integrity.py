@@ -70,8 +70,9 @@ def refused(lay: IndexLayout, match: str, model=None) -> None:
 def test_untouched_index_loads_and_records_every_file(built, model):
     idx = load(built["ref"], model)
     files = idx.manifest["files"]
-    assert set(files) == {"curvature.safetensors", "projection.safetensors", "items.jsonl", "thumbs.npy",
-                          "features.faiss"}
+    # density.safetensors: the default draws timesteps by importance (issue 13)
+    assert set(files) == {"curvature.safetensors", "projection.safetensors", "density.safetensors",
+                          "items.jsonl", "thumbs.npy", "features.faiss"}
     assert files["features.faiss"]["ntotal"] == N and files["features.faiss"]["d"] == 64
     assert "trak.safetensors" in load(built["trak"]).manifest["files"]
 
