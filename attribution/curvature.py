@@ -90,10 +90,14 @@ class Curvature:
 
     @property
     def layer_names(self) -> list[str]:
-        return sorted({k.rsplit(".", 1)[0] for k in self.t if k.endswith(".A")})
+        return sorted({k.rsplit(".", 1)[0] for k in self.t if k.endswith(".QA")})
 
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.t[f"{name}.A"], self.t[f"{name}.S"]
+        """(A, S); from their eigendecompositions where they were saved without them."""
+        if f"{name}.A" in self.t:
+            return self.t[f"{name}.A"], self.t[f"{name}.S"]
+        ea, qa, es, qs = self.eig(name)
+        return (qa * ea) @ qa.T, (qs * es) @ qs.T
 
     def eig(self, name: str):
         """(λ_A, Q_A, λ_S, Q_S) with eigenvalues clamped at 0."""
@@ -123,9 +127,12 @@ class Curvature:
         q = torch.kron(qs, qa)
         return q @ torch.diag(lam.reshape(-1)) @ q.T
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, factors: bool = True) -> None:
+        """safetensors; `factors=False` leaves out A and S, which nothing downstream of the fit
+        needs (their eigendecompositions are kept): half the file."""
         meta = {"config": json.dumps(asdict(self.config)), "meta": json.dumps(self.meta)}
-        save_file({k: v.contiguous() for k, v in self.t.items()}, str(path), metadata=meta)
+        keep = {k: v for k, v in self.t.items() if factors or not k.endswith((".A", ".S"))}
+        save_file({k: v.contiguous() for k, v in keep.items()}, str(path), metadata=meta)
 
     @classmethod
     def load(cls, path: str | Path) -> Curvature:

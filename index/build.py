@@ -139,7 +139,7 @@ def curvature_stage(b: Build) -> Curvature | None:
                                   allreduce=b.dist.allreduce)
         curvature.meta["n_images"] = len(crows)
         checkpoint("curvature-fitted")
-        b.written_by_main(b.lay.curvature, lambda tmp: canonical_safetensors(curvature.save(tmp) or tmp))
+        b.written_by_main(b.lay.curvature, lambda tmp: canonical_safetensors(curvature.save(tmp, factors=False) or tmp))
         b.log.add(seconds_curvature=time.time() - t)
         checkpoint("curvature-written")
     return Curvature.load(b.lay.curvature)
