@@ -11,7 +11,7 @@ import numpy as np
 
 from benchmarks.peers.timer import Timer
 
-OURS_DAMPING = 1e-8  # relative to each layer's mean eigenvalue (attribution.curvature)
+OURS_DAMPING = 0.1  # relative to each layer's mean eigenvalue (attribution.influence.DAMPING)
 TRAK_DAMPING = 1e-3  # TRAK ridge, relative to the mean eigenvalue of ΦᵀΦ (attribution.influence)
 
 

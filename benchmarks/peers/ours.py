@@ -14,6 +14,9 @@ from pathlib import Path
 from benchmarks.peers.common import OURS_DAMPING, BenchInputs, PeerResult, peak_rss_mb
 from benchmarks.peers.timer import Timer
 
+# every library gets the same seeded (x_t, t, ε) rows: plain stratified draws (no antithetic pairs,
+# no importance density), as the peers' own MC loops draw them
+SAME_ROWS = dict(antithetic=False, importance=False, damping=OURS_DAMPING)
 
 def run_unprojected(setup: dict, inp: BenchInputs, timer: Timer) -> PeerResult:
     """Attributor(method="ekfac", dim=None).fit().scores(queries)."""
@@ -21,7 +24,8 @@ def run_unprojected(setup: dict, inp: BenchInputs, timer: Timer) -> PeerResult:
 
     rss0 = peak_rss_mb()
     cfg = AttributionConfig(method="ekfac", draws=setup["k"], query_draws=setup["k"],
-                            curvature_draws=setup["kc"], curvature_min_rows=0, dim=None, seed=setup["seed"])
+                            curvature_draws=setup["kc"], curvature_min_rows=0, dim=None, seed=setup["seed"],
+                            **SAME_ROWS)
     with timer.stage("curvature"):
         att = Attributor(inp.model, inp.data, cfg, progress=False).fit()
     with timer.stage("train_features_and_scores"):
@@ -42,7 +46,7 @@ def run_index(setup: dict, inp: BenchInputs, timer: Timer, name: str) -> PeerRes
     fast = name == "kfac"  # the K-FAC fast path: Kronecker projection, preconditioning folded in
     cfg = AttributionConfig(method=name, draws=k, query_draws=k, curvature_draws=setup["kc"], curvature_min_rows=0,
                             dim=setup.get("kfac_dim", 8192) if fast else setup["dim"],
-                            projection="kronecker" if fast else "sketch", seed=seed)
+                            projection="kronecker" if fast else "sketch", seed=seed, **SAME_ROWS)
     out = Path(setup["workdir"]) / f"index-{name}"
     shutil.rmtree(out, ignore_errors=True)
     with timer.stage("build_index"):

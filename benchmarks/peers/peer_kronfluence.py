@@ -110,7 +110,7 @@ def run(setup: dict, inp: BenchInputs, timer: Timer, fresh_mc: bool = False) -> 
     rss0 = peak_rss_mb()
     k, kc, seed, n, q = setup["k"], setup["kc"], setup["seed"], setup["n"], inp.queries.shape[0]
     torch.manual_seed(seed)
-    kf_config.HEURISTIC_DAMPING_SCALE = OURS_DAMPING  # our exact-damping rule: 1e-8 · mean Λ*, per layer
+    kf_config.HEURISTIC_DAMPING_SCALE = OURS_DAMPING  # our exact-damping rule: 0.1 · mean Λ*, per layer
     outdir = Path(setup["workdir"]) / ("kronfluence-own-mc" if fresh_mc else "kronfluence")
     shutil.rmtree(outdir, ignore_errors=True)
     a_fit, a_score = _analyzers(inp, outdir, k, float(inp.queries[0].numel()), fresh_mc)
