@@ -1,5 +1,5 @@
-"""Files that fit in one's head: in the layers below, no source file is longer than 450 lines and
-no function longer than 80. (The rest of the tree is to follow; add its folders here.)"""
+"""Files that fit in one's head: outside tests/, no source file is longer than 450 lines and no
+function longer than 80."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-CHECKED = ["app.py", "explorer", "benchmarks/peers", "benchmarks/vs_peers.py", "benchmarks/app_load.py"]
+CHECKED = ["app.py", "attribution", "index", "explorer", "benchmarks"]
 MAX_FILE_LINES = 450
 MAX_FUNCTION_LINES = 80
 
