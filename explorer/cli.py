@@ -254,39 +254,36 @@ def _add_sample(sub) -> None:
     s.set_defaults(func=cmd_sample)
 
 
+def _add_scoring_args(p: argparse.ArgumentParser, methods: list[str]) -> None:
+    """What `scores` and `stability` share: the model, the folders and the method's settings."""
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True, help="folder of training images (file-name order)")
+    p.add_argument("--queries", required=True, help="folder of query images (file-name order)")
+    p.add_argument("--method", default="ekfac", choices=methods)
+    p.add_argument("--draws", type=POSITIVE, default=None)
+    p.add_argument("--dim", type=NON_NEGATIVE, default=None, help="projection budget D (0: unprojected)")
+    p.add_argument("--projection", default=None, choices=["sketch", "kronecker"],
+                   help="count sketch (default, faithful) or Kronecker (the K-FAC fast path)")
+    p.add_argument("--damping", type=POSITIVE_FLOAT, default=None,
+                   help="relative damping λ / mean eigenvalue (default: the method's, 0.1 for K-FAC/EK-FAC)")
+    p.add_argument("--device", default=None)
+
+
 def _add_scores(sub, methods: list[str]) -> None:
     sc = sub.add_parser("scores", help="dense influence scores of query images on training images")
-    sc.add_argument("--model", required=True)
-    sc.add_argument("--data", required=True, help="folder of training images (file-name order)")
-    sc.add_argument("--queries", required=True, help="folder of query images (file-name order)")
+    _add_scoring_args(sc, methods)
     sc.add_argument("--out", required=True, help="scores.npy: float32 (queries, training images)")
-    sc.add_argument("--method", default="ekfac", choices=methods)
-    sc.add_argument("--draws", type=POSITIVE, default=None)
-    sc.add_argument("--dim", type=NON_NEGATIVE, default=None, help="projection budget D (0: unprojected)")
-    sc.add_argument("--projection", default=None, choices=["sketch", "kronecker"],
-                    help="count sketch (default, faithful) or Kronecker (the K-FAC fast path)")
-    sc.add_argument("--damping", type=POSITIVE_FLOAT, default=None,
-                    help="relative damping λ / mean eigenvalue (default: the method's, 0.1 for K-FAC/EK-FAC)")
     sc.add_argument("--seed", type=int, default=0)
-    sc.add_argument("--device", default=None)
     sc.set_defaults(func=cmd_scores)
 
 
 def _add_stability(sub, methods: list[str]) -> None:
     st = sub.add_parser("stability", help="seed-to-seed Spearman and top-k overlap of a method (JSON)")
-    st.add_argument("--model", required=True)
-    st.add_argument("--data", required=True, help="folder of training images (file-name order)")
-    st.add_argument("--queries", required=True, help="folder of query images (file-name order)")
-    st.add_argument("--method", default="ekfac", choices=methods)
-    st.add_argument("--draws", type=POSITIVE, default=None)
-    st.add_argument("--dim", type=NON_NEGATIVE, default=None, help="projection budget D (0: unprojected)")
-    st.add_argument("--projection", default=None, choices=["sketch", "kronecker"])
-    st.add_argument("--damping", type=POSITIVE_FLOAT, default=None, help="relative damping (default: the method's)")
+    _add_scoring_args(st, methods)
     st.add_argument("--seeds", type=int, nargs=2, default=[0, 1], metavar=("S1", "S2"))
     st.add_argument("--k", type=POSITIVE, default=10, help="top-k for the overlap")
     st.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     st.add_argument("--json", default=None, help="write the figures (per query too) here")
-    st.add_argument("--device", default=None)
     st.set_defaults(func=cmd_stability)
 
 
