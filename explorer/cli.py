@@ -190,7 +190,7 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
     if a.eval_cmd == "retrain-top-k":
         i, n = (int(x) for x in a.worker.split("/"))
         res = ev.retrain_top_k(a.groundtruth, a.out, a.method, tuple(a.fractions), a.queries, log=say,
-                               worker=(i, n))
+                               worker=(i, n), seeds=a.seeds)
         if res is not None:
             for m, r in res["mean_se"].items():
                 say(f"{m}: " + ", ".join(f"remove {float(f):.0%}: loss rise {v[0]:+.2e} ± {v[1]:.1e}"
@@ -343,6 +343,7 @@ def _add_retrain(evs) -> None:
                     help="the first is compared with the others; 'random' removes random images")
     rt.add_argument("--fractions", type=FRACTION, nargs="+", default=[0.02, 0.10])
     rt.add_argument("--queries", type=POSITIVE, default=5)
+    rt.add_argument("--seeds", type=POSITIVE, default=1, help="training seeds per removal")
     rt.add_argument("--worker", default="0/1", type=worker,
                    help="i/n: train every n-th model from i (n processes)")
     rt.set_defaults(func=cmd_evaluate)
