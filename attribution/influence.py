@@ -365,31 +365,30 @@ class Attributor:
             return psi @ train_features.T
         if self.uses_model and self.spec.preconditioner != "trak":
             out = torch.empty(psi.shape[0], self.n_train)
-            bs = self.config.batch_size
-            for i in tqdm(range(0, self.n_train, bs), desc="scores (training features)",
-                          disable=not self.progress):
-                rows = list(range(i, min(self.n_train, i + bs)))
+            for rows in self._train_batches():
                 phi = self.finish_train_features(self.raw_train_features(rows, progress=False))
-                out[:, i:i + len(rows)] = psi @ phi.T
+                out[:, rows] = psi @ phi.T
             return out
         return psi @ self.train_features().T
+
+    def _train_batches(self):
+        """Consecutive lists of training rows, `batch_size` at a time, with a progress bar."""
+        bs = self.config.batch_size
+        for i in tqdm(range(0, self.n_train, bs), desc="scores (training features)", disable=not self.progress):
+            yield list(range(i, min(self.n_train, i + bs)))
 
     def scores_with_spread(self, images: torch.Tensor, trajectory=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(τ, se), each (Q, N): the scores and each score's one-dof standard error under new
         draws on both sides, from independent halves (attribution/uncertainty.py)."""
-        psi, dpsi = self.query_features_with_spread(images, trajectory)
         if self.spec.preconditioner == "trak":
-            raw = self.raw_train_features(halves=True)
-            self.fit_trak(raw.mean(1))
-            phi, _ = self.finish_with_spread(raw)
             # ΦᵀΦ is refitted on every draw, and (ΦᵀΦ+λ)⁻¹ blows up half-differences outside the span
             # of Φ that a refit would absorb: no honest half-split figure exists, so none is given
-            return psi @ phi.T, torch.full((psi.shape[0], self.n_train), float("nan"))
+            scores = self.scores(images, trajectory)
+            return scores, torch.full_like(scores, float("nan"))
+        psi, dpsi = self.query_features_with_spread(images, trajectory)
         out, se = torch.empty(psi.shape[0], self.n_train), torch.empty(psi.shape[0], self.n_train)
-        bs = self.config.batch_size
-        for i in tqdm(range(0, self.n_train, bs), desc="scores (training features)", disable=not self.progress):
-            rows = list(range(i, min(self.n_train, i + bs)))
+        for rows in self._train_batches():
             phi, delta = self.finish_with_spread(self.raw_train_features(rows, progress=False, halves=True))
-            out[:, i:i + len(rows)] = psi @ phi.T
-            se[:, i:i + len(rows)] = (psi @ delta.T + dpsi @ phi.T).abs()
+            out[:, rows] = psi @ phi.T
+            se[:, rows] = (psi @ delta.T + dpsi @ phi.T).abs()
         return out, se

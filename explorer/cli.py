@@ -91,17 +91,23 @@ def _method_config(a: argparse.Namespace):
     return AttributionConfig(**kw)
 
 
-def cmd_stability(a: argparse.Namespace) -> None:
+def _scoring_inputs(a: argparse.Namespace):
+    """What `scores` and `stability` read: (device, model, training images, query images, config)."""
     from attribution.data import image_folder
     from attribution.model import pick_device
-    from attribution.stability import seed_stability
 
-    js = output(a.json, "--json") if a.json else None
     device = pick_device(a.device)
     model = load_model(a.model, device=device)
     train = image_folder(a.data, model.channels, model.size)
     queries = image_folder(a.queries, model.channels, model.size)
-    cfg = _method_config(a)
+    return device, model, train, queries, _method_config(a)
+
+
+def cmd_stability(a: argparse.Namespace) -> None:
+    from attribution.stability import seed_stability
+
+    js = output(a.json, "--json") if a.json else None
+    device, model, train, queries, cfg = _scoring_inputs(a)
     say(f"seed stability of {cfg.method} (draws {cfg.draws}, query draws {cfg.query_draws}, D = "
         f"{cfg.dim or 'unprojected'}): {len(queries)} queries × {len(train)} training images, seeds "
         f"{a.seeds[0]} and {a.seeds[1]} (every random choice differs between them)")
@@ -116,16 +122,10 @@ def cmd_stability(a: argparse.Namespace) -> None:
 def cmd_scores(a: argparse.Namespace) -> None:
     import numpy as np
 
-    from attribution.data import image_folder
     from attribution.influence import Attributor
-    from attribution.model import pick_device
 
     out = output(a.out, "--out", ".npy")  # before the work: np.save writes NAME.npy for --out NAME
-    device = pick_device(a.device)
-    model = load_model(a.model, device=device)
-    train = image_folder(a.data, model.channels, model.size)
-    queries = image_folder(a.queries, model.channels, model.size)
-    cfg = _method_config(a)
+    device, model, train, queries, cfg = _scoring_inputs(a)
     say(f"scoring {len(queries)} queries against {len(train)} training images with {cfg.method} "
          f"(draws {cfg.draws}, D = {cfg.dim or 'unprojected'}, seed {cfg.seed}) on {device}")
     t0 = time.time()
