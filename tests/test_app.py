@@ -337,6 +337,8 @@ def test_default_index_is_built_in_the_background(tiny, tmp_path):
         assert ex.build.error is None, ex.build.error
         time.sleep(0.2)
     assert ex.ready and ex.build.estimate_s > 0
+    ex.build.join(timeout=300)  # its warm-up queries run the module's shared model
+    assert not ex.build.is_alive()
     assert len(ex.index(None)) == 64 and (out / "manifest.json").exists()
     assert "64 training images" in render.index_md(ex)
     demo.close()
