@@ -36,10 +36,12 @@ install-dev: $(VENV)/.installed-dev
 demo: install
 	MALLOC_ARENA_MAX=2 $(BIN)/attribution demo
 
-# lint first (seconds), then every test; `pytest -m "not slow and not browser and not peers"` is the quick subset
+# lint and format check first (seconds), then every test; `pytest -m "not slow and not browser and not peers"` is the quick subset
 test: install-dev
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q -x --durations=15
 
 lint: install-dev
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .

@@ -35,8 +35,9 @@ def save_numpy(path: str | Path, arr: np.ndarray) -> Path:
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> Path:
-    return replace_with(path, lambda t: save_file({k: v.contiguous() for k, v in tensors.items()}, str(t),
-                                                  metadata=metadata))
+    return replace_with(
+        path, lambda t: save_file({k: v.contiguous() for k, v in tensors.items()}, str(t), metadata=metadata)
+    )
 
 
 def save_json(path: str | Path, obj) -> Path:

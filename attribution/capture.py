@@ -76,12 +76,14 @@ def example_gradients(m: nn.Module, x: torch.Tensor, g: torch.Tensor, b: int) ->
         a = inputs_as_rows(m, x).reshape(b, -1, layer_shape(m)[1])
         return g.reshape(b, -1, g.shape[-1]).transpose(1, 2) @ a
     n, k = x.shape[0], x.shape[0] // b
-    out_hw = [(size + 2 * pad - dil * (ker - 1) - 1) // st + 1 for size, pad, dil, ker, st in
-              zip(x.shape[2:], m.padding, m.dilation, m.kernel_size, m.stride)]
+    out_hw = [
+        (size + 2 * pad - dil * (ker - 1) - 1) // st + 1
+        for size, pad, dil, ker, st in zip(x.shape[2:], m.padding, m.dilation, m.kernel_size, m.stride)
+    ]
     go = g.transpose(1, 2).reshape(n, g.shape[2], *out_hw)
     out = []
     for i in range(b):
-        xi, gi = x[i * k:(i + 1) * k], go[i * k:(i + 1) * k]
+        xi, gi = x[i * k : (i + 1) * k], go[i * k : (i + 1) * k]
         w = torch.nn.grad.conv2d_weight(xi, m.weight.shape, gi, m.stride, m.padding, m.dilation, m.groups)
         parts = [w.reshape(w.shape[0], -1)] + ([gi.sum((0, 2, 3))[:, None]] if m.bias is not None else [])
         out.append(torch.cat(parts, dim=1))
@@ -107,18 +109,25 @@ class Recording:
         """a (R, P, I') of a layer (formed on demand, not kept: im2col copies are large)."""
         return inputs_as_rows(self.layers[name], self.inputs[name].detach())
 
-    def cotangents(self, out: torch.Tensor, cotangent: torch.Tensor,
-                   retain_graph: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    def cotangents(
+        self, out: torch.Tensor, cotangent: torch.Tensor, retain_graph: bool = False
+    ) -> Iterator[tuple[str, torch.Tensor]]:
         """Back-propagate `cotangent` (shape of `out`); yields (name, g (R, P, O)) per layer."""
         names = [n for n in self.layers if n in self.outputs]
-        grads = torch.autograd.grad(out, [self.outputs[n] for n in names], grad_outputs=cotangent,
-                                    retain_graph=retain_graph, allow_unused=True)
+        grads = torch.autograd.grad(
+            out,
+            [self.outputs[n] for n in names],
+            grad_outputs=cotangent,
+            retain_graph=retain_graph,
+            allow_unused=True,
+        )
         for n, g in zip(names, grads):
             if g is not None:
                 yield n, outputs_as_rows(self.layers[n], g.detach())
 
-    def backward(self, out: torch.Tensor, cotangent: torch.Tensor,
-                 retain_graph: bool = False) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    def backward(
+        self, out: torch.Tensor, cotangent: torch.Tensor, retain_graph: bool = False
+    ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
         """Back-propagate `cotangent` (shape of `out`); yields (name, a, g) per layer."""
         for n, g in self.cotangents(out, cotangent, retain_graph):
             yield n, self.a(n), g
@@ -130,12 +139,13 @@ def record(layers: dict[str, nn.Module]) -> Iterator[Recording]:
     rec = Recording(layers)
     handles = []
     for name, m in layers.items():
+
         def hook(mod, inp, out, name=name):
             if name in rec.outputs:
-                raise RuntimeError(f"{name} was called twice in one forward; shared layers are "
-                                   "not supported")
+                raise RuntimeError(f"{name} was called twice in one forward; shared layers are not supported")
             rec.inputs[name] = inp[0]
             rec.outputs[name] = out
+
         handles.append(m.register_forward_hook(hook))
     try:
         yield rec
@@ -144,8 +154,9 @@ def record(layers: dict[str, nn.Module]) -> Iterator[Recording]:
             h.remove()
 
 
-def forward(unet: nn.Module, layers: dict[str, nn.Module], x: torch.Tensor,
-            t: torch.Tensor) -> tuple[torch.Tensor, Recording]:
+def forward(
+    unet: nn.Module, layers: dict[str, nn.Module], x: torch.Tensor, t: torch.Tensor
+) -> tuple[torch.Tensor, Recording]:
     """ε̂ = unet(x, t) with a Recording of every tracked layer (parameters need requires_grad)."""
     with record(layers) as rec:
         with torch.enable_grad():

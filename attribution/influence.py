@@ -58,12 +58,30 @@ METHODS: dict[str, MethodSpec] = {
     "kfac-reduce": MethodSpec("kfac", sharing="reduce", description="K-FAC-reduce influence, MC GGN"),
     "kfac-empirical": MethodSpec("kfac", ggn="loss", description="K-FAC-expand, empirical Fisher"),
     "ekfac-empirical": MethodSpec("ekfac", ggn="loss", description="EK-FAC-expand, empirical Fisher"),
-    "trak": MethodSpec("trak", ggn="loss", damping=1e-3, dim=TRAK_DIM,
-                       description="TRAK: (ΦᵀΦ+λ)⁻¹ in projected space, loss both sides"),
-    "dtrak": MethodSpec("trak", ggn="loss", train_fn="square_norm", measurement="square_norm",
-                        damping=1e-3, dim=TRAK_DIM, description="D-TRAK: TRAK with the square-norm function both sides"),
-    "journey-trak": MethodSpec("trak", ggn="loss", measurement="trajectory", damping=1e-3, dim=TRAK_DIM,
-                               description="Journey-TRAK: TRAK, loss along the query's own trajectory"),
+    "trak": MethodSpec(
+        "trak",
+        ggn="loss",
+        damping=1e-3,
+        dim=TRAK_DIM,
+        description="TRAK: (ΦᵀΦ+λ)⁻¹ in projected space, loss both sides",
+    ),
+    "dtrak": MethodSpec(
+        "trak",
+        ggn="loss",
+        train_fn="square_norm",
+        measurement="square_norm",
+        damping=1e-3,
+        dim=TRAK_DIM,
+        description="D-TRAK: TRAK with the square-norm function both sides",
+    ),
+    "journey-trak": MethodSpec(
+        "trak",
+        ggn="loss",
+        measurement="trajectory",
+        damping=1e-3,
+        dim=TRAK_DIM,
+        description="Journey-TRAK: TRAK, loss along the query's own trajectory",
+    ),
     "gradcos": MethodSpec("identity", normalize=True, description="gradient cosine similarity"),
     "gradsim": MethodSpec("identity", description="gradient dot product (TracIn, one checkpoint)"),
     "pixel": MethodSpec("pixel", normalize=True, description="pixel-space cosine similarity (no model)"),
@@ -107,14 +125,19 @@ class AttributionConfig:
         if self.damping is not None and not (self.damping > 0 and self.damping < float("inf")):
             from attribution.errors import ConfigError
 
-            raise ConfigError(f"damping must be a positive number (relative to the mean eigenvalue), not {self.damping!r}")
+            raise ConfigError(
+                f"damping must be a positive number (relative to the mean eigenvalue), not {self.damping!r}"
+            )
 
     @property
     def spec(self) -> MethodSpec:
         s = METHODS[self.method]
-        return replace(s, damping=self.damping if self.damping is not None else s.damping,
-                       measurement=self.measurement or s.measurement,
-                       normalize=s.normalize if self.normalize is None else self.normalize)
+        return replace(
+            s,
+            damping=self.damping if self.damping is not None else s.damping,
+            measurement=self.measurement or s.measurement,
+            normalize=s.normalize if self.normalize is None else self.normalize,
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -143,8 +166,14 @@ class Attributor:
     >>> scores = att.scores(query_images)          # (Q, N), positive = proponent
     """
 
-    def __init__(self, model, train: ImageDataset, config: AttributionConfig | None = None,
-                 device: str | torch.device | None = None, progress: bool = True):
+    def __init__(
+        self,
+        model,
+        train: ImageDataset,
+        config: AttributionConfig | None = None,
+        device: str | torch.device | None = None,
+        progress: bool = True,
+    ):
         self.model = model
         self.train = train
         self.config = config or AttributionConfig()
@@ -160,14 +189,27 @@ class Attributor:
             raise ValueError("TRAK-style methods need a projection (dim); the unprojected ΦᵀΦ is too large")
 
     @classmethod
-    def from_parts(cls, model, n_train: int, config: AttributionConfig, curvature: Curvature | None = None,
-                   projection: Projection | None = None, trak_inverse: torch.Tensor | None = None,
-                   density: torch.Tensor | None = None, device: str | torch.device | None = None) -> Attributor:
+    def from_parts(
+        cls,
+        model,
+        n_train: int,
+        config: AttributionConfig,
+        curvature: Curvature | None = None,
+        projection: Projection | None = None,
+        trak_inverse: torch.Tensor | None = None,
+        density: torch.Tensor | None = None,
+        device: str | torch.device | None = None,
+    ) -> Attributor:
         """An Attributor from saved parts (an index), without the training set: only its size is
         needed on the query side. It computes query features, not training features."""
         att = cls(model, None, config, device=device, progress=False)
         att._n_train = n_train
-        att.curvature, att.projection, att.trak_inverse, att.density = curvature, projection, trak_inverse, density
+        att.curvature, att.projection, att.trak_inverse, att.density = (
+            curvature,
+            projection,
+            trak_inverse,
+            density,
+        )
         return att
 
     # ---- setup -------------------------------------------------------------------------------
@@ -181,9 +223,15 @@ class Attributor:
 
     def curvature_config(self) -> CurvatureConfig:
         kind = "ekfac" if self.spec.preconditioner == "ekfac" else "kfac"
-        return CurvatureConfig(kind=kind, ggn=self.spec.ggn, sharing=self.spec.sharing,
-                               draws=self.curvature_draws, seed=self.config.seed,
-                               damping=self.spec.damping, stratified=self.config.stratified)
+        return CurvatureConfig(
+            kind=kind,
+            ggn=self.spec.ggn,
+            sharing=self.spec.sharing,
+            draws=self.curvature_draws,
+            seed=self.config.seed,
+            damping=self.spec.damping,
+            stratified=self.config.stratified,
+        )
 
     @property
     def curvature_draws(self) -> int:
@@ -206,20 +254,31 @@ class Attributor:
         g = generator(self.config.seed, CURVATURE_SUBSET)
         return sorted(torch.randperm(n, generator=g)[:k].tolist())
 
-    def fit(self, curvature: Curvature | None = None, projection: Projection | None = None,
-            density: torch.Tensor | None = None) -> Attributor:
+    def fit(
+        self,
+        curvature: Curvature | None = None,
+        projection: Projection | None = None,
+        density: torch.Tensor | None = None,
+    ) -> Attributor:
         """Fit (or take) the curvature, make (or take) the projection and, with `importance`,
         measure (or take) the timestep density."""
         if not self.uses_model:
             return self
         shapes = model_layer_shapes(self.model.unet)
-        self.projection = projection or make_projection(shapes, self.config.dim, self.config.seed,
-                                                        self.config.projection)
+        self.projection = projection or make_projection(
+            shapes, self.config.dim, self.config.seed, self.config.projection
+        )
         if self.spec.preconditioner in ("kfac", "kfac-exact", "ekfac"):
             rows = self.curvature_rows()
             self.curvature = curvature or fit_curvature(
-                self.model, self.train.images[rows], rows, self.curvature_config(),
-                batch_size=self.curvature_batch_size, progress=self.progress, device=self.device)
+                self.model,
+                self.train.images[rows],
+                rows,
+                self.curvature_config(),
+                batch_size=self.curvature_batch_size,
+                progress=self.progress,
+                device=self.device,
+            )
         if self.config.importance:
             self.density = density if density is not None else self.fit_density()
         return self
@@ -230,9 +289,16 @@ class Attributor:
 
         n, k = self.n_train, min(self.config.profile_images, self.n_train)
         rows = sorted(torch.randperm(n, generator=generator(self.config.seed, PROFILE_SUBSET))[:k].tolist())
-        sq = bin_sq_norms(self.model, self.feature_map("train"), self.train.images[rows], rows,
-                          self.spec.train_fn, hash_seed(self.config.seed, PROFILE_DRAWS), batch_size=self.config.batch_size,
-                          device=self.device)
+        sq = bin_sq_norms(
+            self.model,
+            self.feature_map("train"),
+            self.train.images[rows],
+            rows,
+            self.spec.train_fn,
+            hash_seed(self.config.seed, PROFILE_DRAWS),
+            batch_size=self.config.batch_size,
+            device=self.device,
+        )
         return density_from_bins(sq, self.model.num_timesteps)
 
     def measurement(self, side: str) -> Measurement:
@@ -258,8 +324,15 @@ class Attributor:
             if pre in ("identity", "trak") or (side == "query" and not self.split):
                 fmap = FeatureMap(shapes, self.projection, "identity", device=self.device, scale=scale)
             else:
-                fmap = FeatureMap(shapes, self.projection, pre, self.curvature, scale=scale,
-                                  device=self.device, power=0.5 if self.split else 1.0)
+                fmap = FeatureMap(
+                    shapes,
+                    self.projection,
+                    pre,
+                    self.curvature,
+                    scale=scale,
+                    device=self.device,
+                    power=0.5 if self.split else 1.0,
+                )
             self._fmaps[side] = fmap
         return self._fmaps[side]
 
@@ -270,8 +343,9 @@ class Attributor:
         return self.feature_map("train").dim
 
     # ---- features ----------------------------------------------------------------------------
-    def raw_train_features(self, rows: list[int] | None = None, progress: bool | None = None,
-                           halves: bool = False) -> torch.Tensor:
+    def raw_train_features(
+        self, rows: list[int] | None = None, progress: bool | None = None, halves: bool = False
+    ) -> torch.Tensor:
         """Training features before any dataset-level transform (TRAK's ΦᵀΦ, normalisation):
         (n, D), or with `halves` (n, 2, D) from two independent halves of each image's draws. Where
         the method has halves (`spread_available`) the (n, D) features are their mean, so the index
@@ -282,10 +356,21 @@ class Attributor:
             flat = images.flatten(1).float()
             return torch.stack([flat, flat], 1) if halves else flat
         f = gradient_features(
-            self.model, self.feature_map("train"), images, rows, self.measurement("train"),
-            self.config.draws, self.config.seed, self.config.batch_size, self.config.stratified,
-            self.config.antithetic, progress=self.progress if progress is None else progress,
-            desc="training features", device=self.device, halves=halves or self.spread_available)
+            self.model,
+            self.feature_map("train"),
+            images,
+            rows,
+            self.measurement("train"),
+            self.config.draws,
+            self.config.seed,
+            self.config.batch_size,
+            self.config.stratified,
+            self.config.antithetic,
+            progress=self.progress if progress is None else progress,
+            desc="training features",
+            device=self.device,
+            halves=halves or self.spread_available,
+        )
         return f if halves or not self.spread_available else split_halves(f)[0]
 
     @property
@@ -294,8 +379,13 @@ class Attributor:
         method whose draws split evenly (antithetic pairs stay together), not TRAK-style (its
         refitted inverse makes a half-split meaningless) and not the trajectory measurement."""
         unit = 4 if self.config.antithetic else 2
-        return (self.uses_model and self.spec.preconditioner != "trak" and self.spec.measurement != "trajectory"
-                and self.config.draws % unit == 0 and self.config.query_draws % unit == 0)
+        return (
+            self.uses_model
+            and self.spec.preconditioner != "trak"
+            and self.spec.measurement != "trajectory"
+            and self.config.draws % unit == 0
+            and self.config.query_draws % unit == 0
+        )
 
     def finish_with_spread(self, raw_halves: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw half features (n, 2, D) -> (φ, δ): the finished features and their half-difference
@@ -329,8 +419,9 @@ class Attributor:
             self.fit_trak(raw)
         return self.finish_train_features(raw)
 
-    def query_features(self, images: torch.Tensor,
-                       trajectory: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def query_features(
+        self, images: torch.Tensor, trajectory: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """ψ (Q, D) for query images (Q, C, H, W) in [-1, 1]."""
         if not self.uses_model:
             psi = images.flatten(1).float()
@@ -340,7 +431,9 @@ class Attributor:
             psi = self._raw_query_features(images, trajectory, halves=False)
         return _normalize(psi) if self.spec.normalize else psi
 
-    def query_features_with_spread(self, images: torch.Tensor, trajectory=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def query_features_with_spread(
+        self, images: torch.Tensor, trajectory=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(ψ, δψ), each (Q, D): the query features and the half-difference of their draws. ψ is
         the same as `query_features` gives (up to float round-off); δψ is 0 for `pixel`."""
         if not self.uses_model or self.spec.measurement == "trajectory":
@@ -351,13 +444,26 @@ class Attributor:
 
     def _raw_query_features(self, images, trajectory, halves: bool) -> torch.Tensor:
         return gradient_features(
-            self.model, self.feature_map("query"), images, [QUERY_KEY] * images.shape[0],
-            self.measurement("query"), self.config.query_draws, self.config.seed, self.config.batch_size,
-            self.config.stratified, self.config.antithetic, trajectory=trajectory, progress=False,
-            device=self.device, halves=halves)
+            self.model,
+            self.feature_map("query"),
+            images,
+            [QUERY_KEY] * images.shape[0],
+            self.measurement("query"),
+            self.config.query_draws,
+            self.config.seed,
+            self.config.batch_size,
+            self.config.stratified,
+            self.config.antithetic,
+            trajectory=trajectory,
+            progress=False,
+            device=self.device,
+            halves=halves,
+        )
 
     # ---- scores ------------------------------------------------------------------------------
-    def scores(self, images: torch.Tensor, trajectory=None, train_features: torch.Tensor | None = None) -> torch.Tensor:
+    def scores(
+        self, images: torch.Tensor, trajectory=None, train_features: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """τ (Q, N) for query images, streaming over training batches (memory O(batch × D), not
         O(N × D)); TRAK-style methods need all features at once for their inverse."""
         psi = self.query_features(images, trajectory)
@@ -374,7 +480,9 @@ class Attributor:
     def _train_batches(self):
         """Consecutive lists of training rows, `batch_size` at a time, with a progress bar."""
         bs = self.config.batch_size
-        for i in tqdm(range(0, self.n_train, bs), desc="scores (training features)", disable=not self.progress):
+        for i in tqdm(
+            range(0, self.n_train, bs), desc="scores (training features)", disable=not self.progress
+        ):
             yield list(range(i, min(self.n_train, i + bs)))
 
     def scores_with_spread(self, images: torch.Tensor, trajectory=None) -> tuple[torch.Tensor, torch.Tensor]:

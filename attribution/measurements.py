@@ -59,9 +59,17 @@ def importance_timesteps(k: int, g: torch.Generator, density: torch.Tensor, stra
     return torch.searchsorted(cdf / cdf[-1], u).clamp(max=density.shape[0] - 1)
 
 
-def draws(keys: list[int], k: int, shape: tuple[int, ...], seed: int, num_timesteps: int,
-          t_range: tuple[int, int] | None = None, stratified: bool = True,
-          antithetic: bool = False, density: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def draws(
+    keys: list[int],
+    k: int,
+    shape: tuple[int, ...],
+    seed: int,
+    num_timesteps: int,
+    t_range: tuple[int, int] | None = None,
+    stratified: bool = True,
+    antithetic: bool = False,
+    density: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example seeded draws: timesteps (B, K) and noise (B, K, *shape).
 
     Example b's draws depend only on (seed, keys[b], k, options). With `antithetic`, draw 2j+1
@@ -115,9 +123,17 @@ class Measurement:
         if self.name == "loss_at_t" and self.t_range is None:
             raise ValueError("loss_at_t needs t_range=(lo, hi)")
 
-    def rows(self, x0: torch.Tensor, keys: list[int], k: int, seed: int, alphas_cumprod: torch.Tensor,
-             stratified: bool = True, antithetic: bool = False,
-             trajectory: tuple[torch.Tensor, torch.Tensor] | None = None) -> Rows:
+    def rows(
+        self,
+        x0: torch.Tensor,
+        keys: list[int],
+        k: int,
+        seed: int,
+        alphas_cumprod: torch.Tensor,
+        stratified: bool = True,
+        antithetic: bool = False,
+        trajectory: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> Rows:
         """x0 (B, C, H, W) -> Rows with K rows per image.
 
         `trajectory` = (timesteps (S,), states (S, B, C, H, W)) is required for `trajectory`;
@@ -127,8 +143,10 @@ class Measurement:
         acp = alphas_cumprod.to(x0.device)
         if self.name == "trajectory":
             if trajectory is None:
-                raise ValueError("the trajectory measurement needs the query's sampling trajectory "
-                                 "(only images generated here have one)")
+                raise ValueError(
+                    "the trajectory measurement needs the query's sampling trajectory "
+                    "(only images generated here have one)"
+                )
             ts, states = trajectory
             s = ts.shape[0]
             pick = torch.linspace(0, s - 1, min(k, s)).round().long()
@@ -138,8 +156,9 @@ class Measurement:
             a = acp[t].view(b, kk, *([1] * len(shape)))
             y = (x - a.sqrt() * x0.unsqueeze(1)) / (1 - a).sqrt()
             w = torch.ones(b, kk, device=x0.device)
-            return Rows(x.reshape(b * kk, *shape), t.reshape(-1), y.reshape(b * kk, *shape),
-                        w.reshape(-1), kk)
+            return Rows(
+                x.reshape(b * kk, *shape), t.reshape(-1), y.reshape(b * kk, *shape), w.reshape(-1), kk
+            )
         t_range = self.t_range if self.name == "loss_at_t" else None
         density = self.density if t_range is None else None
         t, eps = draws(keys, k, shape, seed, acp.shape[0], t_range, stratified, antithetic, density)

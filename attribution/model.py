@@ -21,31 +21,66 @@ from attribution.errors import ModelError  # noqa: F401  (re-exported)
 
 PRESETS: dict[str, dict] = {
     # The default: 28x28 grayscale MNIST, ~0.69M parameters, attention at 7x7 and in the middle.
-    "mnist": dict(sample_size=28, in_channels=1, out_channels=1, block_out_channels=(16, 32, 64),
-                  down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
-                  up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-                  layers_per_block=1, norm_num_groups=8, attention_head_dim=8),
+    "mnist": dict(
+        sample_size=28,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(16, 32, 64),
+        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=8,
+        attention_head_dim=8,
+    ),
     # 16x16 grayscale for the LDS benchmark (same shape of network, fewer positions).
-    "mnist16": dict(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(16, 32, 64),
-                    down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
-                    up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-                    layers_per_block=1, norm_num_groups=8, attention_head_dim=8),
+    "mnist16": dict(
+        sample_size=16,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(16, 32, 64),
+        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=8,
+        attention_head_dim=8,
+    ),
     # A few thousand parameters with attention: for tests against exact curvature.
-    "tiny": dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(4, 8),
-                 down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                 up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-                 layers_per_block=1, norm_num_groups=2, attention_head_dim=4),
+    "tiny": dict(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(4, 8),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=2,
+        attention_head_dim=4,
+    ),
     # 32x32 RGB, ~2.6M parameters, attention at 16x16 and 8x8: the larger benchmark model.
-    "rgb32": dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(32, 64, 128),
-                  down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
-                  up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-                  layers_per_block=1, norm_num_groups=8, attention_head_dim=8),
+    "rgb32": dict(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 64, 128),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=8,
+        attention_head_dim=8,
+    ),
     # Ho et al.'s CIFAR-10 DDPM U-Net (35.7M parameters): for GPU users.
-    "cifar-ddpm": dict(sample_size=32, in_channels=3, out_channels=3,
-                       block_out_channels=(128, 256, 256, 256),
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-                       layers_per_block=2, norm_num_groups=32, attention_head_dim=None, dropout=0.1),
+    "cifar-ddpm": dict(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(128, 256, 256, 256),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=2,
+        norm_num_groups=32,
+        attention_head_dim=None,
+        dropout=0.1,
+    ),
 }
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "mnist-unet"
@@ -83,9 +118,14 @@ class DiffusionModel:
 
 
 def default_scheduler(num_train_timesteps: int = 1000) -> DDPMScheduler:
-    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule="linear",
-                         beta_start=1e-4, beta_end=0.02, clip_sample=True,
-                         prediction_type="epsilon")
+    return DDPMScheduler(
+        num_train_timesteps=num_train_timesteps,
+        beta_schedule="linear",
+        beta_start=1e-4,
+        beta_end=0.02,
+        clip_sample=True,
+        prediction_type="epsilon",
+    )
 
 
 def build_model(preset: str = "mnist", seed: int = 0, **overrides) -> DiffusionModel:
@@ -116,8 +156,10 @@ def load_model(path: str | Path | None = None, device: str | torch.device = "cpu
         raise ModelError(f"{path}: model folder not found")
     unet_dir = path / "unet" if (path / "unet" / "config.json").is_file() else path
     if not (unet_dir / "config.json").is_file():
-        raise ModelError(f"{path}: no config.json here or in unet/ (expected a diffusers "
-                         "UNet2DModel folder or a pipeline folder)")
+        raise ModelError(
+            f"{path}: no config.json here or in unet/ (expected a diffusers "
+            "UNet2DModel folder or a pipeline folder)"
+        )
     cfg = json.loads((unet_dir / "config.json").read_text())
     if cfg.get("_class_name", "UNet2DModel") != "UNet2DModel":
         raise ModelError(f"{unet_dir}: holds a {cfg['_class_name']}, only UNet2DModel is supported")

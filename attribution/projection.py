@@ -93,10 +93,18 @@ class Projection:
         return self.mats.get(f"{name}.P_in")
 
     def save(self, path: str | Path) -> None:
-        meta = {"shapes": json.dumps(self.shapes), "dims": json.dumps(self.dims), "seed": str(self.seed),
-                "kind": self.kind, "size": str(self.size)}
-        save_file({k: v.contiguous() for k, v in self.mats.items()} or {"_empty": torch.zeros(1)},
-                  str(path), metadata=meta)
+        meta = {
+            "shapes": json.dumps(self.shapes),
+            "dims": json.dumps(self.dims),
+            "seed": str(self.seed),
+            "kind": self.kind,
+            "size": str(self.size),
+        }
+        save_file(
+            {k: v.contiguous() for k, v in self.mats.items()} or {"_empty": torch.zeros(1)},
+            str(path),
+            metadata=meta,
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> Projection:
@@ -108,8 +116,9 @@ class Projection:
         return cls(shapes, dims, mats, int(md["seed"]), md.get("kind", "kronecker"), int(md.get("size", 0)))
 
 
-def make_projection(shapes: dict[str, tuple[int, int]], total: int | None, seed: int = 0,
-                    kind: str = "sketch") -> Projection:
+def make_projection(
+    shapes: dict[str, tuple[int, int]], total: int | None, seed: int = 0, kind: str = "sketch"
+) -> Projection:
     """A projection to ≈ `total` numbers per example (None, or ≥ the parameter count: none)."""
     if kind not in KINDS:
         raise ValueError(f"unknown projection {kind!r}; choose one of {', '.join(KINDS)}")
@@ -121,9 +130,9 @@ def make_projection(shapes: dict[str, tuple[int, int]], total: int | None, seed:
         ko, ki = dims[name]
         g = generator(seed, KRONECKER_PROJECTION, idx)
         if ko < o:
-            mats[f"{name}.P_out"] = torch.randn(ko, o, generator=g) / ko ** 0.5
+            mats[f"{name}.P_out"] = torch.randn(ko, o, generator=g) / ko**0.5
         if ki < i:
-            mats[f"{name}.P_in"] = torch.randn(ki, i, generator=g) / ki ** 0.5
+            mats[f"{name}.P_in"] = torch.randn(ki, i, generator=g) / ki**0.5
     return Projection(dict(shapes), dims, mats, seed, "kronecker")
 
 

@@ -32,9 +32,17 @@ def make_sampler(model: DiffusionModel, sampler: str, steps: int):
 
 
 @torch.no_grad()
-def sample(model: DiffusionModel, n: int, seed: int = 0, sampler: str = "ddim", steps: int = 50,
-           keep_trajectory: bool = False, batch_size: int = 256, progress: bool = True,
-           device: str | torch.device | None = None) -> Samples:
+def sample(
+    model: DiffusionModel,
+    n: int,
+    seed: int = 0,
+    sampler: str = "ddim",
+    steps: int = 50,
+    keep_trajectory: bool = False,
+    batch_size: int = 256,
+    progress: bool = True,
+    device: str | torch.device | None = None,
+) -> Samples:
     """Draw `n` images; sample i depends only on (seed, i, sampler, steps), not on batching."""
     device = torch.device(device) if device else next(model.unet.parameters()).device
     shape = (model.channels, model.size, model.size)
@@ -69,8 +77,9 @@ def sample(model: DiffusionModel, n: int, seed: int = 0, sampler: str = "ddim", 
     return out
 
 
-def _ddpm_step(sched: DDPMScheduler, eps: torch.Tensor, t: int, x: torch.Tensor,
-               noise: torch.Tensor) -> torch.Tensor:
+def _ddpm_step(
+    sched: DDPMScheduler, eps: torch.Tensor, t: int, x: torch.Tensor, noise: torch.Tensor
+) -> torch.Tensor:
     """One ancestral DDPM step with caller-supplied noise (same formula as DDPMScheduler.step)."""
     prev_t = sched.previous_timestep(t)
     acp = sched.alphas_cumprod

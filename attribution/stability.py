@@ -31,13 +31,18 @@ def agreement(a: np.ndarray, b: np.ndarray, k: int = 10) -> dict:
     rho = np.array([spearmanr(a[q], b[q]).statistic for q in range(a.shape[0])])
     ta, tb = top_k(a, k), top_k(b, k)
     overlap = np.array([len(set(ta[q]) & set(tb[q])) / k for q in range(a.shape[0])])
-    return {"spearman": float(np.nan_to_num(rho).mean()), "top_k_overlap": float(overlap.mean()),
-            "k": k, "per_query_spearman": np.nan_to_num(rho).tolist(),
-            "per_query_overlap": (overlap * k).round().astype(int).tolist()}
+    return {
+        "spearman": float(np.nan_to_num(rho).mean()),
+        "top_k_overlap": float(overlap.mean()),
+        "k": k,
+        "per_query_spearman": np.nan_to_num(rho).tolist(),
+        "per_query_overlap": (overlap * k).round().astype(int).tolist(),
+    }
 
 
-def seed_scores(model, train, queries: torch.Tensor, config, seed: int, progress: bool = True,
-                curvature=None, device=None) -> tuple[np.ndarray, dict]:
+def seed_scores(
+    model, train, queries: torch.Tensor, config, seed: int, progress: bool = True, curvature=None, device=None
+) -> tuple[np.ndarray, dict]:
     """Scores (Q, N) of `config` under `seed`, and timings; `curvature` may be passed in (fitted
     for the same seed and curvature settings) to skip the fit."""
     from attribution.influence import Attributor
@@ -52,12 +57,26 @@ def seed_scores(model, train, queries: torch.Tensor, config, seed: int, progress
     return scores, {"fit_s": t1 - t0, "scores_s": t2 - t1, "curvature": att.curvature}
 
 
-def seed_stability(model, train, queries: torch.Tensor, config, seeds: tuple[int, int] = (0, 1),
-                   k: int = 10, progress: bool = True, device=None) -> dict:
+def seed_stability(
+    model,
+    train,
+    queries: torch.Tensor,
+    config,
+    seeds: tuple[int, int] = (0, 1),
+    k: int = 10,
+    progress: bool = True,
+    device=None,
+) -> dict:
     """The protocol above for one configuration: agreement of its scores under two seeds."""
     runs = [seed_scores(model, train, queries, config, s, progress=progress, device=device) for s in seeds]
     out = agreement(runs[0][0], runs[1][0], k)
-    out.update({"seeds": list(seeds), "config": config.to_dict(), "n_train": len(train),
-                "n_queries": int(queries.shape[0]),
-                "seconds": [round(r[1]["fit_s"] + r[1]["scores_s"], 1) for r in runs]})
+    out.update(
+        {
+            "seeds": list(seeds),
+            "config": config.to_dict(),
+            "n_train": len(train),
+            "n_queries": int(queries.shape[0]),
+            "seconds": [round(r[1]["fit_s"] + r[1]["scores_s"], 1) for r in runs],
+        }
+    )
     return out

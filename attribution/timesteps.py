@@ -25,18 +25,28 @@ BINS = 10
 FLOOR = 0.2
 
 
-def bin_sq_norms(model, fmap: FeatureMap, images: torch.Tensor, keys: list[int], train_fn: str,
-                 seed: int, bins: int = BINS, batch_size: int = 32, device=None) -> torch.Tensor:
+def bin_sq_norms(
+    model,
+    fmap: FeatureMap,
+    images: torch.Tensor,
+    keys: list[int],
+    train_fn: str,
+    seed: int,
+    bins: int = BINS,
+    batch_size: int = 32,
+    device=None,
+) -> torch.Tensor:
     """(bins,) mean squared norm of a one-row feature with t uniform in each bin, over `images`."""
     t_total = model.num_timesteps
     edges = torch.linspace(0, t_total, bins + 1).round().long()
     out = torch.empty(bins, dtype=torch.float64)
     for b in range(bins):
         inside = torch.zeros(t_total)
-        inside[edges[b]:edges[b + 1]] = 1.0
+        inside[edges[b] : edges[b + 1]] = 1.0
         meas = Measurement(train_fn, density=inside / inside.sum())
-        f = gradient_features(model, fmap, images, keys, meas, 1, seed, batch_size, progress=False,
-                              device=device or "cpu")
+        f = gradient_features(
+            model, fmap, images, keys, meas, 1, seed, batch_size, progress=False, device=device or "cpu"
+        )
         out[b] = f.double().pow(2).sum(1).mean()
     return out
 
@@ -49,5 +59,5 @@ def density_from_bins(sq_norms: torch.Tensor, num_timesteps: int, floor: float =
     mass = rms / rms.sum() if rms.sum() > 0 else torch.full_like(rms, 1.0 / bins)
     p = torch.empty(num_timesteps, dtype=torch.float64)
     for b in range(bins):
-        p[edges[b]:edges[b + 1]] = mass[b] / (edges[b + 1] - edges[b])
+        p[edges[b] : edges[b + 1]] = mass[b] / (edges[b + 1] - edges[b])
     return (1 - floor) * p + floor / num_timesteps

@@ -36,8 +36,6 @@ class TrainConfig:
     checkpoint_every: int = 200
 
 
-
-
 def lr_at(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -51,7 +49,7 @@ def batch_rows(step: int, n: int, cfg: TrainConfig) -> torch.Tensor:
     per_epoch = n // bs
     epoch, k = divmod(step, per_epoch)
     perm = torch.randperm(n, generator=generator(cfg.seed, TRAIN_ORDER, epoch))
-    return perm[k * bs:(k + 1) * bs]
+    return perm[k * bs : (k + 1) * bs]
 
 
 def step_draws(step: int, bs: int, shape: tuple[int, ...], num_timesteps: int, cfg: TrainConfig):
@@ -62,11 +60,15 @@ def step_draws(step: int, bs: int, shape: tuple[int, ...], num_timesteps: int, c
     return t, eps
 
 
-
-
-def train(model: DiffusionModel, images: torch.Tensor, cfg: TrainConfig,
-          workdir: str | Path | None = None, progress: bool = True,
-          stop_after: int | None = None, device: str | torch.device = "cpu") -> DiffusionModel:
+def train(
+    model: DiffusionModel,
+    images: torch.Tensor,
+    cfg: TrainConfig,
+    workdir: str | Path | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+    device: str | torch.device = "cpu",
+) -> DiffusionModel:
     """Train `model` on `images` (N, C, H, W) in [-1, 1]; returns a model holding the EMA weights.
 
     With `workdir`, a checkpoint is written every `cfg.checkpoint_every` steps and at the end,
@@ -87,8 +89,10 @@ def train(model: DiffusionModel, images: torch.Tensor, cfg: TrainConfig,
         if ckpt.exists():
             state = torch.load(ckpt, map_location=device, weights_only=True)
             if state["config"] != asdict(cfg):
-                raise ValueError(f"{ckpt}: checkpoint was made with another training config; "
-                                 "use a new work folder or delete it")
+                raise ValueError(
+                    f"{ckpt}: checkpoint was made with another training config; "
+                    "use a new work folder or delete it"
+                )
             unet.load_state_dict(state["unet"])
             ema.load_state_dict(state["ema"])
             opt.load_state_dict(state["opt"])
@@ -96,13 +100,27 @@ def train(model: DiffusionModel, images: torch.Tensor, cfg: TrainConfig,
 
     def checkpoint(step: int) -> None:
         if ckpt is not None:
-            save_torch(ckpt, {"unet": unet.state_dict(), "ema": ema.state_dict(),
-                         "opt": opt.state_dict(), "step": step, "config": asdict(cfg)})
+            save_torch(
+                ckpt,
+                {
+                    "unet": unet.state_dict(),
+                    "ema": ema.state_dict(),
+                    "opt": opt.state_dict(),
+                    "step": step,
+                    "config": asdict(cfg),
+                },
+            )
 
     n = images.shape[0]
     shape = tuple(images.shape[1:])
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress,
-               desc="training", unit="step")
+    bar = tqdm(
+        range(start, cfg.steps),
+        initial=start,
+        total=cfg.steps,
+        disable=not progress,
+        desc="training",
+        unit="step",
+    )
     t0, seen = time.time(), 0
     ema_params = list(ema.parameters())
     for step in bar:

@@ -40,7 +40,7 @@ def pooled(se: np.ndarray) -> np.ndarray:
     se = np.asarray(se, dtype=np.float64)
     if se.size == 0:
         return se
-    return np.sqrt((se ** 2 + np.mean(se ** 2)) / 2)
+    return np.sqrt((se**2 + np.mean(se**2)) / 2)
 
 
 def ranks_of(values: np.ndarray, rows: np.ndarray, descending: bool = True) -> np.ndarray:
@@ -52,9 +52,15 @@ def ranks_of(values: np.ndarray, rows: np.ndarray, descending: bool = True) -> n
     return (v[None, :] < sel[:, None]).sum(1) + 1
 
 
-def distinguishable(scores: np.ndarray, se: np.ndarray, next_score: float, next_se: float,
-                    z: float = 2.0, descending: bool = True) -> np.ndarray:
+def distinguishable(
+    scores: np.ndarray,
+    se: np.ndarray,
+    next_score: float,
+    next_se: float,
+    z: float = 2.0,
+    descending: bool = True,
+) -> np.ndarray:
     """Whether each shown score is separated from the first one not shown by more than z standard
     errors of their difference (independent noise assumed)."""
     gap = (np.asarray(scores) - next_score) * (1 if descending else -1)
-    return gap > z * np.sqrt(np.asarray(se) ** 2 + next_se ** 2)
+    return gap > z * np.sqrt(np.asarray(se) ** 2 + next_se**2)

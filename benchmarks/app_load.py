@@ -44,8 +44,13 @@ def _summary(lat: list[float]) -> dict:
     a = np.asarray(lat, dtype=np.float64)
     if not len(a):
         return {}
-    return {"p50": round(float(np.percentile(a, 50)), 4), "p95": round(float(np.percentile(a, 95)), 4),
-            "mean": round(float(a.mean()), 4), "max": round(float(a.max()), 4), "n": int(len(a))}
+    return {
+        "p50": round(float(np.percentile(a, 50)), 4),
+        "p95": round(float(np.percentile(a, 95)), 4),
+        "mean": round(float(a.mean()), 4),
+        "max": round(float(a.max()), 4),
+        "n": int(len(a)),
+    }
 
 
 def _call(client, f: Path, k: int, method: str | None) -> dict:
@@ -77,8 +82,9 @@ def _references(url: str, files: list[Path], k: int, method: str | None, warmup:
     return ref, single_lat, provenance
 
 
-def _concurrent(url: str, files: list[Path], ref: dict, clients: int, queries: int, k: int,
-                method: str | None) -> dict:
+def _concurrent(
+    url: str, files: list[Path], ref: dict, clients: int, queries: int, k: int, method: str | None
+) -> dict:
     """`clients` threads, each its own Client, started together, `queries` calls each."""
     from gradio_client import Client
 
@@ -124,20 +130,40 @@ def _concurrent(url: str, files: list[Path], ref: dict, clients: int, queries: i
     return out
 
 
-def run_load(url: str, files: list[Path], clients: int = 8, queries: int = 5, k: int = 8,
-             method: str | None = None, warmup: int = 3) -> dict:
+def run_load(
+    url: str,
+    files: list[Path],
+    clients: int = 8,
+    queries: int = 5,
+    k: int = 8,
+    method: str | None = None,
+    warmup: int = 3,
+) -> dict:
     """`warmup` unmeasured calls, reference answers (and latencies) from one client, then
     `clients` × `queries` concurrent calls."""
     ref, single_lat, provenance = _references(url, files, k, method, warmup)
     c = _concurrent(url, files, ref, clients, queries, k, method)
     lat, server, wall = c["lat"], c["server"], c["wall"]
-    return {"clients": clients, "queries_per_client": queries, "k": k, "method": method, "warmup_calls": warmup,
-            "calls": clients * queries, "ok": len(lat), "errors": c["errors"], "mismatches": c["mismatches"],
-            "latency_s": _summary(lat), "single_client_latency_s": _summary(single_lat),
-            "wall_s": round(wall, 3), "throughput_per_s": round(len(lat) / wall, 3) if wall else None,
-            "server_timings_s": {name: _summary([t[name] for t in server if name in t])
-                                 for name in sorted({n for t in server for n in t})},
-            "index_provenance": provenance}
+    return {
+        "clients": clients,
+        "queries_per_client": queries,
+        "k": k,
+        "method": method,
+        "warmup_calls": warmup,
+        "calls": clients * queries,
+        "ok": len(lat),
+        "errors": c["errors"],
+        "mismatches": c["mismatches"],
+        "latency_s": _summary(lat),
+        "single_client_latency_s": _summary(single_lat),
+        "wall_s": round(wall, 3),
+        "throughput_per_s": round(len(lat) / wall, 3) if wall else None,
+        "server_timings_s": {
+            name: _summary([t[name] for t in server if name in t])
+            for name in sorted({n for t in server for n in t})
+        },
+        "index_provenance": provenance,
+    }
 
 
 def free_port() -> int:
@@ -169,9 +195,15 @@ def tiny_workspace(root: Path) -> tuple[Path, Path]:
 
     save_model(build_model("tiny", seed=0), root / "model")
     model = load_model(root / "model")
-    build_index(model, load_dataset("mnist", 1, 8, n=200), root / "index",
-                AttributionConfig(method="ekfac", draws=2, curvature_draws=1, query_draws=4, dim=256),
-                model_path=str(root / "model"), data_spec="mnist", progress=False)
+    build_index(
+        model,
+        load_dataset("mnist", 1, 8, n=200),
+        root / "index",
+        AttributionConfig(method="ekfac", draws=2, curvature_draws=1, query_draws=4, dim=256),
+        model_path=str(root / "model"),
+        data_spec="mnist",
+        progress=False,
+    )
     return root / "model", root / "index"
 
 
@@ -217,20 +249,30 @@ def main(argv: list[str] | None = None) -> int:
         if proc is not None:
             proc.terminate()
             proc.wait(timeout=30)
-    res.update({"url_startup_s": round(startup, 2) if startup else None, "app_concurrency": a.concurrency or 1,
-                "model": "tiny (untrained, 8×8)" if a.tiny else (model_dir or "default (assets/mnist-unet)"),
-                "index": "tiny ekfac, 200 images, D=256" if a.tiny else (index_dir or "default"),
-                "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                            "python": platform.python_version(),
-                            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    res.update(
+        {
+            "url_startup_s": round(startup, 2) if startup else None,
+            "app_concurrency": a.concurrency or 1,
+            "model": "tiny (untrained, 8×8)" if a.tiny else (model_dir or "default (assets/mnist-unet)"),
+            "index": "tiny ekfac, 200 images, D=256" if a.tiny else (index_dir or "default"),
+            "machine": {
+                "cpus": os.cpu_count(),
+                "platform": platform.platform(),
+                "python": platform.python_version(),
+                "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+            },
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+    )
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2))
     lat = res["latency_s"]
-    print(f"{res['ok']}/{res['calls']} calls ok, {len(res['errors'])} errors, {len(res['mismatches'])} "
-          f"mismatches; latency p50 {lat.get('p50')} s, p95 {lat.get('p95')} s "
-          f"(single client p50 {res['single_client_latency_s'].get('p50')} s); wrote {out}")
+    print(
+        f"{res['ok']}/{res['calls']} calls ok, {len(res['errors'])} errors, {len(res['mismatches'])} "
+        f"mismatches; latency p50 {lat.get('p50')} s, p95 {lat.get('p95')} s "
+        f"(single client p50 {res['single_client_latency_s'].get('p50')} s); wrote {out}"
+    )
     return 0 if not res["errors"] and not res["mismatches"] else 1
 
 

@@ -60,15 +60,25 @@ def main() -> None:
     ratio = per_image["new"] / per_image["old"]
     old_total = OLD_BUILD["curvature_s"] + OLD_BUILD["features_s"]
     new_total = OLD_BUILD["curvature_s"] + OLD_BUILD["features_s"] * ratio + density_s
-    res = {"images": a.images, "rounds": a.rounds, "seconds_per_image": per_image,
-           "feature_time_ratio_new_over_old": ratio, "density_fit_s": density_s,
-           "old_build_s": old_total, "projected_new_build_s": new_total,
-           "projected_ratio": new_total / old_total, "old_config": OLD, "new_config": atts["new"][0].config.to_dict()}
+    res = {
+        "images": a.images,
+        "rounds": a.rounds,
+        "seconds_per_image": per_image,
+        "feature_time_ratio_new_over_old": ratio,
+        "density_fit_s": density_s,
+        "old_build_s": old_total,
+        "projected_new_build_s": new_total,
+        "projected_ratio": new_total / old_total,
+        "old_config": OLD,
+        "new_config": atts["new"][0].config.to_dict(),
+    }
     out = ROOT / "benchmarks" / "results" / "build_cost.json"
     out.write_text(json.dumps(res, indent=2))
-    print(f"features per image: old {per_image['old']:.3f} s, new {per_image['new']:.3f} s ({ratio:.2f}×); "
-          f"density fit {density_s:.0f} s; default build projected {old_total:.0f} s → {new_total:.0f} s "
-          f"({new_total / old_total:.2f}×)")
+    print(
+        f"features per image: old {per_image['old']:.3f} s, new {per_image['new']:.3f} s ({ratio:.2f}×); "
+        f"density fit {density_s:.0f} s; default build projected {old_total:.0f} s → {new_total:.0f} s "
+        f"({new_total / old_total:.2f}×)"
+    )
 
 
 if __name__ == "__main__":

@@ -52,21 +52,32 @@ def plain_step(model, x0, keys, k, seed):
 
 def throughput(model, images, draws: int, batch: int, rounds: int) -> dict:
     def feature_map(method: str, projection: str, dim: int | str = "default"):
-        att = Attributor(model, _Data(images), AttributionConfig(method=method, curvature_draws=2, batch_size=batch,
-                                                                 projection=projection, dim=dim), progress=False)
+        att = Attributor(
+            model,
+            _Data(images),
+            AttributionConfig(
+                method=method, curvature_draws=2, batch_size=batch, projection=projection, dim=dim
+            ),
+            progress=False,
+        )
         t0 = time.perf_counter()
         att.fit()
         return att.feature_map("train"), time.perf_counter() - t0
 
-    maps = {"kfac-kronecker": feature_map("kfac", "kronecker", 8192),  # the fast path at its own size
-            "kfac-sketch": feature_map("kfac", "sketch"), "ekfac-sketch": feature_map("ekfac", "sketch"),
-            "ekfac-sketch-8192": feature_map("ekfac", "sketch", 8192)}
+    maps = {
+        "kfac-kronecker": feature_map("kfac", "kronecker", 8192),  # the fast path at its own size
+        "kfac-sketch": feature_map("kfac", "sketch"),
+        "ekfac-sketch": feature_map("ekfac", "sketch"),
+        "ekfac-sketch-8192": feature_map("ekfac", "sketch", 8192),
+    }
     x0 = images[:batch]
     keys = list(range(batch))
     meas = Measurement("loss")
     runs = {"plain": lambda: plain_step(model, x0, keys, draws, 0)}
     for name, (fm, _) in maps.items():
-        runs[name] = lambda fm=fm: gradient_features(model, fm, x0, keys, meas, draws, 0, batch, progress=False)
+        runs[name] = lambda fm=fm: gradient_features(
+            model, fm, x0, keys, meas, draws, 0, batch, progress=False
+        )
     times = {n: [] for n in runs}
     for f in runs.values():  # warm-up
         f()
@@ -76,9 +87,14 @@ def throughput(model, images, draws: int, batch: int, rounds: int) -> dict:
             f()
             times[name].append(time.perf_counter() - t)
     rate = {n: batch * draws / statistics.median(v) for n, v in times.items()}
-    return {"rows_per_s": rate, "ratio_to_plain": {n: rate[n] / rate["plain"] for n in maps},
-            "batch_images": batch, "draws": draws, "feature_dim": {n: fm.dim for n, (fm, _) in maps.items()},
-            "seconds_fit_on": {"images": len(images), **{n: t for n, (_, t) in maps.items()}}}
+    return {
+        "rows_per_s": rate,
+        "ratio_to_plain": {n: rate[n] / rate["plain"] for n in maps},
+        "batch_images": batch,
+        "draws": draws,
+        "feature_dim": {n: fm.dim for n, (fm, _) in maps.items()},
+        "seconds_fit_on": {"images": len(images), **{n: t for n, (_, t) in maps.items()}},
+    }
 
 
 class _Data:
@@ -107,10 +123,19 @@ def query_latency(model, index_dir: Path, n: int = 30) -> dict:
     m = idx.manifest
     disk = sum(p.stat().st_size for p in index_dir.rglob("*") if p.is_file() and "shards" not in p.parts)
     shards = sum(p.stat().st_size for p in (index_dir / "shards").glob("*"))
-    return {"load_s": t_load, "median_s": statistics.median(lat), "p95_s": float(np.percentile(lat, 95)),
-            "search_median_s": statistics.median(search), "self_top1": self_top1 / n, "n": len(idx), "dim": m["projection"]["total_dim"],
-            "query_draws": m["method"]["query_draws"], "build": m["build"],
-            "bytes_per_image": disk / len(idx), "bytes_per_image_with_shards": (disk + shards) / len(idx)}
+    return {
+        "load_s": t_load,
+        "median_s": statistics.median(lat),
+        "p95_s": float(np.percentile(lat, 95)),
+        "search_median_s": statistics.median(search),
+        "self_top1": self_top1 / n,
+        "n": len(idx),
+        "dim": m["projection"]["total_dim"],
+        "query_draws": m["method"]["query_draws"],
+        "build": m["build"],
+        "bytes_per_image": disk / len(idx),
+        "bytes_per_image_with_shards": (disk + shards) / len(idx),
+    }
 
 
 def faiss_search(d: int, n: int, big: bool) -> dict:
@@ -140,8 +165,14 @@ def faiss_search(d: int, n: int, big: bool) -> dict:
         for _ in range(nbig // 50_000):
             ivf.add(rng.standard_normal((50_000, d), dtype=np.float32))
         ivf.nprobe = 16
-        out["ivfpq_1000000"] = {**_time_search(ivf, q), "build_s": time.perf_counter() - t,
-                                "bytes_per_vector": m, "nlist": nlist, "nprobe": 16, "dim": d}
+        out["ivfpq_1000000"] = {
+            **_time_search(ivf, q),
+            "build_s": time.perf_counter() - t,
+            "bytes_per_vector": m,
+            "nlist": nlist,
+            "nprobe": 16,
+            "dim": d,
+        }
     return out
 
 
@@ -150,7 +181,7 @@ def _time_search(index, q, k: int = 16) -> dict:
     ts = []
     for i in range(len(q)):
         t = time.perf_counter()
-        index.search(q[i:i + 1], k)
+        index.search(q[i : i + 1], k)
         ts.append(time.perf_counter() - t)
     return {"median_s": statistics.median(ts)}
 
@@ -161,7 +192,9 @@ def main() -> None:
     p.add_argument("--index", default=str(ROOT / "indexes" / "mnist-ekfac"))
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--big", action="store_true", help="also 1,000,000 synthetic vectors (IVF-PQ)")
-    p.add_argument("--faiss-only", action="store_true", help="only the FAISS search rows (merged into the results)")
+    p.add_argument(
+        "--faiss-only", action="store_true", help="only the FAISS search rows (merged into the results)"
+    )
     a = p.parse_args()
     out = ROOT / "benchmarks" / "results" / "index_speed.json"
     if a.faiss_only:
@@ -173,7 +206,10 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
     model = load_model(a.model)
     images = mnist(n=256).images
-    res = {"threads": torch.get_num_threads(), "model_parameters": sum(p.numel() for p in model.unet.parameters())}
+    res = {
+        "threads": torch.get_num_threads(),
+        "model_parameters": sum(p.numel() for p in model.unet.parameters()),
+    }
     res["throughput"] = throughput(model, images, draws=8, batch=32, rounds=a.rounds)
     if Path(a.index, "manifest.json").exists():
         res["query"] = query_latency(model, Path(a.index))
@@ -182,17 +218,29 @@ def main() -> None:
     t = res["throughput"]
     print("| measure | value |\n|---|---|")
     print(f"| plain fwd+bwd, (image×draw)/s | {t['rows_per_s']['plain']:.0f} |")
-    for n, label in (("kfac-kronecker", "K-FAC, Kronecker fast path"), ("kfac-sketch", "K-FAC, sketch"),
-                     ("ekfac-sketch", "EK-FAC, sketch (default)"), ("ekfac-sketch-8192", "EK-FAC, sketch D=8192")):
-        print(f"| {label} features, (image×draw)/s | {t['rows_per_s'][n]:.0f} (ratio {t['ratio_to_plain'][n]:.2f}) |")
+    for n, label in (
+        ("kfac-kronecker", "K-FAC, Kronecker fast path"),
+        ("kfac-sketch", "K-FAC, sketch"),
+        ("ekfac-sketch", "EK-FAC, sketch (default)"),
+        ("ekfac-sketch-8192", "EK-FAC, sketch D=8192"),
+    ):
+        print(
+            f"| {label} features, (image×draw)/s | {t['rows_per_s'][n]:.0f} (ratio {t['ratio_to_plain'][n]:.2f}) |"
+        )
     if "query" in res:
         q = res["query"]
-        print(f"| query image -> top-16, median / p95 | {q['median_s'] * 1e3:.0f} / {q['p95_s'] * 1e3:.0f} ms |")
+        print(
+            f"| query image -> top-16, median / p95 | {q['median_s'] * 1e3:.0f} / {q['p95_s'] * 1e3:.0f} ms |"
+        )
         print(f"| training image is its own top proponent | {q['self_top1']:.0%} of 30 |")
-        print(f"| bytes per training image (index / with shards) | {q['bytes_per_image']:.0f} / "
-              f"{q['bytes_per_image_with_shards']:.0f} |")
-        print(f"| default index build: curvature / features | {q['build']['seconds_curvature']:.0f} s / "
-              f"{q['build']['seconds_features']:.0f} s |")
+        print(
+            f"| bytes per training image (index / with shards) | {q['bytes_per_image']:.0f} / "
+            f"{q['bytes_per_image_with_shards']:.0f} |"
+        )
+        print(
+            f"| default index build: curvature / features | {q['build']['seconds_curvature']:.0f} s / "
+            f"{q['build']['seconds_features']:.0f} s |"
+        )
     for k, v in res["faiss"].items():
         print(f"| FAISS search {k}, median | {v['median_s'] * 1e3:.2f} ms |")
     print(f"wrote {out}")

@@ -28,8 +28,10 @@ K, D, DT = 8, DEFAULT_DIM, TRAK_DIM  # every method at its default D (TRAK-style
 # timesteps, K = 16, Kq = 128); the K-FAC family's damping 0.1 × mean eigenvalue, D = 16384
 NEW = dict(draws=16, query_draws=128, antithetic=True, importance=True)
 NEW_ROWS = [
-    ("EK-FAC, new default (damping 0.1, antithetic, importance, K=16, Kq=128, D=16384)",
-     dict(method="ekfac", damping=0.1, dim=16384, **NEW)),
+    (
+        "EK-FAC, new default (damping 0.1, antithetic, importance, K=16, Kq=128, D=16384)",
+        dict(method="ekfac", damping=0.1, dim=16384, **NEW),
+    ),
     ("EK-FAC, new default, unprojected", dict(method="ekfac", damping=0.1, dim=None, **NEW)),
     (f"TRAK, D={DT}, new draws", dict(method="trak", **NEW)),
     (f"D-TRAK, D={DT}, new draws", dict(method="dtrak", **NEW)),
@@ -52,7 +54,10 @@ ROWS = [  # (row label, config overrides), most important first (the run is resu
     ("EK-FAC, D=8192", dict(method="ekfac", dim=8192)),
     ("EK-FAC, D=32768", dict(method="ekfac", dim=32768)),
     (f"EK-FAC, K=32, D={D}", dict(method="ekfac", draws=32)),
-    ("K-FAC expand, Kronecker projection (fast path), D=8192", dict(method="kfac", projection="kronecker", dim=8192)),
+    (
+        "K-FAC expand, Kronecker projection (fast path), D=8192",
+        dict(method="kfac", projection="kronecker", dim=8192),
+    ),
     (f"K-FAC expand, exact damping, D={D}", dict(method="kfac-exact-damping")),
     (f"EK-FAC, damping 1e-3 (ablation, not the default), D={D}", dict(method="ekfac", damping=1e-3)),
 ] + NEW_ROWS
@@ -66,7 +71,11 @@ def main() -> None:
     a = p.parse_args()
     gt = ev.load_groundtruth(a.groundtruth)
     out_json = ROOT / "benchmarks" / "results" / ("lds_quick.json" if a.quick else "lds.json")
-    done = {r["label"]: r for r in json.loads(out_json.read_text())["rows"]} if out_json.exists() and not a.quick else {}
+    done = (
+        {r["label"]: r for r in json.loads(out_json.read_text())["rows"]}
+        if out_json.exists() and not a.quick
+        else {}
+    )
     cache: dict = {}
     rows = ROWS[:3] if a.quick else ROWS
     for label, over in rows:
@@ -98,8 +107,11 @@ def _write(out_json: Path, gt, done: dict, final: bool = False) -> None:
             n = min(len(r["per_query"]), len(ref["per_query"]))
             d = np.asarray(r["per_query"][:n]) - np.asarray(ref["per_query"][:n])
             r["paired_diff_vs_ekfac"] = dict(zip(("mean", "se"), ev.mean_se(d)))
-    res = {"rows": list(done.values()), "groundtruth": vars(gt.config) if hasattr(gt.config, "__dict__") else {},
-           "models": int(gt.measurements.shape[0] * gt.measurements.shape[1])}
+    res = {
+        "rows": list(done.values()),
+        "groundtruth": vars(gt.config) if hasattr(gt.config, "__dict__") else {},
+        "models": int(gt.measurements.shape[0] * gt.measurements.shape[1]),
+    }
     if noise is not None:
         res["seed_agreement"] = dict(zip(("mean", "se"), ev.mean_se(noise)))
     out_json.write_text(json.dumps(res, indent=2))
@@ -111,8 +123,10 @@ def _write(out_json: Path, gt, done: dict, final: bool = False) -> None:
         pd_s = f"{pd['mean']:+.3f} ± {pd['se']:.3f}" if pd else "—"
         print(f"| {r['label']} | {r['lds']:.3f} ± {r['se']:.3f} | {pd_s} | {r['seconds']:.0f} s |")
     if noise is not None:
-        print(f"| exact retraining (seed-to-seed Spearman) | {res['seed_agreement']['mean']:.3f} ± "
-              f"{res['seed_agreement']['se']:.3f} | | |")
+        print(
+            f"| exact retraining (seed-to-seed Spearman) | {res['seed_agreement']['mean']:.3f} ± "
+            f"{res['seed_agreement']['se']:.3f} | | |"
+        )
     try:
         import matplotlib
 
@@ -125,7 +139,9 @@ def _write(out_json: Path, gt, done: dict, final: bool = False) -> None:
         fig, ax = plt.subplots(figsize=(8, 0.35 * len(labels) + 1))
         ax.barh(labels[::-1], vals[::-1], xerr=errs[::-1], color="#4c72b0")
         if noise is not None:
-            ax.axvline(res["seed_agreement"]["mean"], color="k", ls="--", label="seed-to-seed (retraining noise)")
+            ax.axvline(
+                res["seed_agreement"]["mean"], color="k", ls="--", label="seed-to-seed (retraining noise)"
+            )
             ax.legend(loc="lower right", fontsize=8)
         ax.set_xlabel("LDS (Spearman), mean ± s.e. over queries")
         fig.tight_layout()

@@ -40,8 +40,12 @@ CLASSIFIER_VERSION = "cnn-v1"  # bump when the architecture or the training reci
 MAX_CACHE_BYTES = 1_000_000
 DEFAULT_EPOCHS = 10  # ~25 s on one core, 98.7% hold-out accuracy
 
-BARS = {"holdout_accuracy": 0.95, "mean_top_prob": 0.90, "class_fraction_min": 0.05,
-        "class_fraction_max": 0.18}
+BARS = {
+    "holdout_accuracy": 0.95,
+    "mean_top_prob": 0.90,
+    "class_fraction_min": 0.05,
+    "class_fraction_max": 0.18,
+}
 
 
 # ----------------------------------------------------------------------------- the classifier
@@ -49,16 +53,22 @@ BARS = {"holdout_accuracy": 0.95, "mean_top_prob": 0.90, "class_fraction_min": 0
 
 def build_classifier() -> nn.Module:
     """A small CNN for 1x28x28 digits in [-1, 1] (80k parameters); returns logits (N, 10)."""
+
     def block(cin: int, cout: int) -> list[nn.Module]:
         return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
 
     return nn.Sequential(
-        *block(1, 16), nn.MaxPool2d(2),                    # 14x14
-        *block(16, 32), nn.MaxPool2d(2),                   # 7x7
-        *block(32, 64), nn.MaxPool2d(2, ceil_mode=True),   # 4x4
+        *block(1, 16),
+        nn.MaxPool2d(2),  # 14x14
+        *block(16, 32),
+        nn.MaxPool2d(2),  # 7x7
+        *block(32, 64),
+        nn.MaxPool2d(2, ceil_mode=True),  # 4x4
         *block(64, 96),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        nn.Dropout(0.2), nn.Linear(96, 10),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Dropout(0.2),
+        nn.Linear(96, 10),
     )
 
 
@@ -86,7 +96,9 @@ def _shift(x: torch.Tensor, g: torch.Generator, max_shift: int = 2) -> torch.Ten
 def predict_proba(clf: nn.Module, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
     """Class probabilities (N, 10) of images (N, 1, 28, 28) in [-1, 1]."""
     clf.eval()
-    out = [F.softmax(clf(images[i:i + batch_size].float()), dim=1) for i in range(0, len(images), batch_size)]
+    out = [
+        F.softmax(clf(images[i : i + batch_size].float()), dim=1) for i in range(0, len(images), batch_size)
+    ]
     return torch.cat(out)
 
 
@@ -94,8 +106,15 @@ def accuracy(clf: nn.Module, ds: ImageDataset) -> float:
     return (predict_proba(clf, ds.images).argmax(1) == ds.labels).float().mean().item()
 
 
-def train_classifier(train_ds: ImageDataset, epochs: int = DEFAULT_EPOCHS, batch_size: int = 64,
-                     lr: float = 3e-3, seed: int = 0, augment: bool = True, log=None) -> nn.Module:
+def train_classifier(
+    train_ds: ImageDataset,
+    epochs: int = DEFAULT_EPOCHS,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    seed: int = 0,
+    augment: bool = True,
+    log=None,
+) -> nn.Module:
     """AdamW with a one-cycle LR schedule and small random shifts; deterministic given `seed`."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -113,7 +132,7 @@ def train_classifier(train_ds: ImageDataset, epochs: int = DEFAULT_EPOCHS, batch
             perm = torch.randperm(n, generator=g)
             total = 0.0
             for i in range(0, n, batch_size):
-                rows = perm[i:i + batch_size]
+                rows = perm[i : i + batch_size]
                 x = _shift(x_all[rows], g) if augment else x_all[rows]
                 loss = F.cross_entropy(clf(x), y_all[rows])
                 opt.zero_grad(set_to_none=True)
@@ -137,8 +156,11 @@ def save_classifier(clf: nn.Module, path: Path, meta: dict) -> bool:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    save_file({k: v.detach().contiguous() for k, v in clf.state_dict().items()}, str(tmp),
-              metadata={k: str(v) for k, v in meta.items()})
+    save_file(
+        {k: v.detach().contiguous() for k, v in clf.state_dict().items()},
+        str(tmp),
+        metadata={k: str(v) for k, v in meta.items()},
+    )
     if tmp.stat().st_size >= MAX_CACHE_BYTES:
         tmp.unlink()
         return False
@@ -163,16 +185,26 @@ def load_classifier(path: Path, data_key: str) -> nn.Module | None:
         return None
 
 
-def get_classifier(cache: Path | None = CLASSIFIER_PATH, retrain: bool = False, epochs: int = DEFAULT_EPOCHS,
-                   seed: int = 0, log=print) -> tuple[nn.Module, float, dict]:
+def get_classifier(
+    cache: Path | None = CLASSIFIER_PATH,
+    retrain: bool = False,
+    epochs: int = DEFAULT_EPOCHS,
+    seed: int = 0,
+    log=print,
+) -> tuple[nn.Module, float, dict]:
     """(classifier, hold-out accuracy, info): from the cache when valid, else trained (and cached)."""
     ds = mnist()
     train_ds, holdout_ds = split(ds, seed=seed)
     key = cache_key(train_ds, holdout_ds, epochs)
     t0 = time.time()
     clf = None if (retrain or cache is None) else load_classifier(Path(cache), key)
-    info = {"cached": clf is not None, "train_rows": len(train_ds), "holdout_rows": len(holdout_ds),
-            "split_seed": seed, "epochs": epochs}
+    info = {
+        "cached": clf is not None,
+        "train_rows": len(train_ds),
+        "holdout_rows": len(holdout_ds),
+        "split_seed": seed,
+        "epochs": epochs,
+    }
     if clf is None:
         if log:
             log(f"training the digit classifier on {len(train_ds)} images ({epochs} epochs)")
@@ -181,8 +213,11 @@ def get_classifier(cache: Path | None = CLASSIFIER_PATH, retrain: bool = False, 
     acc = accuracy(clf, holdout_ds)
     info["parameters"] = sum(p.numel() for p in clf.parameters())
     if not info["cached"] and cache is not None:
-        info["saved"] = save_classifier(clf, Path(cache), {"version": CLASSIFIER_VERSION, "data": key,
-                                                           "epochs": epochs, "holdout_accuracy": acc})
+        info["saved"] = save_classifier(
+            clf,
+            Path(cache),
+            {"version": CLASSIFIER_VERSION, "data": key, "epochs": epochs, "holdout_accuracy": acc},
+        )
     return clf, acc, info
 
 
@@ -193,16 +228,20 @@ def class_stats(probs: torch.Tensor) -> dict:
     """Mean top-class probability and per-class fractions of argmax predictions."""
     top, cls = probs.max(dim=1)
     frac = torch.bincount(cls, minlength=10).float() / len(cls)
-    return {"mean_top_prob": top.mean().item(),
-            "confident_fraction": (top >= 0.9).float().mean().item(),
-            "class_fractions": [round(v, 4) for v in frac.tolist()]}
+    return {
+        "mean_top_prob": top.mean().item(),
+        "confident_fraction": (top >= 0.9).float().mean().item(),
+        "class_fractions": [round(v, 4) for v in frac.tolist()],
+    }
 
 
 def verdict(holdout_acc: float, stats: dict) -> dict:
     fr = stats["class_fractions"]
-    return {"holdout_accuracy": holdout_acc >= BARS["holdout_accuracy"],
-            "mean_top_prob": stats["mean_top_prob"] >= BARS["mean_top_prob"],
-            "class_fractions": all(BARS["class_fraction_min"] <= f <= BARS["class_fraction_max"] for f in fr)}
+    return {
+        "holdout_accuracy": holdout_acc >= BARS["holdout_accuracy"],
+        "mean_top_prob": stats["mean_top_prob"] >= BARS["mean_top_prob"],
+        "class_fractions": all(BARS["class_fraction_min"] <= f <= BARS["class_fraction_max"] for f in fr),
+    }
 
 
 def markdown(result: dict) -> str:
@@ -255,8 +294,10 @@ def main(argv: list[str] | None = None) -> int:
         log(f"error: {e}")
         return 2
     if model.channels != 1 or model.size != 28:
-        log(f"error: {a.model}: the classifier needs 1x28x28 images, the model makes "
-            f"{model.channels}x{model.size}x{model.size}")
+        log(
+            f"error: {a.model}: the classifier needs 1x28x28 images, the model makes "
+            f"{model.channels}x{model.size}x{model.size}"
+        )
         return 2
     clf, acc, info = get_classifier(retrain=a.retrain, epochs=a.epochs, log=log)
     log(f"classifier hold-out accuracy {acc:.2%} ({'cached' if info['cached'] else 'trained'})")
@@ -266,8 +307,13 @@ def main(argv: list[str] | None = None) -> int:
     stats = class_stats(predict_proba(clf, s.images))
     result = {
         "model": {"path": str(a.model), "weights_sha256": model.weights_sha256()},
-        "sampling": {"sampler": "ddim", "steps": a.steps, "n": a.n, "seed": a.seed,
-                     "seconds": round(sample_seconds, 1)},
+        "sampling": {
+            "sampler": "ddim",
+            "steps": a.steps,
+            "n": a.n,
+            "seed": a.seed,
+            "seconds": round(sample_seconds, 1),
+        },
         "classifier": {"holdout_accuracy": round(acc, 4), **info},
         "samples": stats,
         "bars": BARS,

@@ -35,8 +35,12 @@ SUITES = [
     ("bad CLI arguments, model folders, outputs", "tests/test_cli_errors.py", False, True),
     ("export clean-up with planted links", "tests/test_exports.py", True, False),
     ("launcher: flags, environment, decoders", "tests/test_launch.py", False, False),
-    ("hostile API calls and concurrent clients",
-     "tests/test_app.py -k refuse or url or eps or bad or concurrent or converts or missing_k", False, True),
+    (
+        "hostile API calls and concurrent clients",
+        "tests/test_app.py -k refuse or url or eps or bad or concurrent or converts or missing_k",
+        False,
+        True,
+    ),
 ]
 COLUMNS = ("tried", "clear error or right answer", "traceback", "wrong answer", "data lost", "skipped")
 FUZZ = re.compile(r"fuzz: (\d+) tried, (\d+) clear errors, (\d+) converted; .*failures: (\d+)")
@@ -61,8 +65,20 @@ def _outcome(case: ET.Element, guards_data: bool) -> str:
 def run_suite(target: str, guards_data: bool) -> tuple[dict, float]:
     xml = Path(tempfile.mkstemp(suffix=".xml")[1])
     args = target.split(" -k ", 1)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "junit_logging=system-out",
-           f"--junitxml={xml}", "-m", "not browser", args[0]] + (["-k", args[1]] if len(args) > 1 else [])
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-o",
+        "junit_logging=system-out",
+        f"--junitxml={xml}",
+        "-m",
+        "not browser",
+        args[0],
+    ] + (["-k", args[1]] if len(args) > 1 else [])
     t0 = time.time()
     subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
     counts = dict.fromkeys(COLUMNS, 0)
@@ -102,8 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     print("\n| kind of fault | tried | clear error or right answer | traceback | wrong answer | data lost |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in [*rows, {"kind": "**total**", **total}]:
-        print(f"| {r['kind']} | {r['tried']} | {r['clear error or right answer']} | {r['traceback']} | "
-              f"{r['wrong answer']} | {r['data lost']} |")
+        print(
+            f"| {r['kind']} | {r['tried']} | {r['clear error or right answer']} | {r['traceback']} | "
+            f"{r['wrong answer']} | {r['data lost']} |"
+        )
     bad = total["traceback"] + total["wrong answer"] + total["data lost"]
     return 0 if bad == 0 else 1
 

@@ -27,10 +27,22 @@ from attribution.influence import AttributionConfig, Attributor  # noqa: E402
 from attribution.model import load_model  # noqa: E402
 
 ROWS = [
-    ("old default (damping 1e-8, K=8, Kq=32)", dict(damping=1e-8, draws=8, query_draws=32, antithetic=False,
-                                                    importance=False, dim=131072, curvature_min_rows=0)),
-    ("new default (damping 0.1, antithetic, importance, K=16, Kq=128, D=16384)",
-     dict(damping=0.1, draws=16, query_draws=128, antithetic=True, importance=True, dim=16384)),
+    (
+        "old default (damping 1e-8, K=8, Kq=32)",
+        dict(
+            damping=1e-8,
+            draws=8,
+            query_draws=32,
+            antithetic=False,
+            importance=False,
+            dim=131072,
+            curvature_min_rows=0,
+        ),
+    ),
+    (
+        "new default (damping 0.1, antithetic, importance, K=16, Kq=128, D=16384)",
+        dict(damping=0.1, draws=16, query_draws=128, antithetic=True, importance=True, dim=16384),
+    ),
 ]
 
 
@@ -62,15 +74,25 @@ def main() -> None:
             scores = Attributor(model, train, cfg, progress=False).fit().scores(queries).numpy()
             ranks = self_ranks(scores, own)
             top1 = sum(r == 1 for r in ranks)
-            res.setdefault(name, {})[str(n)] = {"ranks": ranks, "top1": top1, "copies": a.copies,
-                                                "seconds": round(time.time() - t0, 1), "config": cfg.to_dict()}
-            print(f"{name}, N={n}: own image top-1 for {top1}/{a.copies} (ranks {ranks}; "
-                  f"{time.time() - t0:.0f} s)", flush=True)
+            res.setdefault(name, {})[str(n)] = {
+                "ranks": ranks,
+                "top1": top1,
+                "copies": a.copies,
+                "seconds": round(time.time() - t0, 1),
+                "config": cfg.to_dict(),
+            }
+            print(
+                f"{name}, N={n}: own image top-1 for {top1}/{a.copies} (ranks {ranks}; "
+                f"{time.time() - t0:.0f} s)",
+                flush=True,
+            )
             out.write_text(json.dumps(res, indent=2))
     print("\n| configuration | " + " | ".join(f"N = {n}" for n in a.sizes) + " |")
     print("|---|" + "---|" * len(a.sizes))
     for name, by_n in res.items():
-        cells = [f"{by_n[str(n)]['top1']}/{by_n[str(n)]['copies']}" if str(n) in by_n else "–" for n in a.sizes]
+        cells = [
+            f"{by_n[str(n)]['top1']}/{by_n[str(n)]['copies']}" if str(n) in by_n else "–" for n in a.sizes
+        ]
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 

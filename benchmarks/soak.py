@@ -82,16 +82,33 @@ def soak(url: str, pid: int, files: list[Path], clients: int, queries: int, k: i
     time.sleep(1.0)
     rss_end = rss_mib(pid)
     peak = max([rss_end, *[r for _, r in sampler.samples]])
-    return {"clients": clients, "queries_per_client": queries, "k": k, "warmup_calls": warmup,
-            "calls": clients * queries, "ok": len(c["lat"]), "errors": c["errors"][:20],
-            "n_errors": len(c["errors"]), "mismatches": c["mismatches"][:20], "n_mismatches": len(c["mismatches"]),
-            "all_equal_single_client": not c["errors"] and not c["mismatches"] and len(c["lat"]) == clients * queries,
-            "rss_mib": {"after_warmup": round(rss_warm, 1), "end": round(rss_end, 1), "peak": round(peak, 1),
-                        "growth_percent": round(100 * (rss_end - rss_warm) / rss_warm, 2),
-                        "peak_growth_percent": round(100 * (peak - rss_warm) / rss_warm, 2)},
-            "rss_samples": sampler.samples[:: max(1, len(sampler.samples) // 120)],
-            "latency_s": load._summary(c["lat"]), "single_client_latency_s": load._summary(single_lat),
-            "wall_s": round(c["wall"], 2), "index_provenance": provenance}
+    return {
+        "clients": clients,
+        "queries_per_client": queries,
+        "k": k,
+        "warmup_calls": warmup,
+        "calls": clients * queries,
+        "ok": len(c["lat"]),
+        "errors": c["errors"][:20],
+        "n_errors": len(c["errors"]),
+        "mismatches": c["mismatches"][:20],
+        "n_mismatches": len(c["mismatches"]),
+        "all_equal_single_client": not c["errors"]
+        and not c["mismatches"]
+        and len(c["lat"]) == clients * queries,
+        "rss_mib": {
+            "after_warmup": round(rss_warm, 1),
+            "end": round(rss_end, 1),
+            "peak": round(peak, 1),
+            "growth_percent": round(100 * (rss_end - rss_warm) / rss_warm, 2),
+            "peak_growth_percent": round(100 * (peak - rss_warm) / rss_warm, 2),
+        },
+        "rss_samples": sampler.samples[:: max(1, len(sampler.samples) // 120)],
+        "latency_s": load._summary(c["lat"]),
+        "single_client_latency_s": load._summary(single_lat),
+        "wall_s": round(c["wall"], 2),
+        "index_provenance": provenance,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queries", type=int, default=45, help="queries per client")
     p.add_argument("--files", type=int, default=8, help="distinct query images")
     p.add_argument("--k", type=int, default=8)
-    p.add_argument("--warmup", type=int, default=8, help="unmeasured single-client calls before the first RSS")
+    p.add_argument(
+        "--warmup", type=int, default=8, help="unmeasured single-client calls before the first RSS"
+    )
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "soak.json"))
     a = p.parse_args(argv)
     load = _app_load()
@@ -111,9 +130,20 @@ def main(argv: list[str] | None = None) -> int:
     if model_dir is None:
         model_dir, index_dir = (str(x) for x in load.tiny_workspace(tmp))
     port = load.free_port()
-    cmd = [sys.executable, str(ROOT / "app.py"), "--host", "127.0.0.1", "--port", str(port), "--model", model_dir]
+    cmd = [
+        sys.executable,
+        str(ROOT / "app.py"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--model",
+        model_dir,
+    ]
     cmd += ["--index", index_dir] if index_dir else []
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    )
     url = f"http://127.0.0.1:{port}/"
     try:
         startup = load.wait_up(url, proc)
@@ -126,20 +156,31 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    res.update({"server_MALLOC_ARENA_MAX": arena, "startup_s": round(startup, 1),
-                "growth_bar_percent": GROWTH_BAR_PERCENT,
-                "model": "tiny (untrained, 8×8)" if a.model is None else model_dir,
-                "index": "tiny ekfac, 200 images, D=256" if a.model is None else (index_dir or "default"),
-                "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                            "python": platform.python_version(), "load_average": list(os.getloadavg())},
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    res.update(
+        {
+            "server_MALLOC_ARENA_MAX": arena,
+            "startup_s": round(startup, 1),
+            "growth_bar_percent": GROWTH_BAR_PERCENT,
+            "model": "tiny (untrained, 8×8)" if a.model is None else model_dir,
+            "index": "tiny ekfac, 200 images, D=256" if a.model is None else (index_dir or "default"),
+            "machine": {
+                "cpus": os.cpu_count(),
+                "platform": platform.platform(),
+                "python": platform.python_version(),
+                "load_average": list(os.getloadavg()),
+            },
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+    )
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2))
     r = res["rss_mib"]
-    print(f"{res['ok']}/{res['calls']} ok, {res['n_errors']} errors, {res['n_mismatches']} mismatches; server RSS "
-          f"{r['after_warmup']} MiB after warm-up, {r['end']} MiB at the end ({r['growth_percent']:+.1f}%, peak "
-          f"{r['peak']} MiB), MALLOC_ARENA_MAX={arena}; wrote {out}")
+    print(
+        f"{res['ok']}/{res['calls']} ok, {res['n_errors']} errors, {res['n_mismatches']} mismatches; server RSS "
+        f"{r['after_warmup']} MiB after warm-up, {r['end']} MiB at the end ({r['growth_percent']:+.1f}%, peak "
+        f"{r['peak']} MiB), MALLOC_ARENA_MAX={arena}; wrote {out}"
+    )
     ok = res["all_equal_single_client"] and r["growth_percent"] < GROWTH_BAR_PERCENT
     return 0 if ok else 1
 

@@ -39,11 +39,20 @@ ROWS = [  # (name, config overrides); the first is the old default, most informa
     ("damping 0.1, antithetic", dict(damping=0.1, antithetic=True)),
     ("damping 0.1, antithetic, importance", AIS),
     ("damping 0.1, antithetic, importance, K=16, Kq=128", dict(AIS, draws=16, query_draws=128)),
-    ("damping 0.1, antithetic, importance, K=16, Kq=128, D=16384", dict(AIS, draws=16, query_draws=128, dim=16384)),
-    ("damping 0.1, antithetic, importance, K=16, Kq=128, D=8192", dict(AIS, draws=16, query_draws=128, dim=8192)),
+    (
+        "damping 0.1, antithetic, importance, K=16, Kq=128, D=16384",
+        dict(AIS, draws=16, query_draws=128, dim=16384),
+    ),
+    (
+        "damping 0.1, antithetic, importance, K=16, Kq=128, D=8192",
+        dict(AIS, draws=16, query_draws=128, dim=8192),
+    ),
     ("damping 0.1, antithetic, importance, Kq=128", dict(AIS, query_draws=128)),
     ("damping 0.1, antithetic, K=16, Kq=128", dict(damping=0.1, antithetic=True, draws=16, query_draws=128)),
-    ("damping 1e-8, antithetic, importance, K=16, Kq=128", dict(AIS, damping=1e-8, draws=16, query_draws=128)),
+    (
+        "damping 1e-8, antithetic, importance, K=16, Kq=128",
+        dict(AIS, damping=1e-8, draws=16, query_draws=128),
+    ),
     ("damping 0.1, antithetic, importance, K=32, Kq=256", dict(AIS, draws=32, query_draws=256)),
 ]
 
@@ -97,17 +106,35 @@ def main() -> None:
         r = agreement(mats[0], mats[1], a.k)
         r.update({"config": cfg.to_dict(), "feature_seconds_per_seed": float(np.mean(secs))})
         results[name] = r
-        print(f"{name}: Spearman {r['spearman']:.3f}, top-{a.k} overlap {r['top_k_overlap']:.2f} "
-              f"(per query {r['per_query_overlap']})", flush=True)
-        out.write_text(json.dumps({"protocol": {"n_train": a.n, "queries": a.queries, "k": a.k,
-                                                "query_source": "DDIM-50 samples, seed 123"},
-                                   "rows": results}, indent=2))
+        print(
+            f"{name}: Spearman {r['spearman']:.3f}, top-{a.k} overlap {r['top_k_overlap']:.2f} "
+            f"(per query {r['per_query_overlap']})",
+            flush=True,
+        )
+        out.write_text(
+            json.dumps(
+                {
+                    "protocol": {
+                        "n_train": a.n,
+                        "queries": a.queries,
+                        "k": a.k,
+                        "query_source": "DDIM-50 samples, seed 123",
+                    },
+                    "rows": results,
+                },
+                indent=2,
+            )
+        )
     base = results.get(ROWS[0][0], {}).get("feature_seconds_per_seed")
-    print(f"\n| configuration | Spearman | top-{a.k} overlap | features + queries, s (× old default) |\n|---|---|---|---|")
+    print(
+        f"\n| configuration | Spearman | top-{a.k} overlap | features + queries, s (× old default) |\n|---|---|---|---|"
+    )
     for name, r in results.items():
         ratio = f" ({r['feature_seconds_per_seed'] / base:.2f}×)" if base else ""
-        print(f"| {name} | {r['spearman']:.3f} | {r['top_k_overlap']:.2f} | "
-              f"{r['feature_seconds_per_seed']:.0f}{ratio} |")
+        print(
+            f"| {name} | {r['spearman']:.3f} | {r['top_k_overlap']:.2f} | "
+            f"{r['feature_seconds_per_seed']:.0f}{ratio} |"
+        )
 
 
 if __name__ == "__main__":

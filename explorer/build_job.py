@@ -69,8 +69,15 @@ def build_spec(out: Path, extra: str = "") -> dict:
 class BuildJob(threading.Thread):
     """Builds a missing index in the background (holding the model lock), then adds it."""
 
-    def __init__(self, explorer: Explorer, out: Path, model_path: str, data: str = DEFAULT_DATA,
-                 n: int | None = None, config: dict | AttributionConfig | None = None):
+    def __init__(
+        self,
+        explorer: Explorer,
+        out: Path,
+        model_path: str,
+        data: str = DEFAULT_DATA,
+        n: int | None = None,
+        config: dict | AttributionConfig | None = None,
+    ):
         super().__init__(daemon=True, name="index-build")
         self.explorer, self.out, self.model_path = explorer, Path(out), model_path
         self.data_spec, self.n = data, n
@@ -97,13 +104,22 @@ class BuildJob(threading.Thread):
             torch.set_num_threads(self.threads)
             data = load_dataset(self.data_spec, model.channels, model.size, self.n)
             self.data, self.n_images = data, len(data)
-            say(f"building the index at {self.out}: {len(data)} images, method {self.cfg.method}. Progress "
+            say(
+                f"building the index at {self.out}: {len(data)} images, method {self.cfg.method}. Progress "
                 "follows; the page shows it too, with an estimate once the first shard is done, and answers "
                 "over the images indexed so far from then on. This happens once; later starts load the "
-                "index in seconds.")
+                "index in seconds."
+            )
             self.phase = "building"
-            build_index(model, data, self.out, self.cfg, model_path=self.model_path,
-                        data_spec=self.data_spec, progress=True)
+            build_index(
+                model,
+                data,
+                self.out,
+                self.cfg,
+                model_path=self.model_path,
+                data_spec=self.data_spec,
+                progress=True,
+            )
             del model
             torch.set_num_threads(serving_threads)
             idx = load_index(self.out, ex.model)
@@ -111,8 +127,10 @@ class BuildJob(threading.Thread):
             with self._partial_lock:
                 self._partial = None
             self.estimate_s = time.time() - self.started_at
-            say(f"index ready ({time.time() - self.started_at:.0f} s); the page now answers queries "
-                "over every image")
+            say(
+                f"index ready ({time.time() - self.started_at:.0f} s); the page now answers queries "
+                "over every image"
+            )
             ex.warmup()
         except Exception as e:  # shown on the page; the app stays up
             self.error = f"{type(e).__name__}: {e}"
@@ -129,7 +147,9 @@ class BuildJob(threading.Thread):
             return self.estimate_s
         shards = lay.finished_shards()
         parts = [f.stat().st_mtime for f in (lay.curvature, lay.projection, lay.density) if f.exists()]
-        fresh = [p.stat().st_mtime for _, _, p in shards if p.stat().st_mtime > max(parts + [self.started_at])]
+        fresh = [
+            p.stat().st_mtime for _, _, p in shards if p.stat().st_mtime > max(parts + [self.started_at])
+        ]
         if not parts or not fresh:
             return None
         start = max(parts + [self.started_at])
@@ -140,10 +160,14 @@ class BuildJob(threading.Thread):
     def status(self) -> str:
         el = time.time() - self.started_at
         if self.error:
-            return (f"**The index build failed:** {self.error}. Fix the cause and restart the app; "
-                    f"the build resumes from its finished parts in `{self.out}`.")
-        parts = [f"**Building the index** `{self.out.name}` (first start only): {self.phase}, "
-                 f"{el / 60:.1f} min elapsed"]
+            return (
+                f"**The index build failed:** {self.error}. Fix the cause and restart the app; "
+                f"the build resumes from its finished parts in `{self.out}`."
+            )
+        parts = [
+            f"**Building the index** `{self.out.name}` (first start only): {self.phase}, "
+            f"{el / 60:.1f} min elapsed"
+        ]
         layout = IndexLayout(self.out)
         try:
             est = self.estimate(layout)
@@ -151,8 +175,10 @@ class BuildJob(threading.Thread):
             est = None
         if est:
             left = est - el
-            parts.append(f"about {max(1, round(est / 60))} min in all, "
-                         + (f"about {round(left / 60)} min left" if left > 90 else "almost done"))
+            parts.append(
+                f"about {max(1, round(est / 60))} min in all, "
+                + (f"about {round(left / 60)} min left" if left > 90 else "almost done")
+            )
         if self.phase == "building" and self.n_images:
             needs_curvature = METHODS[self.cfg.method].preconditioner in ("kfac", "kfac-exact", "ekfac")
             if needs_curvature and not layout.curvature.exists():
@@ -163,8 +189,9 @@ class BuildJob(threading.Thread):
         if p is not None:
             parts.append(f"queries are answered now over the images indexed so far ({partial_note(p)})")
             return " · ".join(parts) + ". This page updates by itself."
-        return " · ".join(parts) + (". This page updates by itself; queries work once the first "
-                                    "images are indexed.")
+        return " · ".join(parts) + (
+            ". This page updates by itself; queries work once the first images are indexed."
+        )
 
     # ---- the partial index ------------------------------------------------------------------------
     def partial(self) -> Index | None:
@@ -199,11 +226,23 @@ class BuildJob(threading.Thread):
             settings = json.loads(lay.build.read_text()).get("settings", {})
             thumbs = to_uint8(self.data.images)
             thumbs = thumbs.squeeze(-1) if self.data.images.shape[1] == 1 else thumbs
-            items = [{"row": i, "label": int(self.data.labels[i]), "source": self.data.sources[i]}
-                     for i in range(n)]
-            p = Index(self.out, {**settings, "projection": {"total_dim": d}, "faiss": {"type": "flat (in memory, partial)"},
-                       "partial": {"indexed": 0, "of": n}},
-                      faiss.IndexFlatIP(d), items, thumbs, att)
+            items = [
+                {"row": i, "label": int(self.data.labels[i]), "source": self.data.sources[i]}
+                for i in range(n)
+            ]
+            p = Index(
+                self.out,
+                {
+                    **settings,
+                    "projection": {"total_dim": d},
+                    "faiss": {"type": "flat (in memory, partial)"},
+                    "partial": {"indexed": 0, "of": n},
+                },
+                faiss.IndexFlatIP(d),
+                items,
+                thumbs,
+                att,
+            )
         for e, path in new:
             if e * p.faiss.d * 4 > PARTIAL_MAX_BYTES and len(p) > 0:
                 break  # the finished index is coming; memory stays bounded meanwhile
@@ -233,8 +272,16 @@ class BuildJob(threading.Thread):
             if not lay.density.exists():
                 return None
             density = load_file(str(lay.density))["density"]
-        return Attributor.from_parts(self.explorer.model, len(self.data), cfg, curvature, projection, None,
-                                     density, device=next(self.explorer.model.unet.parameters()).device)
+        return Attributor.from_parts(
+            self.explorer.model,
+            len(self.data),
+            cfg,
+            curvature,
+            projection,
+            None,
+            density,
+            device=next(self.explorer.model.unet.parameters()).device,
+        )
 
 
 def partial_note(idx: Index) -> str:

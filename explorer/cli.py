@@ -36,26 +36,37 @@ def cmd_train(a: argparse.Namespace) -> None:
     from attribution.model import build_model, save_model
     from attribution.train import TrainConfig, train
 
-    cfg = TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
-                      ema_decay=a.ema_decay, warmup=a.warmup)
+    cfg = TrainConfig(
+        steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, ema_decay=a.ema_decay, warmup=a.warmup
+    )
     previous = None
     if a.init:  # continue training a saved model: its (EMA) weights are the starting point
         model = load_model(a.init)
         info = Path(a.init) / "training.json"
-        previous = json.loads(info.read_text()) if info.exists() else {"weights_sha256": model.weights_sha256()}
+        previous = (
+            json.loads(info.read_text()) if info.exists() else {"weights_sha256": model.weights_sha256()}
+        )
         name = f"the model in {a.init}"
     else:
         model = build_model(a.preset, seed=a.seed)
         name = f"preset {a.preset!r}"
     ds = load_dataset(a.data, channels=model.channels, size=model.size, n=a.n)
     n_params = sum(p.numel() for p in model.unet.parameters())
-    say(f"training {name} ({n_params / 1e6:.2f}M parameters) on {len(ds)} images "
-         f"from {a.data} for {cfg.steps} steps of {cfg.batch_size}; checkpoints in {a.workdir}")
+    say(
+        f"training {name} ({n_params / 1e6:.2f}M parameters) on {len(ds)} images "
+        f"from {a.data} for {cfg.steps} steps of {cfg.batch_size}; checkpoints in {a.workdir}"
+    )
     t0 = time.time()
     model = train(model, ds.images, cfg, workdir=a.workdir, device=a.device or "cpu")
-    extra = {"command": " ".join(["attribution", *sys.argv[1:]]), "preset": a.preset,
-             "data": a.data, "n": len(ds), "data_sha256": ds.fingerprint(), "config": asdict(cfg),
-             "seconds": round(time.time() - t0, 1)}
+    extra = {
+        "command": " ".join(["attribution", *sys.argv[1:]]),
+        "preset": a.preset,
+        "data": a.data,
+        "n": len(ds),
+        "data_sha256": ds.fingerprint(),
+        "config": asdict(cfg),
+        "seconds": round(time.time() - t0, 1),
+    }
     if previous is not None:
         extra["continued_from"] = previous
     save_model(model, a.out, extra=extra)
@@ -108,12 +119,16 @@ def cmd_stability(a: argparse.Namespace) -> None:
 
     js = output(a.json, "--json") if a.json else None
     device, model, train, queries, cfg = _scoring_inputs(a)
-    say(f"seed stability of {cfg.method} (draws {cfg.draws}, query draws {cfg.query_draws}, D = "
+    say(
+        f"seed stability of {cfg.method} (draws {cfg.draws}, query draws {cfg.query_draws}, D = "
         f"{cfg.dim or 'unprojected'}): {len(queries)} queries × {len(train)} training images, seeds "
-        f"{a.seeds[0]} and {a.seeds[1]} (every random choice differs between them)")
+        f"{a.seeds[0]} and {a.seeds[1]} (every random choice differs between them)"
+    )
     res = seed_stability(model, train, queries.images.to(device), cfg, tuple(a.seeds), a.k, device=device)
-    say(f"per-query Spearman {res['spearman']:.3f}, top-{res['k']} overlap {res['top_k_overlap']:.2f} "
-        f"(per query {res['per_query_overlap']} of {res['k']})")
+    say(
+        f"per-query Spearman {res['spearman']:.3f}, top-{res['k']} overlap {res['top_k_overlap']:.2f} "
+        f"(per query {res['per_query_overlap']} of {res['k']})"
+    )
     if js:
         write(js, "--json", lambda path: path.write_text(json.dumps(res, indent=2)))
         say(f"wrote {js}")
@@ -126,14 +141,18 @@ def cmd_scores(a: argparse.Namespace) -> None:
 
     out = output(a.out, "--out", ".npy")  # before the work: np.save writes NAME.npy for --out NAME
     device, model, train, queries, cfg = _scoring_inputs(a)
-    say(f"scoring {len(queries)} queries against {len(train)} training images with {cfg.method} "
-         f"(draws {cfg.draws}, D = {cfg.dim or 'unprojected'}, seed {cfg.seed}) on {device}")
+    say(
+        f"scoring {len(queries)} queries against {len(train)} training images with {cfg.method} "
+        f"(draws {cfg.draws}, D = {cfg.dim or 'unprojected'}, seed {cfg.seed}) on {device}"
+    )
     t0 = time.time()
     att = Attributor(model, train, cfg, device=device).fit()
     scores = att.scores(queries.images.to(device)).cpu().numpy().astype(np.float32)
     write(out, "--out", lambda path: np.save(path, scores))
-    say(f"wrote {out}: float32 {scores.shape} (queries × training images, positive = proponent) "
-         f"in {time.time() - t0:.0f} s")
+    say(
+        f"wrote {out}: float32 {scores.shape} (queries × training images, positive = proponent) "
+        f"in {time.time() - t0:.0f} s"
+    )
 
 
 def cmd_index_build(a: argparse.Namespace) -> None:
@@ -156,19 +175,25 @@ def cmd_query(a: argparse.Namespace) -> None:
     if k < a.top_k:
         say(f"note: --top-k {a.top_k} is more than the {len(idx)} images in the index; showing all {k}")
     res = idx.query(image, k=k)
-    print(f"{'rank':>4}  {'proponent':>9}  {'label':>5}  {'score':>11}  {'± se':>8}    "
-          f"{'opponent':>9}  {'label':>5}  {'score':>11}  {'± se':>8}")
+    print(
+        f"{'rank':>4}  {'proponent':>9}  {'label':>5}  {'score':>11}  {'± se':>8}    "
+        f"{'opponent':>9}  {'label':>5}  {'score':>11}  {'± se':>8}"
+    )
 
     def se(h) -> str:  # '~': not distinguishable from the first one not shown
         return "–" if h.se is None else f"{h.se:.1e}" + ("~" if h.distinct is False else " ")
 
     for p, o in zip(res.proponents, res.opponents):
-        print(f"{p.rank:>4}  {p.row:>9}  {p.label:>5}  {p.score:>11.4e}  {se(p):>8}    "
-              f"{o.row:>9}  {o.label:>5}  {o.score:>11.4e}  {se(o):>8}")
+        print(
+            f"{p.rank:>4}  {p.row:>9}  {p.label:>5}  {p.score:>11.4e}  {se(p):>8}    "
+            f"{o.row:>9}  {o.label:>5}  {o.score:>11.4e}  {se(o):>8}"
+        )
     if res.stability:
         st = res.stability
-        say(f"stability: {st['distinct_proponents']} of {len(res.proponents)} proponents are more than "
-            f"{st['z']:g} standard errors above the first one not shown ('~' marks the others)")
+        say(
+            f"stability: {st['distinct_proponents']} of {len(res.proponents)} proponents are more than "
+            f"{st['z']:g} standard errors above the first one not shown ('~' marks the others)"
+        )
     t = res.timings
     say(f"query gradient {t['query_gradient'] * 1e3:.0f} ms, search {t['search'] * 1e3:.1f} ms")
     if a.json:
@@ -189,23 +214,44 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
         return
     if a.eval_cmd == "retrain-top-k":
         i, n = (int(x) for x in a.worker.split("/"))
-        res = ev.retrain_top_k(a.groundtruth, a.out, a.method, tuple(a.fractions), a.queries, log=say,
-                               worker=(i, n), seeds=a.seeds)
+        res = ev.retrain_top_k(
+            a.groundtruth,
+            a.out,
+            a.method,
+            tuple(a.fractions),
+            a.queries,
+            log=say,
+            worker=(i, n),
+            seeds=a.seeds,
+        )
         if res is not None:
             for m, r in res["mean_se"].items():
-                say(f"{m}: " + ", ".join(f"remove {float(f):.0%}: loss rise {v[0]:+.2e} ± {v[1]:.1e}"
-                                          for f, v in r.items()))
+                say(
+                    f"{m}: "
+                    + ", ".join(
+                        f"remove {float(f):.0%}: loss rise {v[0]:+.2e} ± {v[1]:.1e}" for f, v in r.items()
+                    )
+                )
             say(f"wrote {Path(a.out) / 'retrain_top_k.json'}")
         return
     gt = ev.load_groundtruth(a.groundtruth)
     results = []
     for method in a.method:
-        cfg = AttributionConfig(method=method, draws=a.draws, query_draws=a.query_draws,
-                                curvature_draws=a.curvature_draws, dim=dim_arg(a.dim), seed=a.seed,
-                                projection=a.projection, damping=a.damping)
+        cfg = AttributionConfig(
+            method=method,
+            draws=a.draws,
+            query_draws=a.query_draws,
+            curvature_draws=a.curvature_draws,
+            dim=dim_arg(a.dim),
+            seed=a.seed,
+            projection=a.projection,
+            damping=a.damping,
+        )
         r = ev.method_lds(gt, cfg)
         r.pop("scores")
-        say(f"{method}: LDS {r['lds']:.3f} ± {r['se']:.3f} over {r['n_queries']} queries ({r['seconds']:.0f} s)")
+        say(
+            f"{method}: LDS {r['lds']:.3f} ± {r['se']:.3f} over {r['n_queries']} queries ({r['seconds']:.0f} s)"
+        )
         results.append(r)
     noise = ev.seed_agreement(gt.measurements) if gt.measurements.shape[1] > 1 else None
     out = {"results": results}
@@ -262,10 +308,18 @@ def _add_scoring_args(p: argparse.ArgumentParser, methods: list[str]) -> None:
     p.add_argument("--method", default="ekfac", choices=methods)
     p.add_argument("--draws", type=POSITIVE, default=None)
     p.add_argument("--dim", type=NON_NEGATIVE, default=None, help="projection budget D (0: unprojected)")
-    p.add_argument("--projection", default=None, choices=["sketch", "kronecker"],
-                   help="count sketch (default, faithful) or Kronecker (the K-FAC fast path)")
-    p.add_argument("--damping", type=POSITIVE_FLOAT, default=None,
-                   help="relative damping λ / mean eigenvalue (default: the method's, 0.1 for K-FAC/EK-FAC)")
+    p.add_argument(
+        "--projection",
+        default=None,
+        choices=["sketch", "kronecker"],
+        help="count sketch (default, faithful) or Kronecker (the K-FAC fast path)",
+    )
+    p.add_argument(
+        "--damping",
+        type=POSITIVE_FLOAT,
+        default=None,
+        help="relative damping λ / mean eigenvalue (default: the method's, 0.1 for K-FAC/EK-FAC)",
+    )
     p.add_argument("--device", default=None)
 
 
@@ -302,7 +356,9 @@ def _add_query(sub) -> None:
     q.add_argument("--index", required=True)
     q.add_argument("--image", required=True)
     q.add_argument("--model", default=None, help="model folder (default: assets/mnist-unet)")
-    q.add_argument("--top-k", type=POSITIVE, default=16, help="hits per side (at least 1; at most the index size)")
+    q.add_argument(
+        "--top-k", type=POSITIVE, default=16, help="hits per side (at least 1; at most the index size)"
+    )
     q.add_argument("--json", default=None, help="write the result as JSON here")
     q.add_argument("--device", default=None)
     q.set_defaults(func=cmd_query)
@@ -315,8 +371,9 @@ def _add_groundtruth(evs) -> None:
     g.add_argument("--seeds", type=POSITIVE, default=2)
     g.add_argument("--steps", type=POSITIVE, default=400)
     g.add_argument("--n-train", type=POSITIVE, default=1000)
-    g.add_argument("--worker", default="0/1", type=worker,
-                   help="i/n: train every n-th model from i (n processes)")
+    g.add_argument(
+        "--worker", default="0/1", type=worker, help="i/n: train every n-th model from i (n processes)"
+    )
     g.set_defaults(func=cmd_evaluate)
 
 
@@ -327,9 +384,13 @@ def _add_lds(evs, methods: list[str]) -> None:
     lds.add_argument("--draws", type=POSITIVE, default=8)
     lds.add_argument("--query-draws", type=POSITIVE, default=32)
     lds.add_argument("--curvature-draws", type=POSITIVE, default=4)
-    lds.add_argument("--dim", type=NON_NEGATIVE, default=None, help="0: unprojected (default: the method's D)")
+    lds.add_argument(
+        "--dim", type=NON_NEGATIVE, default=None, help="0: unprojected (default: the method's D)"
+    )
     lds.add_argument("--projection", default="sketch", choices=["sketch", "kronecker"])
-    lds.add_argument("--damping", type=POSITIVE_FLOAT, default=None, help="relative damping (default: the method's)")
+    lds.add_argument(
+        "--damping", type=POSITIVE_FLOAT, default=None, help="relative damping (default: the method's)"
+    )
     lds.add_argument("--seed", type=int, default=0)
     lds.add_argument("--json", default=None)
     lds.set_defaults(func=cmd_evaluate)
@@ -339,13 +400,18 @@ def _add_retrain(evs) -> None:
     rt = evs.add_parser("retrain-top-k", help="retrain without each query's top influences (resumable)")
     rt.add_argument("--groundtruth", default="benchmarks/groundtruth")
     rt.add_argument("--out", default="benchmarks/retrain_top_k")
-    rt.add_argument("--method", nargs="+", default=["ekfac", "trak", "random"],
-                    help="the first is compared with the others; 'random' removes random images")
+    rt.add_argument(
+        "--method",
+        nargs="+",
+        default=["ekfac", "trak", "random"],
+        help="the first is compared with the others; 'random' removes random images",
+    )
     rt.add_argument("--fractions", type=FRACTION, nargs="+", default=[0.02, 0.10])
     rt.add_argument("--queries", type=POSITIVE, default=5)
     rt.add_argument("--seeds", type=POSITIVE, default=1, help="training seeds per removal")
-    rt.add_argument("--worker", default="0/1", type=worker,
-                   help="i/n: train every n-th model from i (n processes)")
+    rt.add_argument(
+        "--worker", default="0/1", type=worker, help="i/n: train every n-th model from i (n processes)"
+    )
     rt.set_defaults(func=cmd_evaluate)
 
 
@@ -359,14 +425,24 @@ def _add_evaluate(sub, methods: list[str]) -> None:
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     """The options of the app: `attribution serve`, `attribution demo` and `python app.py`."""
-    p.add_argument("--model", default=None, help="model folder (env ATTRIBUTION_MODEL; default assets/mnist-unet)")
-    p.add_argument("--index", default=None, help="index folder(s), comma-separated (env ATTRIBUTION_INDEX; "
-                   "default indexes/mnist-ekfac, built if missing)")
+    p.add_argument(
+        "--model", default=None, help="model folder (env ATTRIBUTION_MODEL; default assets/mnist-unet)"
+    )
+    p.add_argument(
+        "--index",
+        default=None,
+        help="index folder(s), comma-separated (env ATTRIBUTION_INDEX; "
+        "default indexes/mnist-ekfac, built if missing)",
+    )
     p.add_argument("--host", default=None, help="address to bind (env GRADIO_SERVER_NAME; default 127.0.0.1)")
     p.add_argument("--port", type=PORT, default=None, help="port (env GRADIO_SERVER_PORT; default 7860)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--concurrency", type=POSITIVE, default=None,
-                   help="requests per event handled at once (the model runs one at a time; default 1)")
+    p.add_argument(
+        "--concurrency",
+        type=POSITIVE,
+        default=None,
+        help="requests per event handled at once (the model runs one at a time; default 1)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,13 +13,17 @@ from index.checks import NON_NEGATIVE, POSITIVE
 
 def _number(cast, name: str, lo=None, hi=None, lo_open=False, hi_open=False):
     """An argparse type: `cast(text)` within [lo, hi] (open ends where asked), else one plain line."""
+
     def parse(text: str):
         try:
             v = cast(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if v != v or (lo is not None and (v <= lo if lo_open else v < lo)) or \
-                (hi is not None and (v >= hi if hi_open else v > hi)):
+        if (
+            v != v
+            or (lo is not None and (v <= lo if lo_open else v < lo))
+            or (hi is not None and (v >= hi if hi_open else v > hi))
+        ):
             raise argparse.ArgumentTypeError(f"must be {name}, not {text}")
         return v
 
@@ -64,8 +68,10 @@ def load_model(path, device=None):
         raise
     except (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError) as e:
         first = (str(e).splitlines() or [type(e).__name__])[0][:200]
-        raise ModelError(f"{path or 'assets/mnist-unet'}: the model folder could not be loaded ({first}); "
-                         "check its config.json and scheduler/scheduler_config.json") from None
+        raise ModelError(
+            f"{path or 'assets/mnist-unet'}: the model folder could not be loaded ({first}); "
+            "check its config.json and scheduler/scheduler_config.json"
+        ) from None
 
 
 def output(path: str, flag: str, suffix: str = "") -> Path:
@@ -79,8 +85,9 @@ def output(path: str, flag: str, suffix: str = "") -> Path:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ConfigError(f"{flag} {path}: cannot make its folder {out.parent} ({e.strerror}); give a path "
-                          "you can write to") from None
+        raise ConfigError(
+            f"{flag} {path}: cannot make its folder {out.parent} ({e.strerror}); give a path you can write to"
+        ) from None
     if out.is_dir() or not os.access(out.parent, os.W_OK | os.X_OK):
         why = "is a folder" if out.is_dir() else f"{out.parent} is not writable"
         raise ConfigError(f"{flag} {path}: cannot write there ({why}); give a path you can write to")
@@ -98,6 +105,17 @@ def write(out: Path, flag: str, write) -> None:
         raise user_error(e, out.parent) or ConfigError(f"{flag} {out}: could not write it ({e})") from None
 
 
-
-__all__ = ["DECAY", "FRACTION", "NON_NEGATIVE", "PORT", "POSITIVE", "POSITIVE_FLOAT", "SEED", "Parser",
-           "load_model", "output", "worker", "write"]
+__all__ = [
+    "DECAY",
+    "FRACTION",
+    "NON_NEGATIVE",
+    "PORT",
+    "POSITIVE",
+    "POSITIVE_FLOAT",
+    "SEED",
+    "Parser",
+    "load_model",
+    "output",
+    "worker",
+    "write",
+]

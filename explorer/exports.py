@@ -94,8 +94,12 @@ def write_exports(data: dict, query_u8: np.ndarray, idx: Index, root: Path | Non
     files = [
         report.render_report(data, query_u8, idx.thumbs, out / f"report-{stamp}.png"),
         report.write_json(data, out / f"scores-{stamp}.json"),
-        report.write_csv(data, out / f"scores-{stamp}.csv",
-                         sources=[it["source"] for it in idx.items], labels=[it["label"] for it in idx.items]),
+        report.write_csv(
+            data,
+            out / f"scores-{stamp}.csv",
+            sources=[it["source"] for it in idx.items],
+            labels=[it["label"] for it in idx.items],
+        ),
     ]
     Image.fromarray(query_u8).save(out / f"query-{stamp}.png")
     return [str(p) for p in files] + [str(out / f"query-{stamp}.png")]

@@ -26,8 +26,15 @@ from attribution.console import say
 from explorer.cli import add_serve_args
 
 
-def serve(demo, host: str = "127.0.0.1", port: int = 7860, prevent_thread_lock: bool = False,
-          concurrency: int = 1, warmup: bool = True, **kwargs):
+def serve(
+    demo,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    prevent_thread_lock: bool = False,
+    concurrency: int = 1,
+    warmup: bool = True,
+    **kwargs,
+):
     """Queue (`concurrency` requests per event at once; the model runs one at a time anyway, and
     8 clients × 5 queries ran ~10% faster with 1 than with 4, which only adds waiting threads;
     Gradio's queue shows a waiting user its position), launch,
@@ -37,9 +44,17 @@ def serve(demo, host: str = "127.0.0.1", port: int = 7860, prevent_thread_lock: 
 
     refuse_url_files(demo)
     demo.queue(default_concurrency_limit=concurrency)
-    out = demo.launch(server_name=host, server_port=port, prevent_thread_lock=True, css=CSS,
-                      show_error=True, max_file_size="64mb", footer_links=["api"],
-                      state_session_capacity=500, **kwargs)  # a session's state is ~0.3 MB
+    out = demo.launch(
+        server_name=host,
+        server_port=port,
+        prevent_thread_lock=True,
+        css=CSS,
+        show_error=True,
+        max_file_size="64mb",
+        footer_links=["api"],
+        state_session_capacity=500,
+        **kwargs,
+    )  # a session's state is ~0.3 MB
     ex = getattr(demo, "explorer", None)
     if ex is not None and warmup and ex.ready:
         threading.Thread(target=ex.warmup, daemon=True, name="warm-up").start()
@@ -65,18 +80,24 @@ def refuse_url_files(demo) -> None:
                 raise gr.Error(URL_REFUSED, print_exception=False)
 
         if is_async:
+
             async def guarded(path):
                 check(path)
                 return await move(path)
         else:
+
             def guarded(path):
                 check(path)
                 return move(path)
+
         guarded.url_guard = True
         return guarded
 
     for block in demo.blocks.values():
-        for name, is_async in (("async_move_resource_to_block_cache", True), ("move_resource_to_block_cache", False)):
+        for name, is_async in (
+            ("async_move_resource_to_block_cache", True),
+            ("move_resource_to_block_cache", False),
+        ):
             move = getattr(block, name, None)
             if move is not None and not getattr(move, "url_guard", False):
                 setattr(block, name, guard(move, is_async))
@@ -95,8 +116,9 @@ def restrict_image_decoders() -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="app.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="app.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_serve_args(p)
     return p.parse_args(argv)
 
@@ -134,8 +156,10 @@ def is_loopback(host: str) -> bool:
 def warn_if_exposed(host: str) -> None:
     """One line when the app will listen beyond this machine."""
     if not is_loopback(host):
-        say(f"warning: listening on {host}, not only on this machine: anyone who can reach this "
-            "address can use the app; give --host 127.0.0.1 to keep it local")
+        say(
+            f"warning: listening on {host}, not only on this machine: anyone who can reach this "
+            "address can use the app; give --host 127.0.0.1 to keep it local"
+        )
 
 
 ARENA_MAX = "2"
@@ -185,14 +209,21 @@ def _load_indexes(index_dirs: list[Path], model, model_path: str | None, device,
         try:
             indexes.append(load_index(d, model, device=device))
         except IndexLoadError as e:
-            is_default = d.resolve() == DEFAULT_INDEX.resolve() and model_path in (None, str(DEFAULT_MODEL_DIR))
+            is_default = d.resolve() == DEFAULT_INDEX.resolve() and model_path in (
+                None,
+                str(DEFAULT_MODEL_DIR),
+            )
             buildable = d in build_missing and not IndexLayout(d).is_finished and build is None
             if not (is_default or buildable):
-                raise IndexLoadError(f"{e}\nbuild it with: attribution index build --model "
-                                     f"{model_path or 'assets/mnist-unet'} --out {d}") from None
+                raise IndexLoadError(
+                    f"{e}\nbuild it with: attribution index build --model "
+                    f"{model_path or 'assets/mnist-unet'} --out {d}"
+                ) from None
             say(f"{e}\nbuilding the index at {d} in the background; the page shows its progress")
-            build = {**build_spec(d, os.environ.get("ATTRIBUTION_BUILD_ARGS", "")),
-                     "model_path": model_path or "default"}
+            build = {
+                **build_spec(d, os.environ.get("ATTRIBUTION_BUILD_ARGS", "")),
+                "model_path": model_path or "default",
+            }
     return indexes, build
 
 
@@ -228,8 +259,12 @@ def main(args: argparse.Namespace | None = None) -> int:
         say(f"error: {e}{hint}")
         return 2
     try:
-        from_env = index_dirs if not getattr(args, "index", None) and os.environ.get("ATTRIBUTION_INDEX") else []
-        indexes, build = _load_indexes(index_dirs, model, model_path, device, from_env)  # from_env: built if missing
+        from_env = (
+            index_dirs if not getattr(args, "index", None) and os.environ.get("ATTRIBUTION_INDEX") else []
+        )
+        indexes, build = _load_indexes(
+            index_dirs, model, model_path, device, from_env
+        )  # from_env: built if missing
     except (IndexLoadError, ConfigError) as e:
         say(f"error: {e}")
         return 2
@@ -240,7 +275,9 @@ def main(args: argparse.Namespace | None = None) -> int:
         # 4-10x slower than one (0.6-2.5 s vs 0.13-0.19 s per query, default model); an index
         # build still uses every core. Set OMP_NUM_THREADS to choose.
         torch.set_num_threads(1)
-    say(f"model and {len(indexes)} index(es) loaded in {time.time() - t0:.1f} s; "
-        f"open http://{host}:{port} (Ctrl+C to stop)")
+    say(
+        f"model and {len(indexes)} index(es) loaded in {time.time() - t0:.1f} s; "
+        f"open http://{host}:{port} (Ctrl+C to stop)"
+    )
     serve(demo, host, port, concurrency=getattr(args, "concurrency", None) or 1)
     return 0

@@ -51,13 +51,21 @@ footer {display: none !important}
 
 
 def gallery(ans: Answer, side: str, thumbs) -> list:
-    return [(enlarge(thumbs[h["row"]], GALLERY_PX) if thumbs is not None else None, report.caption(h))
-            for h in ans.data[side]]
+    return [
+        (enlarge(thumbs[h["row"]], GALLERY_PX) if thumbs is not None else None, report.caption(h))
+        for h in ans.data[side]
+    ]
 
 
-TIMING_NAMES = {"sampling": "sampling", "decoding": "decoding", "wait_for_model": "waiting for the model",
-                "query_gradient": "query gradient", "search": "FAISS search", "all_scores": "all N scores",
-                "render": "page"}
+TIMING_NAMES = {
+    "sampling": "sampling",
+    "decoding": "decoding",
+    "wait_for_model": "waiting for the model",
+    "query_gradient": "query gradient",
+    "search": "FAISS search",
+    "all_scores": "all N scores",
+    "render": "page",
+}
 
 
 def timings_md(t: dict) -> str:
@@ -73,6 +81,8 @@ def index_md(ex: Explorer, label: str | None = None) -> str:
         return ex.build.status() if ex.build else "No index is loaded."
     idx = ex.index(label)
     p = report.provenance(idx.manifest, idx.path)
-    return (f"Index **{label or ex.labels[0]}** — {METHODS[p['method']].description}; "
-            f"{p['data']['n']} training images ({p['data']['source']}), D = {p['projection_dim']}, "
-            f"model sha256 `{str(p['model']['weights_sha256'])[:12]}…`")
+    return (
+        f"Index **{label or ex.labels[0]}** — {METHODS[p['method']].description}; "
+        f"{p['data']['n']} training images ({p['data']['source']}), D = {p['projection_dim']}, "
+        f"model sha256 `{str(p['model']['weights_sha256'])[:12]}…`"
+    )

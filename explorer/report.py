@@ -48,19 +48,27 @@ def stability_md(data: dict) -> str:
     """The page's stability panel: how far each shown score would move under new draws."""
     st = data.get("stability")
     if not st:
-        return ("**Stability:** not available for this index (TRAK-style methods, the trajectory "
-                "measurement, or an index built without independent halves of its draws).")
-    lines = [f"**Stability** (standard error under new draws, from two independent halves of the training "
-             f"and query draws; ✓ = more than {st['z']:g} standard errors above the first image not shown, "
-             f"~ = not distinguishable from it): {st['distinct_proponents']} of {len(data['proponents'])} "
-             f"proponents and {st['distinct_opponents']} of {len(data['opponents'])} opponents are distinguishable.",
-             "", "| side | # | id | score ± se | rank under half A / B | |", "|---|---|---|---|---|---|"]
+        return (
+            "**Stability:** not available for this index (TRAK-style methods, the trajectory "
+            "measurement, or an index built without independent halves of its draws)."
+        )
+    lines = [
+        f"**Stability** (standard error under new draws, from two independent halves of the training "
+        f"and query draws; ✓ = more than {st['z']:g} standard errors above the first image not shown, "
+        f"~ = not distinguishable from it): {st['distinct_proponents']} of {len(data['proponents'])} "
+        f"proponents and {st['distinct_opponents']} of {len(data['opponents'])} opponents are distinguishable.",
+        "",
+        "| side | # | id | score ± se | rank under half A / B | |",
+        "|---|---|---|---|---|---|",
+    ]
     for side, hits in (("proponent", data["proponents"]), ("opponent", data["opponents"])):
         for h in hits:
             ranks = f"{h['rank_a']} / {h['rank_b']}" if h.get("rank_a") is not None else "–"
             mark = {True: "✓", False: "~"}.get(h.get("distinct"), "")
-            lines.append(f"| {side} | {h['rank']} | {h['row']} | {fmt_score(h['score'])} ± {h['se']:.2g} | "
-                         f"{ranks} | {mark} |")
+            lines.append(
+                f"| {side} | {h['rank']} | {h['row']} | {fmt_score(h['score'])} ± {h['se']:.2g} | "
+                f"{ranks} | {mark} |"
+            )
     return "\n".join(lines)
 
 
@@ -74,8 +82,10 @@ def provenance(manifest: dict, path: str | Path | None = None) -> dict:
         "index": str(path) if path is not None else None,
         "method": m.get("method", {}).get("method"),
         "method_config": m.get("method", {}),
-        "model": {"folder": m.get("model", {}).get("path"),
-                  "weights_sha256": m.get("model", {}).get("weights_sha256")},
+        "model": {
+            "folder": m.get("model", {}).get("path"),
+            "weights_sha256": m.get("model", {}).get("weights_sha256"),
+        },
         "data": {k: m.get("data", {}).get(k) for k in ("source", "n", "sha256", "channels", "size")},
         "projection_dim": m.get("projection", {}).get("total_dim"),
         "faiss": m.get("faiss", {}).get("type"),
@@ -86,8 +96,15 @@ def provenance(manifest: dict, path: str | Path | None = None) -> dict:
     return out
 
 
-def payload(result, manifest: dict, *, index_path=None, query: dict | None = None,
-            settings: dict | None = None, timings: dict | None = None) -> dict:
+def payload(
+    result,
+    manifest: dict,
+    *,
+    index_path=None,
+    query: dict | None = None,
+    settings: dict | None = None,
+    timings: dict | None = None,
+) -> dict:
     """A `QueryResult` (index.store) + context -> a JSON-able dict.
 
     Keys: query, settings, index (provenance), proponents, opponents (lists of
@@ -117,8 +134,9 @@ def write_json(data: dict, path: str | Path) -> Path:
     return path
 
 
-def write_csv(data: dict, path: str | Path, sources: list[str] | None = None,
-              labels: list[int] | None = None) -> Path:
+def write_csv(
+    data: dict, path: str | Path, sources: list[str] | None = None, labels: list[int] | None = None
+) -> Path:
     """One line per training image (all N when the payload holds all scores, else the hits),
     sorted by score, highest first: rank, row, score, label, source, proponent/opponent rank, and
     for the shown hits their stability figures (se, rank under each half, distinguishable)."""
@@ -135,8 +153,21 @@ def write_csv(data: dict, path: str | Path, sources: list[str] | None = None,
     order = sorted(rows, key=lambda r: -scores[r])
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["rank", "row", "score", "label", "source", "proponent_rank", "opponent_rank",
-                    "se", "rank_half_a", "rank_half_b", "distinguishable"])
+        w.writerow(
+            [
+                "rank",
+                "row",
+                "score",
+                "label",
+                "source",
+                "proponent_rank",
+                "opponent_rank",
+                "se",
+                "rank_half_a",
+                "rank_half_b",
+                "distinguishable",
+            ]
+        )
         for rank, r in enumerate(order, 1):
             h = hits.get(r, {})
             if h:
@@ -145,7 +176,9 @@ def write_csv(data: dict, path: str | Path, sources: list[str] | None = None,
                 label = labels[r] if labels is not None else ""
                 source = sources[r] if sources is not None else ""
             stab = [("" if h.get(k) is None else h[k]) for k in ("se", "rank_a", "rank_b", "distinct")]
-            w.writerow([rank, r, repr(float(scores[r])), label, source, prop.get(r, ""), opp.get(r, ""), *stab])
+            w.writerow(
+                [rank, r, repr(float(scores[r])), label, source, prop.get(r, ""), opp.get(r, ""), *stab]
+            )
     return path
 
 
@@ -158,8 +191,10 @@ def _histogram(ax, scores, proponents: list[dict], opponents: list[dict]) -> Non
     else:
         title = "shown scores (this index keeps no dense scores)"
     ymax = ax.get_ylim()[1] if scores is not None else 1.0
-    for hits, color, name in ((proponents, PROPONENT_COLOR, "proponents"),
-                              (opponents, OPPONENT_COLOR, "opponents")):
+    for hits, color, name in (
+        (proponents, PROPONENT_COLOR, "proponents"),
+        (opponents, OPPONENT_COLOR, "opponents"),
+    ):
         xs = [h["score"] for h in hits]
         if xs:
             ax.vlines(xs, 0, ymax, colors=color, linewidth=0.8, alpha=0.8, label=f"top {len(xs)} {name}")
@@ -216,8 +251,14 @@ def _settings_text(data: dict) -> str:
     return "\n".join(lines)
 
 
-def render_report(data: dict, query_image: np.ndarray, thumbs: np.ndarray | None, path: str | Path,
-                  title: str = "Training-data attribution report", ncol: int = 8) -> Path:
+def render_report(
+    data: dict,
+    query_image: np.ndarray,
+    thumbs: np.ndarray | None,
+    path: str | Path,
+    title: str = "Training-data attribution report",
+    ncol: int = 8,
+) -> Path:
     """Write a PNG report: query, settings + provenance, score histogram, top-k of each side.
 
     `query_image` (H, W[, C]) uint8 as the model sees it; `thumbs` (N, H, W[, C]) uint8 training
@@ -237,25 +278,54 @@ def render_report(data: dict, query_image: np.ndarray, thumbs: np.ndarray | None
         fig = Figure(figsize=(width, sum(heights) + 0.6), dpi=110)
         FigureCanvasAgg(fig)
         fig.suptitle(title, fontsize=12, x=0.01, ha="left")
-        outer = fig.add_gridspec(len(heights), 1, height_ratios=heights, hspace=0.35,
-                                 left=0.02, right=0.98, top=1 - 0.5 / (sum(heights) + 0.6), bottom=0.02)
+        outer = fig.add_gridspec(
+            len(heights),
+            1,
+            height_ratios=heights,
+            hspace=0.35,
+            left=0.02,
+            right=0.98,
+            top=1 - 0.5 / (sum(heights) + 0.6),
+            bottom=0.02,
+        )
         head = outer[0].subgridspec(1, 3, width_ratios=[1.0, 2.6, 2.4], wspace=0.08)
         _show(fig.add_subplot(head[0]), query_image, "query (as the model sees it)", fontsize=8)
         tx = fig.add_subplot(head[1])
         tx.axis("off")
-        tx.text(0.0, 1.0, _settings_text(data), va="top", ha="left", fontsize=6.5, family="monospace",
-                wrap=True, transform=tx.transAxes)
+        tx.text(
+            0.0,
+            1.0,
+            _settings_text(data),
+            va="top",
+            ha="left",
+            fontsize=6.5,
+            family="monospace",
+            wrap=True,
+            transform=tx.transAxes,
+        )
         _histogram(fig.add_subplot(head[2]), data.get("scores"), props, opps)
-        sides = ((props, "proponents (highest τ: make the query more likely)", PROPONENT_COLOR),
-                 (opps, "opponents (lowest τ: make it less likely)", OPPONENT_COLOR))
+        sides = (
+            (props, "proponents (highest τ: make the query more likely)", PROPONENT_COLOR),
+            (opps, "opponents (lowest τ: make it less likely)", OPPONENT_COLOR),
+        )
         for block, (hits, name, color) in enumerate(sides):
             start = 1 + block * (krows + 1)
-            _gallery(fig, [outer[start + j] for j in range(krows + 1)], hits, f"top {len(hits)} {name}", color, thumbs, ncol)
+            _gallery(
+                fig,
+                [outer[start + j] for j in range(krows + 1)],
+                hits,
+                f"top {len(hits)} {name}",
+                color,
+                thumbs,
+                ncol,
+            )
         fig.savefig(path, format="png")
     return path
 
 
-def _gallery(fig, slots, hits: list[dict], label: str, color: str, thumbs: np.ndarray | None, ncol: int) -> None:
+def _gallery(
+    fig, slots, hits: list[dict], label: str, color: str, thumbs: np.ndarray | None, ncol: int
+) -> None:
     """One side's label (the first slot) and its thumbnails, `ncol` a row (the other slots)."""
     lab = fig.add_subplot(slots[0])
     lab.axis("off")
@@ -271,8 +341,20 @@ def _gallery(fig, slots, hits: list[dict], label: str, color: str, thumbs: np.nd
             h = hits[i]
             img = thumbs[h["row"]] if thumbs is not None else np.zeros((8, 8), np.uint8)
             title = caption(h).replace(" · id", "\nid")
-            _show(ax, img, title + ("\n" + stability_caption(h) if h.get("se") is not None else ""), color=color)
+            _show(
+                ax, img, title + ("\n" + stability_caption(h) if h.get("se") is not None else ""), color=color
+            )
 
 
-__all__ = ["payload", "provenance", "stability_md", "stability_caption", "write_json", "write_csv", "score_histogram", "render_report",
-           "fmt_score", "caption"]
+__all__ = [
+    "payload",
+    "provenance",
+    "stability_md",
+    "stability_caption",
+    "write_json",
+    "write_csv",
+    "score_histogram",
+    "render_report",
+    "fmt_score",
+    "caption",
+]

@@ -83,17 +83,22 @@ def _conversion_notes(img, channels: int, size: int, u8: np.ndarray) -> list[str
     w, h = img.size
     notes = []
     if (w, h) != (size, size):
-        notes.append(f"resized from {w}×{h} to {size}×{size}"
-                     + (" (aspect ratio not kept)" if w != h else ""))
+        notes.append(
+            f"resized from {w}×{h} to {size}×{size}" + (" (aspect ratio not kept)" if w != h else "")
+        )
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        notes.append(f"{'16-bit' if img.mode.startswith('I;16') else img.mode + '-mode'} pixels scaled to 8 bits")
+        notes.append(
+            f"{'16-bit' if img.mode.startswith('I;16') else img.mode + '-mode'} pixels scaled to 8 bits"
+        )
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         notes.append("transparent pixels put on a black background")
     if channels == 1 and img.mode not in ("L", "1", "I;16", "I;16B", "I;16L", "I", "F", "LA"):
         notes.append("converted to grayscale")
     if channels == 1 and u8.mean() > 127:
-        notes.append("mostly light: the training images are light digits on black, so dark-on-light "
-                     "images match poorly")
+        notes.append(
+            "mostly light: the training images are light digits on black, so dark-on-light "
+            "images match poorly"
+        )
     return notes
 
 
@@ -118,8 +123,13 @@ class Query:
         return _u8(self.image)
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "description": self.description, **self.params, "notes": self.notes,
-                "has_trajectory": self.trajectory is not None}
+        return {
+            "kind": self.kind,
+            "description": self.description,
+            **self.params,
+            "notes": self.notes,
+            "has_trajectory": self.trajectory is not None,
+        }
 
 
 @dataclass
@@ -207,12 +217,18 @@ class Explorer:
             raise Busy(self.build.status() if self.build else "No index is loaded.")
         t0 = time.perf_counter()
         with self.lock:
-            s = sample(self.model, 1, seed=seed, sampler=sampler, steps=steps, keep_trajectory=True,
-                       progress=False)
+            s = sample(
+                self.model, 1, seed=seed, sampler=sampler, steps=steps, keep_trajectory=True, progress=False
+            )
         image = self._from_u8(_u8(s.images[0]))
-        return Query(image, "generated", f"generated: seed {seed}, {sampler.upper()} {steps} steps",
-                     {"seed": seed, "sampler": sampler, "steps": steps},
-                     trajectory=(s.timesteps, s.states[:, :1]), seconds=time.perf_counter() - t0)
+        return Query(
+            image,
+            "generated",
+            f"generated: seed {seed}, {sampler.upper()} {steps} steps",
+            {"seed": seed, "sampler": sampler, "steps": steps},
+            trajectory=(s.timesteps, s.states[:, :1]),
+            seconds=time.perf_counter() - t0,
+        )
 
     def uploaded(self, path: str | Path | None) -> Query:
         """An image file, converted by the library as the model needs it; DataError if unusable."""
@@ -229,9 +245,14 @@ class Explorer:
         img = open_image(Path(path), name=name)
         image = image_to_tensor(img, self.model.channels, self.model.size)
         notes = _conversion_notes(img, self.model.channels, self.model.size, _u8(image))
-        return Query(image, "upload", f"upload: {name} ({img.size[0]}×{img.size[1]} {img.mode})",
-                     {"file": name, "original_size": list(img.size), "original_mode": img.mode},
-                     notes=notes, seconds=time.perf_counter() - t0)
+        return Query(
+            image,
+            "upload",
+            f"upload: {name} ({img.size[0]}×{img.size[1]} {img.mode})",
+            {"file": name, "original_size": list(img.size), "original_mode": img.mode},
+            notes=notes,
+            seconds=time.perf_counter() - t0,
+        )
 
     def drawn(self, u8: np.ndarray | None) -> Query:
         """A drawing (H, W[, C]) uint8, light strokes on a dark canvas, converted as an upload is."""
@@ -241,10 +262,18 @@ class Explorer:
             raise DataError("the drawing is empty: draw a digit first")
         img = Image.fromarray(np.asarray(u8, dtype=np.uint8))
         image = image_to_tensor(img, self.model.channels, self.model.size)
-        notes = [n for n in _conversion_notes(img, self.model.channels, self.model.size, _u8(image))
-                 if "transparent" not in n and "grayscale" not in n]
-        return Query(image, "drawing", f"your drawing ({img.size[0]}×{img.size[1]})",
-                     {"original_size": list(img.size)}, notes=notes)
+        notes = [
+            n
+            for n in _conversion_notes(img, self.model.channels, self.model.size, _u8(image))
+            if "transparent" not in n and "grayscale" not in n
+        ]
+        return Query(
+            image,
+            "drawing",
+            f"your drawing ({img.size[0]}×{img.size[1]})",
+            {"original_size": list(img.size)},
+            notes=notes,
+        )
 
     def training(self, row, label: str | None = None) -> Query:
         """Training image `row` of the selected index (from its stored thumbnails)."""
@@ -256,9 +285,12 @@ class Explorer:
             raise DataError(f"training image id must be between 0 and {len(idx) - 1} (got {row})")
         if idx.thumbs is None:
             raise DataError("this index stores no thumbnails, so its training images cannot be shown")
-        return Query(self._from_u8(idx.thumbs[row]), "training",
-                     f"training image id {row} ({idx.items[row]['source']}, label {idx.items[row]['label']})",
-                     {"row": row, "source": idx.items[row]["source"], "label": idx.items[row]["label"]})
+        return Query(
+            self._from_u8(idx.thumbs[row]),
+            "training",
+            f"training image id {row} ({idx.items[row]['source']}, label {idx.items[row]['label']})",
+            {"row": row, "source": idx.items[row]["source"], "label": idx.items[row]["label"]},
+        )
 
     def _from_u8(self, u8: np.ndarray) -> torch.Tensor:
         from PIL import Image
@@ -279,23 +311,35 @@ class Explorer:
         traj = None
         if idx.attributor is not None and idx.attributor.spec.measurement == "trajectory":
             if q.trajectory is None:
-                raise DataError(f"{label} measures the loss along the query's own sampling trajectory; "
-                                "only generated queries have one — generate a query or pick another method")
+                raise DataError(
+                    f"{label} measures the loss along the query's own sampling trajectory; "
+                    "only generated queries have one — generate a query or pick another method"
+                )
             traj = q.trajectory
         t0 = time.perf_counter()
         with self.lock:
             t1 = time.perf_counter()
-            res = query_index(idx, q.image.to(next(self.model.unet.parameters()).device), min(k, len(idx)), traj)
+            res = query_index(
+                idx, q.image.to(next(self.model.unet.parameters()).device), min(k, len(idx)), traj
+            )
             t2 = time.perf_counter()
         timings = {"wait_for_model": t1 - t0, "all_scores": max(0.0, t2 - t1 - sum(res.timings.values()))}
         if q.seconds:
             timings = {("sampling" if q.kind == "generated" else "decoding"): q.seconds, **timings}
-        data = report.payload(res, idx.manifest, index_path=idx.path, query=q.to_dict(),
-                              settings={"method": label, "k": k}, timings=timings)
+        data = report.payload(
+            res,
+            idx.manifest,
+            index_path=idx.path,
+            query=q.to_dict(),
+            settings={"method": label, "k": k},
+            timings=timings,
+        )
         if idx.manifest.get("partial"):  # answered while the index is being built
             data["partial"] = dict(idx.manifest["partial"])
         return Answer(q, label, k, data)
 
     def export(self, ans: Answer) -> list[str]:
         """report.png, scores.json, scores.csv and query.png in a fresh folder (`explorer.exports`)."""
-        return exports.write_exports(ans.data, ans.query.u8, self.indexes.get(ans.index_label) or self.index(None))
+        return exports.write_exports(
+            ans.data, ans.query.u8, self.indexes.get(ans.index_label) or self.index(None)
+        )

@@ -85,8 +85,18 @@ class Page:
     @property
     def outputs(self) -> list:
         """Everything a query fills (the order of the undocumented API endpoints' outputs)."""
-        return [self.query_img, self.query_md, self.status, self.props, self.opps, self.plot, self.timings,
-                self.answer, self.files, self.stability]
+        return [
+            self.query_img,
+            self.query_md,
+            self.status,
+            self.props,
+            self.opps,
+            self.plot,
+            self.timings,
+            self.answer,
+            self.files,
+            self.stability,
+        ]
 
 
 # ---- layout ---------------------------------------------------------------------------------------
@@ -97,51 +107,108 @@ def _query_tabs(n_rows: int | None) -> dict:
         with gr.Tab("Generate", id="generate"):
             with gr.Row():
                 seed = gr.Number(0, label="seed", precision=0, minimum=0, elem_id="seed", min_width=70)
-                sampler = gr.Dropdown(list(SAMPLERS), value="ddim", label="sampler", min_width=70,
-                                      elem_id="sampler")
-                steps = gr.Number(50, label="steps", precision=0, minimum=1, maximum=1000, min_width=70,
-                                  elem_id="steps")
+                sampler = gr.Dropdown(
+                    list(SAMPLERS), value="ddim", label="sampler", min_width=70, elem_id="sampler"
+                )
+                steps = gr.Number(
+                    50, label="steps", precision=0, minimum=1, maximum=1000, min_width=70, elem_id="steps"
+                )
             gen_btn = gr.Button("Generate and attribute", variant="primary", elem_id="generate-btn")
         with gr.Tab("Upload", id="upload"):
-            upload = image_file(label="drop, paste or choose an image (PNG, JPEG, …): it is attributed at once",
-                              type="filepath", sources=["upload", "clipboard"], height=150, elem_id="upload")
-            sketch = gr.Sketchpad(np.zeros((SKETCH_PX, SKETCH_PX), np.uint8), label="or draw a digit (light on dark)",
-                                  type="numpy", image_mode="L", canvas_size=(SKETCH_PX, SKETCH_PX),
-                                  fixed_canvas=True, layers=False, transforms=(), height=SKETCH_PX + 70,
-                                  brush=gr.Brush(colors=["#ffffff"], default_size=14, color_mode="fixed"),
-                                  elem_id="sketch")
+            upload = image_file(
+                label="drop, paste or choose an image (PNG, JPEG, …): it is attributed at once",
+                type="filepath",
+                sources=["upload", "clipboard"],
+                height=150,
+                elem_id="upload",
+            )
+            sketch = gr.Sketchpad(
+                np.zeros((SKETCH_PX, SKETCH_PX), np.uint8),
+                label="or draw a digit (light on dark)",
+                type="numpy",
+                image_mode="L",
+                canvas_size=(SKETCH_PX, SKETCH_PX),
+                fixed_canvas=True,
+                layers=False,
+                transforms=(),
+                height=SKETCH_PX + 70,
+                brush=gr.Brush(colors=["#ffffff"], default_size=14, color_mode="fixed"),
+                elem_id="sketch",
+            )
             sketch_btn = gr.Button("Attribute the drawing", variant="primary", elem_id="sketch-btn")
         with gr.Tab("Training image", id="training"):
-            row = gr.Number(0, label=f"training image id (0–{n_rows - 1})" if n_rows else "training image id",
-                            precision=0, minimum=0, elem_id="row")
+            row = gr.Number(
+                0,
+                label=f"training image id (0–{n_rows - 1})" if n_rows else "training image id",
+                precision=0,
+                minimum=0,
+                elem_id="row",
+            )
             row_btn = gr.Button("Attribute this training image", variant="primary", elem_id="row-btn")
-    return {"seed": seed, "sampler": sampler, "steps": steps, "gen_btn": gen_btn, "upload": upload,
-            "row": row, "row_btn": row_btn, "sketch": sketch, "sketch_btn": sketch_btn}
+    return {
+        "seed": seed,
+        "sampler": sampler,
+        "steps": steps,
+        "gen_btn": gen_btn,
+        "upload": upload,
+        "row": row,
+        "row_btn": row_btn,
+        "sketch": sketch,
+        "sketch_btn": sketch_btn,
+    }
 
 
 def _query_column(ex: Explorer, default_label: str | None, n_rows: int | None) -> dict:
     c = _query_tabs(n_rows)
-    c["query_img"] = gr.Image(label="query, as the model sees it", type="pil", format="png", interactive=False,
-                              height=QUERY_PX + 24, elem_id="query", buttons=["download"])
+    c["query_img"] = gr.Image(
+        label="query, as the model sees it",
+        type="pil",
+        format="png",
+        interactive=False,
+        height=QUERY_PX + 24,
+        elem_id="query",
+        buttons=["download"],
+    )
     c["query_md"] = gr.Markdown("", elem_id="query-info")
     with gr.Row(equal_height=True):
-        c["method"] = gr.Dropdown(ex.labels, value=default_label, label="method", min_width=100,
-                                  visible=len(ex.labels) > 1 or ex.build is not None, elem_id="method")
+        c["method"] = gr.Dropdown(
+            ex.labels,
+            value=default_label,
+            label="method",
+            min_width=100,
+            visible=len(ex.labels) > 1 or ex.build is not None,
+            elem_id="method",
+        )
         c["k"] = gr.Slider(1, MAX_K, value=8, step=1, label="k (shown per side)", elem_id="k", min_width=100)
     c["export_btn"] = gr.Button("Export report (PNG, JSON, CSV)", size="sm", elem_id="export-btn")
-    c["files"] = gr.File(label="report and scores", file_count="multiple", visible=False,
-                         elem_id="export-files", height=120)
+    c["files"] = gr.File(
+        label="report and scores", file_count="multiple", visible=False, elem_id="export-files", height=120
+    )
     return c
 
 
 def _results_column() -> dict:
     c = {"status": gr.Markdown("Choose a query on the left.", elem_id="status")}
-    c["props"] = gr.Gallery(label="proponents (highest τ: make the query more likely)", columns=8, height="auto",
-                            format="png", object_fit="contain", allow_preview=False, elem_id="proponents",
-                            elem_classes=["hits"])
-    c["opps"] = gr.Gallery(label="opponents (lowest τ: make it less likely)", columns=8, height="auto",
-                           format="png", object_fit="contain", allow_preview=False, elem_id="opponents",
-                           elem_classes=["hits"])
+    c["props"] = gr.Gallery(
+        label="proponents (highest τ: make the query more likely)",
+        columns=8,
+        height="auto",
+        format="png",
+        object_fit="contain",
+        allow_preview=False,
+        elem_id="proponents",
+        elem_classes=["hits"],
+    )
+    c["opps"] = gr.Gallery(
+        label="opponents (lowest τ: make it less likely)",
+        columns=8,
+        height="auto",
+        format="png",
+        object_fit="contain",
+        allow_preview=False,
+        elem_id="opponents",
+        elem_classes=["hits"],
+    )
     c["stability"] = gr.Markdown("", elem_id="stability")
     with gr.Row(equal_height=False):
         c["plot"] = gr.Plot(label="all scores", elem_id="histogram", min_width=360, scale=3)
@@ -151,9 +218,12 @@ def _results_column() -> dict:
 
 def _layout(ex: Explorer, default_label: str | None, n_rows: int | None) -> Page:
     answer = gr.State(None)
-    gr.Markdown("## Which training images made this?\nInfluence-function attribution for a "
-                "diffusion model: generate, draw, upload or pick an image; see the training images "
-                "that most raise (proponents) and lower (opponents) its likelihood.", elem_id="title")
+    gr.Markdown(
+        "## Which training images made this?\nInfluence-function attribution for a "
+        "diffusion model: generate, draw, upload or pick an image; see the training images "
+        "that most raise (proponents) and lower (opponents) its likelihood.",
+        elem_id="title",
+    )
     banner = gr.Markdown(index_md(ex), elem_id="banner")
     with gr.Row(equal_height=False):
         with gr.Column(scale=1, min_width=290) as query_col:
@@ -174,7 +244,9 @@ class Handlers:
         self.cache: dict[tuple, dict] = {}  # the examples' answers (finished index only)
         self.upload_example = _sha256(EXAMPLE_UPLOAD) if EXAMPLE_UPLOAD.exists() else None
 
-    def query(self, make: Callable[[], Query], label, k, previous: Answer | None, example: tuple | None = None) -> dict:
+    def query(
+        self, make: Callable[[], Query], label, k, previous: Answer | None, example: tuple | None = None
+    ) -> dict:
         """Make the query, attribute it, fill the page. Bad input: a warning, the page stays.
         `example`: the query is one of the page's examples, whose answers are kept once the
         index is finished (a partial index's answers are not)."""
@@ -205,23 +277,38 @@ class Handlers:
             gr.Info("The image was converted: " + "; ".join(q.notes))
         data["timings_s"]["render"] = max(0.0, time.perf_counter() - t0 - sum(data["timings_s"].values()))
         top = data["proponents"][0]
-        status = (f"**{partial_note(idx)}** (the index is still being built; this answer covers those "
-                  "images only) · " if data.get("partial") else "") + (
-                  f"Top proponent: id {top['row']} (label {top['label']}), score "
-                  f"{report.fmt_score(top['score'])} · {len(data['proponents'])} proponents and "
-                  f"{len(data['opponents'])} opponents of {len(idx)} training images, "
-                  f"method {ans.index_label}.")
-        return {p.query_img: enlarge(q.u8, QUERY_PX), p.query_md: info, p.status: status,
-                p.props: gallery(ans, "proponents", idx.thumbs), p.opps: gallery(ans, "opponents", idx.thumbs),
-                p.plot: fig, p.timings: timings_md(data["timings_s"]), p.answer: ans,
-                p.files: gr.update(value=None, visible=False), p.stability: report.stability_md(data)}
+        status = (
+            f"**{partial_note(idx)}** (the index is still being built; this answer covers those "
+            "images only) · "
+            if data.get("partial")
+            else ""
+        ) + (
+            f"Top proponent: id {top['row']} (label {top['label']}), score "
+            f"{report.fmt_score(top['score'])} · {len(data['proponents'])} proponents and "
+            f"{len(data['opponents'])} opponents of {len(idx)} training images, "
+            f"method {ans.index_label}."
+        )
+        return {
+            p.query_img: enlarge(q.u8, QUERY_PX),
+            p.query_md: info,
+            p.status: status,
+            p.props: gallery(ans, "proponents", idx.thumbs),
+            p.opps: gallery(ans, "opponents", idx.thumbs),
+            p.plot: fig,
+            p.timings: timings_md(data["timings_s"]),
+            p.answer: ans,
+            p.files: gr.update(value=None, visible=False),
+            p.stability: report.stability_md(data),
+        }
 
     def on_generate(self, seed, sampler, steps, label, k, previous):
         example = ("generate", seed, sampler, steps) if seed in EXAMPLE_SEEDS and steps == 50 else None
         return self.query(lambda: self.ex.generated(seed, sampler, steps), label, k, previous, example)
 
     def on_upload(self, path, label, k, previous):
-        example = ("upload",) if path and self.upload_example and _sha256(path) == self.upload_example else None
+        example = (
+            ("upload",) if path and self.upload_example and _sha256(path) == self.upload_example else None
+        )
         return self.query(lambda: self.ex.uploaded(path), label, k, previous, example)
 
     def on_row(self, row, label, k, previous):
@@ -239,11 +326,13 @@ class Handlers:
 
     def on_select(self, side: str):
         """A click on a gallery item of `side` makes that training image the query."""
+
         def pick(previous, label, k, evt: gr.SelectData):
             if previous is None or evt.index is None:
                 return gr.skip()
             hit = previous.data[side][evt.index if isinstance(evt.index, int) else evt.index[0]]
             return self.query(lambda: self.ex.training(hit["row"], previous.index_label), label, k, previous)
+
         return pick
 
     def on_export(self, previous):
@@ -276,16 +365,34 @@ def _examples(page: Page, h: Handlers) -> None:
     ui = {"outputs": p.outputs, "api_visibility": "private"}
     with p.query_col:
         gr.Markdown("**Examples** (click one):", elem_id="examples-title")
-        gen = gr.Examples([[s] for s in EXAMPLE_SEEDS], [p.seed], label="generated, by seed", api_visibility="private",
-                          example_labels=[f"seed {s}" for s in EXAMPLE_SEEDS], elem_id="examples-seed")
-        gen.load_input_event.then(lambda: ("ddim", 50), None, [p.sampler, p.steps], api_visibility="private").then(
-            h.on_generate, [p.seed, p.sampler, p.steps, p.method, p.k, p.answer], **ui)
+        gen = gr.Examples(
+            [[s] for s in EXAMPLE_SEEDS],
+            [p.seed],
+            label="generated, by seed",
+            api_visibility="private",
+            example_labels=[f"seed {s}" for s in EXAMPLE_SEEDS],
+            elem_id="examples-seed",
+        )
+        gen.load_input_event.then(
+            lambda: ("ddim", 50), None, [p.sampler, p.steps], api_visibility="private"
+        ).then(h.on_generate, [p.seed, p.sampler, p.steps, p.method, p.k, p.answer], **ui)
         if EXAMPLE_UPLOAD.exists():
-            up = gr.Examples([[str(EXAMPLE_UPLOAD)]], [p.upload], label="an upload (a drawn 7)", api_visibility="private",
-                             elem_id="examples-upload")
+            up = gr.Examples(
+                [[str(EXAMPLE_UPLOAD)]],
+                [p.upload],
+                label="an upload (a drawn 7)",
+                api_visibility="private",
+                elem_id="examples-upload",
+            )
             up.load_input_event.then(h.on_upload, [p.upload, p.method, p.k, p.answer], **ui)
-        row = gr.Examples([[r] for r in EXAMPLE_ROWS], [p.row], label="a training image, by id", api_visibility="private",
-                          example_labels=[f"training image {r}" for r in EXAMPLE_ROWS], elem_id="examples-row")
+        row = gr.Examples(
+            [[r] for r in EXAMPLE_ROWS],
+            [p.row],
+            label="a training image, by id",
+            api_visibility="private",
+            example_labels=[f"training image {r}" for r in EXAMPLE_ROWS],
+            elem_id="examples-row",
+        )
         row.load_input_event.then(h.on_row, [p.row, p.method, p.k, p.answer], **ui)
 
 
@@ -340,8 +447,12 @@ def _add_api(ex: Explorer, default_label: str | None) -> gr.Dropdown:
         return api_call(lambda: ex.generated(seed, sampler, steps), method, k)
 
     api_btn.click(attribute, [api_file, api_k, api_method], api_out, api_name="attribute")
-    api_gen_btn.click(attribute_generated, [api_seed, api_sampler, api_steps, api_k, api_method],
-                      api_out, api_name="attribute_generated")
+    api_gen_btn.click(
+        attribute_generated,
+        [api_seed, api_sampler, api_steps, api_k, api_method],
+        api_out,
+        api_name="attribute_generated",
+    )
     return api_method
 
 
@@ -353,17 +464,29 @@ def _follow_build(ex: Explorer, page: Page, api_method: gr.Dropdown) -> None:
         if not ex.ready:
             return {page.banner: index_md(ex), timer: gr.Timer(active=True)}
         labels = ex.labels
-        return {page.banner: index_md(ex), timer: gr.Timer(active=False),
-                page.method: gr.update(choices=labels, value=labels[0], visible=len(labels) > 1),
-                api_method: gr.update(choices=labels, value=labels[0])}
+        return {
+            page.banner: index_md(ex),
+            timer: gr.Timer(active=False),
+            page.method: gr.update(choices=labels, value=labels[0], visible=len(labels) > 1),
+            api_method: gr.update(choices=labels, value=labels[0]),
+        }
 
     timer.tick(poll, None, [page.banner, page.method, api_method, timer], api_visibility="private")
-    page.method.change(lambda m: index_md(ex, m or None) if ex.ready else gr.update(), page.method,
-                       page.banner, api_visibility="private")
+    page.method.change(
+        lambda m: index_md(ex, m or None) if ex.ready else gr.update(),
+        page.method,
+        page.banner,
+        api_visibility="private",
+    )
 
 
-def build_demo(model: DiffusionModel, index_dirs: Sequence[str | Path] = (), *,
-               explorer: Explorer | None = None, build: dict | None = None):
+def build_demo(
+    model: DiffusionModel,
+    index_dirs: Sequence[str | Path] = (),
+    *,
+    explorer: Explorer | None = None,
+    build: dict | None = None,
+):
     """The Gradio Blocks app for `model` and the indexes in `index_dirs` (IndexLoadError if one
     does not fit the model). `build` = BuildJob keyword arguments (out, model_path, data, n,
     config): build that index in the background (`launch.serve()` starts it, or call

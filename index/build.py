@@ -52,13 +52,25 @@ STORE_DTYPES = {"flat": "float32", "ivf": "float32", "hnsw": "float32", "sq8": "
 SPREAD_STORE = "sq4"  # the half-differences behind the stability figures: 4 bits a number
 
 
-def build_settings(model: DiffusionModel, data: ImageDataset, cfg: AttributionConfig, model_path: str,
-                   data_spec: str) -> dict:
-    return {"model": {"path": str(model_path), "weights_sha256": model.weights_sha256(),
-                      "config": dict(model.unet.config)},
-            "data": {"source": data_spec, "n": len(data), "sha256": data.fingerprint(),
-                     "channels": int(data.images.shape[1]), "size": int(data.images.shape[2])},
-            "method": cfg.to_dict(), "format_version": FORMAT_VERSION}
+def build_settings(
+    model: DiffusionModel, data: ImageDataset, cfg: AttributionConfig, model_path: str, data_spec: str
+) -> dict:
+    return {
+        "model": {
+            "path": str(model_path),
+            "weights_sha256": model.weights_sha256(),
+            "config": dict(model.unet.config),
+        },
+        "data": {
+            "source": data_spec,
+            "n": len(data),
+            "sha256": data.fingerprint(),
+            "channels": int(data.images.shape[1]),
+            "size": int(data.images.shape[2]),
+        },
+        "method": cfg.to_dict(),
+        "format_version": FORMAT_VERSION,
+    }
 
 
 @dataclass
@@ -130,16 +142,27 @@ def curvature_stage(b: Build) -> Curvature | None:
         t = time.time()
         crows = att.curvature_rows()
         cb = att.curvature_batch_size
-        batches = [crows[i:i + cb] for i in range(0, len(crows), cb)]
-        rows = [r for batch in batches[b.dist.rank::b.dist.world] for r in batch]
-        say(f"fitting {att.curvature_config().kind.upper()} curvature on {len(crows)} of {b.n} images "
-            f"× {att.curvature_draws} draws ({b.dist.world} process(es))")
-        curvature = fit_curvature(b.model, b.data.images[rows], rows, att.curvature_config(),
-                                  batch_size=cb, progress=b.chatty, device=b.device,
-                                  allreduce=b.dist.allreduce)
+        batches = [crows[i : i + cb] for i in range(0, len(crows), cb)]
+        rows = [r for batch in batches[b.dist.rank :: b.dist.world] for r in batch]
+        say(
+            f"fitting {att.curvature_config().kind.upper()} curvature on {len(crows)} of {b.n} images "
+            f"× {att.curvature_draws} draws ({b.dist.world} process(es))"
+        )
+        curvature = fit_curvature(
+            b.model,
+            b.data.images[rows],
+            rows,
+            att.curvature_config(),
+            batch_size=cb,
+            progress=b.chatty,
+            device=b.device,
+            allreduce=b.dist.allreduce,
+        )
         curvature.meta["n_images"] = len(crows)
         checkpoint("curvature-fitted")
-        b.written_by_main(b.lay.curvature, lambda tmp: canonical_safetensors(curvature.save(tmp, factors=False) or tmp))
+        b.written_by_main(
+            b.lay.curvature, lambda tmp: canonical_safetensors(curvature.save(tmp, factors=False) or tmp)
+        )
         b.log.add(seconds_curvature=time.time() - t)
         checkpoint("curvature-written")
     return Curvature.load(b.lay.curvature)
@@ -167,19 +190,25 @@ def feature_shards_stage(b: Build) -> None:
     each process takes every world-th shard."""
     from tqdm.auto import tqdm
 
-    mine = b.shards[b.dist.rank::b.dist.world]
+    mine = b.shards[b.dist.rank :: b.dist.world]
     todo = [(s, e) for s, e in mine if not b.lay.shard(s, e).exists()]
     if b.dist.main:
-        say(f"computing features for {b.n} images ({len(b.shards) - len(todo) * b.dist.world} of "
-            f"{len(b.shards)} shards already done), D = {b.att.dim}, {b.cfg.draws} draws per image")
+        say(
+            f"computing features for {b.n} images ({len(b.shards) - len(todo) * b.dist.world} of "
+            f"{len(b.shards)} shards already done), D = {b.att.dim}, {b.cfg.draws} draws per image"
+        )
     bar = tqdm(total=sum(e - s for s, e in todo), desc="features", unit="img", disable=not b.chatty)
     for k, (s, e) in enumerate(todo, 1):
         t = time.time()
         if b.att.spread_available:  # two independent halves of the draws: their mean and half-difference
-            mean, delta = split_halves(b.att.raw_train_features(list(range(s, e)), progress=False, halves=True))
+            mean, delta = split_halves(
+                b.att.raw_train_features(list(range(s, e)), progress=False, halves=True)
+            )
             save_tensors(b.lay.shard(s, e), {"raw": mean.contiguous(), "raw_delta": delta.contiguous()})
         else:
-            save_tensors(b.lay.shard(s, e), {"raw": b.att.raw_train_features(list(range(s, e)), progress=False)})
+            save_tensors(
+                b.lay.shard(s, e), {"raw": b.att.raw_train_features(list(range(s, e)), progress=False)}
+            )
         b.log.add(seconds_features=time.time() - t, rows=e - s if b.dist.world == 1 else 0)
         bar.update(e - s)
         checkpoint(f"shard-{k}")
@@ -209,8 +238,13 @@ def spread_stage(b: Build) -> None:
     say(f"writing the stability store ({b.n} × {att.dim}, {SPREAD_STORE}) and self-influence")
     spread = faiss_from_chunks(lambda: (d.numpy() for _, d in pairs()), att.dim, SPREAD_STORE, n=b.n)
     replace_with(b.lay.spread, lambda tmp: faiss.write_index(spread, str(tmp)))
-    self_inf = torch.cat([att.n_train * (phi.double().pow(2).sum(1) - d.double().pow(2).sum(1))
-                          for phi, d in pairs()]).float().numpy()
+    self_inf = (
+        torch.cat(
+            [att.n_train * (phi.double().pow(2).sum(1) - d.double().pow(2).sum(1)) for phi, d in pairs()]
+        )
+        .float()
+        .numpy()
+    )
     save_numpy(b.lay.self_influence, self_inf)
     b.log.add(seconds_store=time.time() - t)
     checkpoint("spread-written")
@@ -225,8 +259,12 @@ def store_stage(b: Build) -> faiss.Index:
         save_tensors(b.lay.trak, {"trak_inverse": att.trak_inverse})
     kind = resolve_faiss_type(b.faiss_type, b.n, att.dim)
     say(f"writing the {kind} FAISS store ({b.n} × {att.dim})")
-    index = faiss_from_chunks(lambda: (att.finish_train_features(_shard_raw(b, s, e)).numpy()
-                                       for s, e in b.shards), att.dim, kind, n=b.n)
+    index = faiss_from_chunks(
+        lambda: (att.finish_train_features(_shard_raw(b, s, e)).numpy() for s, e in b.shards),
+        att.dim,
+        kind,
+        n=b.n,
+    )
 
     def write(tmp: Path) -> None:
         faiss.write_index(index, str(tmp))
@@ -241,9 +279,13 @@ def store_stage(b: Build) -> faiss.Index:
 def items_stage(b: Build) -> None:
     """Stage 5 (rank 0): items.jsonl (row -> label, source) and thumbs.npy (uint8 thumbnails)."""
     data = b.data
-    save_text(b.lay.items, "".join(
-        json.dumps({"row": i, "label": int(data.labels[i]), "source": data.sources[i]}) + "\n"
-        for i in range(b.n)))
+    save_text(
+        b.lay.items,
+        "".join(
+            json.dumps({"row": i, "label": int(data.labels[i]), "source": data.sources[i]}) + "\n"
+            for i in range(b.n)
+        ),
+    )
     if b.thumbs:
         images = to_uint8(data.images)
         save_numpy(b.lay.thumbs, images.squeeze(-1) if data.images.shape[1] == 1 else images)
@@ -256,28 +298,57 @@ def manifest_stage(b: Build, index: faiss.Index) -> dict:
     att, kind = b.att, resolve_faiss_type(b.faiss_type, b.n, b.att.dim)
     proj = att.projection
     b.log.finish(save=False)  # build.json records the finish once the manifest is in place
-    stats = {**b.log.summary(), "processes": b.dist.world,
-             "peak_rss_mb_rank0": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
-    manifest = {**b.settings, "code_version": CODE_VERSION, "key": b.key,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "projection": {"kind": proj.kind if proj else None, "total_dim": att.dim,
-                               "per_layer": proj.dims if proj else None,
-                               "dtype": STORE_DTYPES.get(kind, f"as encoded by {kind}")},
-                "files": file_records(b.lay),
-                "faiss": {"type": kind, "requested": b.faiss_type, "metric": "inner_product",
-                          "ntotal": int(index.ntotal)},
-                "build": stats}
-    replace_with(b.lay.manifest, lambda t: (t.write_text(json.dumps(manifest, indent=2, sort_keys=True,
-                                                                   default=str)), checkpoint("manifest-tmp")))
+    stats = {
+        **b.log.summary(),
+        "processes": b.dist.world,
+        "peak_rss_mb_rank0": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+    manifest = {
+        **b.settings,
+        "code_version": CODE_VERSION,
+        "key": b.key,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "projection": {
+            "kind": proj.kind if proj else None,
+            "total_dim": att.dim,
+            "per_layer": proj.dims if proj else None,
+            "dtype": STORE_DTYPES.get(kind, f"as encoded by {kind}"),
+        },
+        "files": file_records(b.lay),
+        "faiss": {
+            "type": kind,
+            "requested": b.faiss_type,
+            "metric": "inner_product",
+            "ntotal": int(index.ntotal),
+        },
+        "build": stats,
+    }
+    replace_with(
+        b.lay.manifest,
+        lambda t: (
+            t.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str)),
+            checkpoint("manifest-tmp"),
+        ),
+    )
     b.log.save()
     return manifest
 
 
-def build_index(model: DiffusionModel, data: ImageDataset, out: str | Path, cfg: AttributionConfig,
-                faiss_type: str = "auto", model_path: str = "", data_spec: str = "",
-                device: torch.device | str | None = None, progress: bool = True,
-                thumbs: bool = True, shard_size: int = SHARD, keep_shards: bool = False,
-                overwrite: bool = False) -> Path:
+def build_index(
+    model: DiffusionModel,
+    data: ImageDataset,
+    out: str | Path,
+    cfg: AttributionConfig,
+    faiss_type: str = "auto",
+    model_path: str = "",
+    data_spec: str = "",
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    thumbs: bool = True,
+    shard_size: int = SHARD,
+    keep_shards: bool = False,
+    overwrite: bool = False,
+) -> Path:
     """Build (or resume) an index of `data` under `out`; returns the folder.
 
     A finished index with other settings in `out` is refused (ConfigError) unless `overwrite`;
@@ -288,10 +359,25 @@ def build_index(model: DiffusionModel, data: ImageDataset, out: str | Path, cfg:
     check_build(cfg, len(data), shard_size)
     resolve_faiss_type(faiss_type, len(data))  # an unknown store type: refused before any work
     device = pick_device(str(device) if device else None)
-    settings = {**build_settings(model, data, cfg, model_path, data_spec), "faiss": faiss_type,
-                "shard_size": shard_size}
-    b = Build(model, data, cfg, IndexLayout(out), Dist(device), device, settings, settings_key(settings),
-              faiss_type, shard_size, progress, thumbs)
+    settings = {
+        **build_settings(model, data, cfg, model_path, data_spec),
+        "faiss": faiss_type,
+        "shard_size": shard_size,
+    }
+    b = Build(
+        model,
+        data,
+        cfg,
+        IndexLayout(out),
+        Dist(device),
+        device,
+        settings,
+        settings_key(settings),
+        faiss_type,
+        shard_size,
+        progress,
+        thumbs,
+    )
     try:
         if not prepare_folder(b, overwrite):
             return b.lay.root
@@ -319,10 +405,18 @@ def build_index(model: DiffusionModel, data: ImageDataset, out: str | Path, cfg:
 
 
 def config_from_args(a: argparse.Namespace) -> AttributionConfig:
-    return AttributionConfig(method=a.method, draws=a.draws, curvature_draws=a.curvature_draws,
-                             curvature_images=a.curvature_images or None,
-                             query_draws=a.query_draws, dim=dim_arg(a.dim), seed=a.seed,
-                             batch_size=a.batch_size, projection=a.projection, damping=a.damping)
+    return AttributionConfig(
+        method=a.method,
+        draws=a.draws,
+        curvature_draws=a.curvature_draws,
+        curvature_images=a.curvature_images or None,
+        query_draws=a.query_draws,
+        dim=dim_arg(a.dim),
+        seed=a.seed,
+        batch_size=a.batch_size,
+        projection=a.projection,
+        damping=a.damping,
+    )
 
 
 def add_build_args(p: argparse.ArgumentParser) -> None:
@@ -330,31 +424,60 @@ def add_build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model folder (default: assets/mnist-unet)")
     p.add_argument("--data", default="mnist", help="'mnist' (embedded, 5,000 images) or an image folder")
     p.add_argument("--out", required=True, help="index folder to write (resumed if present)")
-    p.add_argument("--method", default=d.method, choices=list(METHODS), metavar="METHOD",
-                   help=f"one of {', '.join(METHODS)} (default {d.method})")
-    p.add_argument("--dim", type=NON_NEGATIVE, default=None,
-                   help=f"feature budget D per image (0: unprojected; default: the method's, {DEFAULT_DIM}, "
-                        f"{TRAK_DIM} for TRAK-style methods)")
-    p.add_argument("--projection", default=d.projection, choices=["sketch", "kronecker"],
-                   help="count sketch (default, faithful) or Kronecker (the K-FAC fast path)")
+    p.add_argument(
+        "--method",
+        default=d.method,
+        choices=list(METHODS),
+        metavar="METHOD",
+        help=f"one of {', '.join(METHODS)} (default {d.method})",
+    )
+    p.add_argument(
+        "--dim",
+        type=NON_NEGATIVE,
+        default=None,
+        help=f"feature budget D per image (0: unprojected; default: the method's, {DEFAULT_DIM}, "
+        f"{TRAK_DIM} for TRAK-style methods)",
+    )
+    p.add_argument(
+        "--projection",
+        default=d.projection,
+        choices=["sketch", "kronecker"],
+        help="count sketch (default, faithful) or Kronecker (the K-FAC fast path)",
+    )
     p.add_argument("--draws", type=POSITIVE, default=d.draws, help="(t, ε) draws per training image")
     p.add_argument("--curvature-draws", type=POSITIVE, default=d.curvature_draws)
-    p.add_argument("--curvature-images", type=NON_NEGATIVE, default=d.curvature_images,
-                   help="fit the curvature on a seeded subset of this many images (0: all)")
+    p.add_argument(
+        "--curvature-images",
+        type=NON_NEGATIVE,
+        default=d.curvature_images,
+        help="fit the curvature on a seeded subset of this many images (0: all)",
+    )
     p.add_argument("--query-draws", type=POSITIVE, default=d.query_draws)
-    p.add_argument("--damping", type=float, default=None,
-                   help="relative damping λ / mean eigenvalue (default: the method's, 0.1 for K-FAC/EK-FAC)")
+    p.add_argument(
+        "--damping",
+        type=float,
+        default=None,
+        help="relative damping λ / mean eigenvalue (default: the method's, 0.1 for K-FAC/EK-FAC)",
+    )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--batch-size", type=POSITIVE, default=d.batch_size)
-    p.add_argument("--faiss", type=faiss_arg, default="auto", metavar="TYPE",
-                   help="auto (default): exact float32 'flat' up to 512 MiB of vectors, else 'sq8' (1 byte "
-                        "a number); flat, sq8, ivf, hnsw; or a FAISS factory string such as IVF64,SQ8, "
-                        "IVF256,PQ16 or HNSW32 (trained on a sample of the features)")
+    p.add_argument(
+        "--faiss",
+        type=faiss_arg,
+        default="auto",
+        metavar="TYPE",
+        help="auto (default): exact float32 'flat' up to 512 MiB of vectors, else 'sq8' (1 byte "
+        "a number); flat, sq8, ivf, hnsw; or a FAISS factory string such as IVF64,SQ8, "
+        "IVF256,PQ16 or HNSW32 (trained on a sample of the features)",
+    )
     p.add_argument("--n", type=POSITIVE, default=None, help="index only the first N images")
     p.add_argument("--shard-size", type=POSITIVE, default=SHARD, help="images per resumable shard")
     p.add_argument("--keep-shards", action="store_true", help="keep the raw feature shards after the build")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a finished index with other settings in --out (refused otherwise)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a finished index with other settings in --out (refused otherwise)",
+    )
     p.add_argument("--device", default=None)
 
 
@@ -362,10 +485,19 @@ def run_build(a: argparse.Namespace) -> Path:
     device = pick_device(a.device)
     model = load_model(a.model, device=device)
     data = load_dataset(a.data, channels=model.channels, size=model.size, n=a.n)
-    return build_index(model, data, a.out, config_from_args(a), a.faiss,
-                       model_path=str(a.model or "default"), data_spec=a.data, device=device,
-                       shard_size=a.shard_size, keep_shards=a.keep_shards,
-                       overwrite=getattr(a, "overwrite", False))
+    return build_index(
+        model,
+        data,
+        a.out,
+        config_from_args(a),
+        a.faiss,
+        model_path=str(a.model or "default"),
+        data_spec=a.data,
+        device=device,
+        shard_size=a.shard_size,
+        keep_shards=a.keep_shards,
+        overwrite=getattr(a, "overwrite", False),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

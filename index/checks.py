@@ -41,10 +41,17 @@ def check_build(cfg, n: int, shard_size: int) -> None:
     """ConfigError for settings no build can use (the command line refuses them earlier)."""
     if n < 1:
         raise ConfigError("no training images to index (the data set is empty, or --n is 0)")
-    counts = {"shard size": shard_size, "batch size": cfg.batch_size, "draws": cfg.draws,
-              "query draws": cfg.query_draws, "curvature draws": cfg.curvature_draws}
+    counts = {
+        "shard size": shard_size,
+        "batch size": cfg.batch_size,
+        "draws": cfg.draws,
+        "query draws": cfg.query_draws,
+        "curvature draws": cfg.curvature_draws,
+    }
     bad = [f"{k} {v!r}" for k, v in counts.items() if not isinstance(v, int) or v < 1]
-    if cfg.curvature_images is not None and (not isinstance(cfg.curvature_images, int) or cfg.curvature_images < 1):
+    if cfg.curvature_images is not None and (
+        not isinstance(cfg.curvature_images, int) or cfg.curvature_images < 1
+    ):
         bad.append(f"curvature images {cfg.curvature_images!r}")
     if bad:
         raise ConfigError(f"these settings must be positive whole numbers: {', '.join(bad)}")
@@ -53,13 +60,22 @@ def check_build(cfg, n: int, shard_size: int) -> None:
 
 
 def _is_no_space(e: BaseException, text: str) -> bool:
-    return (getattr(e, "errno", None) in NO_SPACE or "No space left" in text or "os error 28" in text
-            or ("requested and" in text and "written" in text))  # numpy's short write
+    return (
+        getattr(e, "errno", None) in NO_SPACE
+        or "No space left" in text
+        or "os error 28" in text
+        or ("requested and" in text and "written" in text)
+    )  # numpy's short write
 
 
 def _is_not_writable(e: BaseException, text: str) -> bool:
-    return (getattr(e, "errno", None) in NOT_WRITABLE or "Read-only file system" in text
-            or "Permission denied" in text or "os error 30" in text or "os error 13" in text)
+    return (
+        getattr(e, "errno", None) in NOT_WRITABLE
+        or "Read-only file system" in text
+        or "Permission denied" in text
+        or "os error 30" in text
+        or "os error 13" in text
+    )
 
 
 def user_error(e: BaseException, out: Path) -> AttributionError | None:
@@ -71,9 +87,12 @@ def user_error(e: BaseException, out: Path) -> AttributionError | None:
             free = f"{shutil.disk_usage(out).free / 2**20:.0f} MiB free"
         except OSError:
             free = "free space unknown"
-        return AttributionError(f"--out {out}: the disk is full ({free}); make room and rerun the same "
-                                "command: the build resumes from its finished parts")
+        return AttributionError(
+            f"--out {out}: the disk is full ({free}); make room and rerun the same "
+            "command: the build resumes from its finished parts"
+        )
     if _is_not_writable(e, text):
-        return ConfigError(f"--out {out}: cannot write there ({text.splitlines()[0][:160]}); give a folder "
-                           "you can write to")
+        return ConfigError(
+            f"--out {out}: cannot write there ({text.splitlines()[0][:160]}); give a folder you can write to"
+        )
     return None

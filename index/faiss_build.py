@@ -45,8 +45,10 @@ def _factory(kind: str, d: int | None) -> faiss.Index:
         return faiss.index_factory(d or PROBE_D, kind, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
         fits = f" that fits D = {d}" if d else ""
-        raise ConfigError(f"unknown FAISS index type {kind!r} ({_why(e)}); choose one of "
-                          f"{', '.join(FAISS_TYPES)} or a FAISS factory string such as IVF64,SQ8{fits}") from None
+        raise ConfigError(
+            f"unknown FAISS index type {kind!r} ({_why(e)}); choose one of "
+            f"{', '.join(FAISS_TYPES)} or a FAISS factory string such as IVF64,SQ8{fits}"
+        ) from None
 
 
 def _sample_rows(n: int, d: int) -> int:
@@ -75,13 +77,17 @@ def resolve_faiss_type(kind: str, n: int, d: int | None = None) -> str:
         raise ConfigError(f"unknown FAISS index type {kind!r}; choose one of {', '.join(FAISS_TYPES)}")
     if is_factory(kind):
         if kind.islower() and "," not in kind:  # a misspelt name, not a factory string
-            raise ConfigError(f"unknown FAISS index type {kind!r}; choose one of {', '.join(FAISS_TYPES)} "
-                              "or a FAISS factory string such as IVF64,SQ8")
+            raise ConfigError(
+                f"unknown FAISS index type {kind!r}; choose one of {', '.join(FAISS_TYPES)} "
+                "or a FAISS factory string such as IVF64,SQ8"
+            )
         index = _factory(kind, d)
         if d and not index.is_trained and _sample_rows(n, d) < _rows_needed(index):
-            raise ConfigError(f"FAISS index {kind!r} needs at least {_rows_needed(index)} training rows, "
-                              f"it would be trained on {_sample_rows(n, d)} (of {n}): choose fewer lists "
-                              "or centroids")
+            raise ConfigError(
+                f"FAISS index {kind!r} needs at least {_rows_needed(index)} training rows, "
+                f"it would be trained on {_sample_rows(n, d)} (of {n}): choose fewer lists "
+                "or centroids"
+            )
         return kind
     if kind != "auto":
         return kind
@@ -109,7 +115,9 @@ def _sample(chunks: Callable[[], Iterable[np.ndarray]], n: int, d: int, seed: in
     return np.ascontiguousarray(np.concatenate(out))
 
 
-def _from_factory(chunks: Callable[[], Iterable[np.ndarray]], d: int, kind: str, n: int | None) -> faiss.Index:
+def _from_factory(
+    chunks: Callable[[], Iterable[np.ndarray]], d: int, kind: str, n: int | None
+) -> faiss.Index:
     index = _factory(kind, d)
     if not index.is_trained:
         if n is None:
@@ -119,8 +127,10 @@ def _from_factory(chunks: Callable[[], Iterable[np.ndarray]], d: int, kind: str,
             index.train(sample)
         except RuntimeError as e:
             why = _why(e)
-            raise ConfigError(f"FAISS index {kind!r} cannot be trained on {len(sample)} rows ({why}); "
-                              "choose fewer lists or centroids") from None
+            raise ConfigError(
+                f"FAISS index {kind!r} cannot be trained on {len(sample)} rows ({why}); "
+                "choose fewer lists or centroids"
+            ) from None
     try:  # IVF: search an eighth of the lists, as the named 'ivf' type does (saved with the index)
         ivf = faiss.extract_index_ivf(index)
         ivf.nprobe = max(1, ivf.nlist // 8)
@@ -131,8 +141,13 @@ def _from_factory(chunks: Callable[[], Iterable[np.ndarray]], d: int, kind: str,
     return index
 
 
-def faiss_from_chunks(chunks: Callable[[], Iterable[np.ndarray]], d: int, kind: str = "flat",
-                      nlist: int | None = None, n: int | None = None) -> faiss.Index:
+def faiss_from_chunks(
+    chunks: Callable[[], Iterable[np.ndarray]],
+    d: int,
+    kind: str = "flat",
+    nlist: int | None = None,
+    n: int | None = None,
+) -> faiss.Index:
     """An inner-product FAISS index over row blocks (n_i, D) float32; `chunks()` is called once
     (flat, hnsw), twice (sq8: per-dimension min/max first, so no value is clipped; a factory
     string: a training sample first, where its index needs training) or its blocks are

@@ -1,12 +1,12 @@
 """Preparing the output folder of a build: nothing finished is deleted unless asked.
 
-    new folder, or an empty one            -> a new build
-    a build in progress, same settings     -> resume it
-    a build in progress, other settings    -> its files move to .aside/<its key>/, a new build
-                                              (and a build whose key is in .aside/ resumes from there)
-    a finished index, same settings        -> nothing to do, unless `overwrite` (then rebuilt)
-    a finished index, other settings       -> refused (naming the settings), unless `overwrite`
-    anything else (other files, a file)    -> refused
+new folder, or an empty one            -> a new build
+a build in progress, same settings     -> resume it
+a build in progress, other settings    -> its files move to .aside/<its key>/, a new build
+                                          (and a build whose key is in .aside/ resumes from there)
+a finished index, same settings        -> nothing to do, unless `overwrite` (then rebuilt)
+a finished index, other settings       -> refused (naming the settings), unless `overwrite`
+anything else (other files, a file)    -> refused
 """
 
 from __future__ import annotations
@@ -55,15 +55,23 @@ def plan_folder(lay: IndexLayout, key: str, settings: dict, overwrite: bool = Fa
     if lay.is_finished:
         old_key, old = _finished_settings(lay)
         if old_key == key and not overwrite:
-            return FolderPlan("done", key, f"{root}: the index is already built with these settings "
-                                           "(--overwrite rebuilds it)")
+            return FolderPlan(
+                "done",
+                key,
+                f"{root}: the index is already built with these settings (--overwrite rebuilds it)",
+            )
         if old_key == key:
             return FolderPlan("overwrite", key, f"{root}: rebuilding the index there (--overwrite)")
-        what = ("other settings (" + settings_diff(old, settings) + ")") if old is not None \
+        what = (
+            ("other settings (" + settings_diff(old, settings) + ")")
+            if old is not None
             else "a manifest that cannot be read"
+        )
         if not overwrite:
-            raise ConfigError(f"{root}: holds a finished index with {what}; pass --overwrite to replace "
-                              "it, or choose another --out folder")
+            raise ConfigError(
+                f"{root}: holds a finished index with {what}; pass --overwrite to replace "
+                "it, or choose another --out folder"
+            )
         return FolderPlan("overwrite", old_key, f"{root}: replacing the finished index there (--overwrite)")
     if lay.build.is_file():
         prev = _read_json(lay.build)
@@ -71,13 +79,16 @@ def plan_folder(lay: IndexLayout, key: str, settings: dict, overwrite: bool = Fa
         if prev_key == key:
             return FolderPlan("resume", key)
         diff = settings_diff(prev.get("settings") or {}, settings) if isinstance(prev, dict) else "unreadable"
-        return FolderPlan("aside", prev_key or "unknown",
-                          f"{root}: holds an unfinished build with other settings ({diff})")
+        return FolderPlan(
+            "aside", prev_key or "unknown", f"{root}: holds an unfinished build with other settings ({diff})"
+        )
     foreign = lay.foreign_entries()
     if foreign:
         shown = ", ".join(foreign[:5]) + (", …" if len(foreign) > 5 else "")
-        raise ConfigError(f"--out {root}: this folder is not an index and is not empty (it holds {shown}); "
-                          "give a new or empty folder")
+        raise ConfigError(
+            f"--out {root}: this folder is not an index and is not empty (it holds {shown}); "
+            "give a new or empty folder"
+        )
     leftovers = [p for p in root.iterdir() if p.name != lay.ASIDE]
     if leftovers:  # own files without build.json (a build killed while moving aside, or edited by hand)
         return FolderPlan("aside", "unknown", f"{root}: holds index files without a build.json")
@@ -97,8 +108,9 @@ def move_aside(lay: IndexLayout, key: str) -> Path:
     folder that is still recognised and moved on the next run). Returns the new folder."""
     dest = _free(lay.aside / key)
     dest.mkdir(parents=True)
-    names = sorted(p.name for p in lay.root.iterdir() if lay.is_own_name(p.name)
-                   and p.name not in (lay.ASIDE, lay.BUILD))
+    names = sorted(
+        p.name for p in lay.root.iterdir() if lay.is_own_name(p.name) and p.name not in (lay.ASIDE, lay.BUILD)
+    )
     for name in [*names, lay.BUILD]:
         if lay.path(name).exists():
             lay.path(name).rename(dest / name)

@@ -34,8 +34,10 @@ def canonical_safetensors(path: str | Path) -> Path:
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))
         if "__metadata__" in header:
-            header = {"__metadata__": dict(sorted(header["__metadata__"].items())),
-                      **{k: v for k, v in header.items() if k != "__metadata__"}}
+            header = {
+                "__metadata__": dict(sorted(header["__metadata__"].items())),
+                **{k: v for k, v in header.items() if k != "__metadata__"},
+            }
         new = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
         if len(new) > n:  # never so for the same content; refuse rather than shift the data
             raise RuntimeError(f"{path}: canonical safetensors header longer than the original")
@@ -75,8 +77,10 @@ def _check_store(lay: IndexLayout, rec, n: int, dim: int) -> None:
         raise IndexLoadError(f"{p}: missing (the manifest lists it); {REBUILD}")
     size = p.stat().st_size
     if size != rec["bytes"]:
-        raise IndexLoadError(f"{p}: {size} bytes, the manifest says {rec['bytes']} (truncated, or "
-                             f"from another build); {REBUILD}")
+        raise IndexLoadError(
+            f"{p}: {size} bytes, the manifest says {rec['bytes']} (truncated, or "
+            f"from another build); {REBUILD}"
+        )
     ntotal, d = faiss_header(p)
     if (ntotal, d) != (rec["ntotal"], rec["d"]) or (ntotal, d) != (n, dim):
         raise IndexLoadError(f"{p}: holds {ntotal}×{d} vectors, the manifest says {n}×{dim}; {REBUILD}")
@@ -100,8 +104,10 @@ def verify_files(lay: IndexLayout, manifest: dict) -> bool:
         if not p.is_file():
             raise IndexLoadError(f"{p}: missing (the manifest lists it); {REBUILD}")
         if sha256_file(p) != rec["sha256"]:
-            raise IndexLoadError(f"{p}: its sha256 differs from the one in the manifest: the file was "
-                                 f"changed or copied from another build; {REBUILD}")
+            raise IndexLoadError(
+                f"{p}: its sha256 differs from the one in the manifest: the file was "
+                f"changed or copied from another build; {REBUILD}"
+            )
     if lay.ITEMS not in files:
         raise IndexLoadError(f"{lay.manifest}: no checksum recorded for {lay.ITEMS}; {REBUILD}")
     return True

@@ -1,9 +1,9 @@
 """The files of an index folder, named in one place (DESIGN.md §3, ARCHITECTURE.md "Index folder").
 
-    lay = IndexLayout(INDEX_DIR)
-    lay.manifest, lay.curvature, lay.features, …      # paths
-    lay.shard(0, 256)                                  # shards/0000000-0000256.safetensors
-    lay.finished_shards()                              # [(0, 256, path), …] sorted by start
+lay = IndexLayout(INDEX_DIR)
+lay.manifest, lay.curvature, lay.features, …      # paths
+lay.shard(0, 256)                                  # shards/0000000-0000256.safetensors
+lay.finished_shards()                              # [(0, 256, path), …] sorted by start
 """
 
 from __future__ import annotations
@@ -33,8 +33,19 @@ class IndexLayout:
     # every finished file but the store carries a sha256 in the manifest; the store (large) is
     # checked by its size and its FAISS header instead
     CHECKSUMMED = (CURVATURE, PROJECTION, TRAK, DENSITY, SPREAD, SELF_INFLUENCE, ITEMS, THUMBS)
-    FILES = (MANIFEST, BUILD, CURVATURE, PROJECTION, TRAK, DENSITY, FEATURES, SPREAD, SELF_INFLUENCE, ITEMS,
-             THUMBS)
+    FILES = (
+        MANIFEST,
+        BUILD,
+        CURVATURE,
+        PROJECTION,
+        TRAK,
+        DENSITY,
+        FEATURES,
+        SPREAD,
+        SELF_INFLUENCE,
+        ITEMS,
+        THUMBS,
+    )
 
     def __init__(self, root: str | Path):
         self.root = Path(root)

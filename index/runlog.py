@@ -32,8 +32,13 @@ class RunLog:
         self.lay, self.key, self.settings, self.write = lay, key, settings, write
         self.runs: list[dict] = self._previous_runs() if write else []
         self.t0 = time.time()
-        self.run = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.t0)),
-                    "processes": processes, "seconds": 0.0, **dict.fromkeys(COUNTERS, 0), "finished": False}
+        self.run = {
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.t0)),
+            "processes": processes,
+            "seconds": 0.0,
+            **dict.fromkeys(COUNTERS, 0),
+            "finished": False,
+        }
         self.runs.append(self.run)
         self.save()
 
@@ -64,11 +69,15 @@ class RunLog:
     def summary(self) -> dict:
         """The manifest's build statistics: totals over every run, and each run."""
         tot = {k: sum(float(r.get(k, 0)) for r in self.runs) for k in (*COUNTERS, "seconds")}
-        return {"runs": len(self.runs), "seconds_total": round(tot["seconds"], 2),
-                "seconds_curvature": round(tot["seconds_curvature"], 2),
-                "seconds_features": round(tot["seconds_features"], 2),
-                "seconds_store": round(tot["seconds_store"], 2),
-                "rows_per_run": [int(r.get("rows", 0)) for r in self.runs],
-                "images_per_second": round(tot["rows"] / max(tot["seconds_features"], 1e-9), 2),
-                "per_run": [{k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()}
-                            for r in self.runs]}
+        return {
+            "runs": len(self.runs),
+            "seconds_total": round(tot["seconds"], 2),
+            "seconds_curvature": round(tot["seconds_curvature"], 2),
+            "seconds_features": round(tot["seconds_features"], 2),
+            "seconds_store": round(tot["seconds_store"], 2),
+            "rows_per_run": [int(r.get("rows", 0)) for r in self.runs],
+            "images_per_second": round(tot["rows"] / max(tot["seconds_features"], 1e-9), 2),
+            "per_run": [
+                {k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()} for r in self.runs
+            ],
+        }

@@ -1,7 +1,7 @@
 """Loading and searching a built index; the query path shared by the CLI and the app.
 
-    idx = load(INDEX_DIR, model)                 # refuses another model / format / broken files
-    res = idx.query(image)                       # top-k proponents and opponents with scores
+idx = load(INDEX_DIR, model)                 # refuses another model / format / broken files
+res = idx.query(image)                       # top-k proponents and opponents with scores
 """
 
 from __future__ import annotations
@@ -62,17 +62,28 @@ class QueryResult:
     stability: dict | None = None  # pooled se, how many shown are distinguishable, how it was made
 
     def to_dict(self) -> dict:
-        return {"proponents": [h.__dict__ for h in self.proponents],
-                "opponents": [h.__dict__ for h in self.opponents], "timings_s": self.timings,
-                "stability": self.stability}
+        return {
+            "proponents": [h.__dict__ for h in self.proponents],
+            "opponents": [h.__dict__ for h in self.opponents],
+            "timings_s": self.timings,
+            "stability": self.stability,
+        }
 
 
 class Index:
     """A loaded index: FAISS store, items, thumbnails, and the query-side feature map."""
 
-    def __init__(self, path: Path, manifest: dict, faiss_index: faiss.Index, items: list[dict],
-                 thumbs: np.ndarray | None, attributor: Attributor | None, spread: faiss.Index | None = None,
-                 self_influence: np.ndarray | None = None):
+    def __init__(
+        self,
+        path: Path,
+        manifest: dict,
+        faiss_index: faiss.Index,
+        items: list[dict],
+        thumbs: np.ndarray | None,
+        attributor: Attributor | None,
+        spread: faiss.Index | None = None,
+        self_influence: np.ndarray | None = None,
+    ):
         self.path = path
         self.manifest = manifest
         self.faiss = faiss_index
@@ -101,7 +112,9 @@ class Index:
     def all_scores(self, psi: np.ndarray) -> np.ndarray:
         """psi (Q, D) -> τ (Q, N) for every training image, by one exhaustive FAISS search."""
         if not self.exhaustive:
-            raise ValueError(f"all scores need an exhaustive (flat or sq8) index, not {type(self.faiss).__name__}")
+            raise ValueError(
+                f"all scores need an exhaustive (flat or sq8) index, not {type(self.faiss).__name__}"
+            )
         psi = np.ascontiguousarray(psi, dtype=np.float32)
         s, i = self.faiss.search(psi, self.faiss.ntotal)
         out = np.empty_like(s)
@@ -128,8 +141,11 @@ class Index:
         return self.attributor.query_features(images, trajectory).numpy()
 
     def hits(self, scores: np.ndarray, rows: np.ndarray) -> list[Hit]:
-        return [Hit(r + 1, int(i), float(s), int(self.items[i]["label"]), self.items[i]["source"])
-                for r, (s, i) in enumerate(zip(scores, rows)) if i >= 0]
+        return [
+            Hit(r + 1, int(i), float(s), int(self.items[i]["label"]), self.items[i]["source"])
+            for r, (s, i) in enumerate(zip(scores, rows))
+            if i >= 0
+        ]
 
     @property
     def has_spread(self) -> bool:
@@ -141,7 +157,9 @@ class Index:
         t0 = time.perf_counter()
         dpsi = None
         if self.has_spread:
-            psi, dpsi = (f.numpy() for f in self.attributor.query_features_with_spread(image.unsqueeze(0), trajectory))
+            psi, dpsi = (
+                f.numpy() for f in self.attributor.query_features_with_spread(image.unsqueeze(0), trajectory)
+            )
         else:
             psi = self.query_features(image.unsqueeze(0), trajectory)
         t1 = time.perf_counter()
@@ -149,8 +167,11 @@ class Index:
         k = min(k, len(self))
         s_top, i_top, s_bot, i_bot = self.search(psi, k) if scores is None else _ends(scores, k)
         t2 = time.perf_counter()
-        res = QueryResult(self.hits(s_top[0], i_top[0]), self.hits(s_bot[0], i_bot[0]),
-                          {"query_gradient": t1 - t0, "search": t2 - t1})
+        res = QueryResult(
+            self.hits(s_top[0], i_top[0]),
+            self.hits(s_bot[0], i_bot[0]),
+            {"query_gradient": t1 - t0, "search": t2 - t1},
+        )
         if dpsi is not None:
             res.stability = stability_figures(self, psi, dpsi, scores, res)
             res.timings["stability"] = time.perf_counter() - t2
@@ -159,8 +180,9 @@ class Index:
         return res
 
 
-def stability_figures(idx: Index, psi: np.ndarray, dpsi: np.ndarray, scores: np.ndarray | None,
-                      res: QueryResult, z: float = 2.0) -> dict:
+def stability_figures(
+    idx: Index, psi: np.ndarray, dpsi: np.ndarray, scores: np.ndarray | None, res: QueryResult, z: float = 2.0
+) -> dict:
     """Fills each hit's se, ranks under the two halves and `distinct` (attribution/uncertainty.py);
     returns the summary. `scores` (1, N) are all scores when the store is exhaustive."""
     both = np.ascontiguousarray(np.concatenate([psi, dpsi]), dtype=np.float32)
@@ -186,18 +208,26 @@ def stability_figures(idx: Index, psi: np.ndarray, dpsi: np.ndarray, scores: np.
             order = np.argsort(-s_pp if desc else s_pp, kind="stable")
             nxt = int(order[len(hits)])
         se = uq.pooled(raw[rows if nxt is None else np.append(rows, nxt)])
-        flags = (uq.distinguishable(np.array([h.score for h in hits]), se[:len(hits)], float(s_pp[nxt]), se[-1], z,
-                                    desc) if nxt is not None else [None] * len(hits))
+        flags = (
+            uq.distinguishable(
+                np.array([h.score for h in hits]), se[: len(hits)], float(s_pp[nxt]), se[-1], z, desc
+            )
+            if nxt is not None
+            else [None] * len(hits)
+        )
         ra = uq.ranks_of(h_a, rows, desc) if h_a is not None else [None] * len(hits)
         rb = uq.ranks_of(h_b, rows, desc) if h_b is not None else [None] * len(hits)
         for h, e, a, b, f in zip(hits, se, ra, rb, flags):
             h.se, h.distinct = float(e), None if f is None else bool(f)
             h.rank_a, h.rank_b = (None if a is None else int(a)), (None if b is None else int(b))
     pooled = float(np.sqrt(np.mean(raw[shown] ** 2))) if shown.size else None
-    return {"pooled_se": pooled, "z": z,
-            "distinct_proponents": sum(bool(h.distinct) for h in res.proponents),
-            "distinct_opponents": sum(bool(h.distinct) for h in res.opponents),
-            "method": "independent halves of the training and query draws (attribution/uncertainty.py)"}
+    return {
+        "pooled_se": pooled,
+        "z": z,
+        "distinct_proponents": sum(bool(h.distinct) for h in res.proponents),
+        "distinct_opponents": sum(bool(h.distinct) for h in res.opponents),
+        "method": "independent halves of the training and query draws (attribution/uncertainty.py)",
+    }
 
 
 def _ends(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -211,12 +241,16 @@ def _read_store(lay: IndexLayout, manifest: dict) -> faiss.Index:
     try:
         fx = faiss.read_index(str(lay.features))
     except RuntimeError as e:
-        raise IndexLoadError(f"{lay.features}: unreadable or truncated FAISS file "
-                             f"({str(e).splitlines()[0][:120]}); rebuild it with `attribution index build … --overwrite`") from None
+        raise IndexLoadError(
+            f"{lay.features}: unreadable or truncated FAISS file "
+            f"({str(e).splitlines()[0][:120]}); rebuild it with `attribution index build … --overwrite`"
+        ) from None
     n, d = manifest["data"]["n"], manifest["projection"]["total_dim"]
     if fx.ntotal != n or fx.d != d:
-        raise IndexLoadError(f"{lay.root}: {lay.FEATURES} holds {fx.ntotal}×{fx.d} vectors, the manifest "
-                             f"says {n}×{d}; rebuild it with `attribution index build … --overwrite`")
+        raise IndexLoadError(
+            f"{lay.root}: {lay.FEATURES} holds {fx.ntotal}×{fx.d} vectors, the manifest "
+            f"says {n}×{d}; rebuild it with `attribution index build … --overwrite`"
+        )
     return fx
 
 
@@ -224,12 +258,18 @@ def _read_items(lay: IndexLayout, n: int) -> list[dict]:
     try:
         items = [json.loads(line) for line in lay.items.read_text(encoding="utf-8").splitlines()]
     except (OSError, ValueError) as e:  # ValueError: bad JSON or bytes that are not UTF-8
-        raise IndexLoadError(f"{lay.items}: unreadable ({e}); rebuild it with `attribution index build … --overwrite`") from None
+        raise IndexLoadError(
+            f"{lay.items}: unreadable ({e}); rebuild it with `attribution index build … --overwrite`"
+        ) from None
     if len(items) != n:
-        raise IndexLoadError(f"{lay.items}: {len(items)} items, expected {n}; rebuild it with `attribution index build … --overwrite`")
+        raise IndexLoadError(
+            f"{lay.items}: {len(items)} items, expected {n}; rebuild it with `attribution index build … --overwrite`"
+        )
     for i, it in enumerate(items):
         if not isinstance(it, dict) or it.get("row") != i or not {"label", "source"} <= it.keys():
-            raise IndexLoadError(f"{lay.items}: line {i + 1} is not the item of row {i}; rebuild it with `attribution index build … --overwrite`")
+            raise IndexLoadError(
+                f"{lay.items}: line {i + 1} is not the item of row {i}; rebuild it with `attribution index build … --overwrite`"
+            )
     return items
 
 
@@ -237,15 +277,23 @@ def _read_thumbs(lay: IndexLayout, n: int) -> np.ndarray:
     try:
         thumbs = np.load(lay.thumbs, allow_pickle=False)
     except (OSError, ValueError) as e:
-        raise IndexLoadError(f"{lay.thumbs}: unreadable ({e}); rebuild it with `attribution index build … --overwrite`") from None
+        raise IndexLoadError(
+            f"{lay.thumbs}: unreadable ({e}); rebuild it with `attribution index build … --overwrite`"
+        ) from None
     if thumbs.ndim not in (3, 4) or thumbs.shape[0] != n or thumbs.dtype != np.uint8:
-        raise IndexLoadError(f"{lay.thumbs}: {thumbs.dtype} {tuple(thumbs.shape)}, expected {n} uint8 "
-                             "thumbnails; rebuild it with `attribution index build … --overwrite`")
+        raise IndexLoadError(
+            f"{lay.thumbs}: {thumbs.dtype} {tuple(thumbs.shape)}, expected {n} uint8 "
+            "thumbnails; rebuild it with `attribution index build … --overwrite`"
+        )
     return thumbs
 
 
-def load(index_dir: str | Path, model=None, data_fingerprint: str | None = None,
-         device: str | torch.device | None = None) -> Index:
+def load(
+    index_dir: str | Path,
+    model=None,
+    data_fingerprint: str | None = None,
+    device: str | torch.device | None = None,
+) -> Index:
     """Load an index folder; with `model`, refuse an index built for another model.
 
     Every file is checked against the manifest (IndexLoadError on a mismatch): the settings
@@ -259,21 +307,29 @@ def load(index_dir: str | Path, model=None, data_fingerprint: str | None = None,
         check_data(manifest, data_fingerprint, index_dir)
     verified = verify_files(lay, manifest)
     if not verified:
-        say(f"note: {index_dir} was built before indexes recorded checksums, so its files are not "
-             "verified; rebuild it to add them")
+        say(
+            f"note: {index_dir} was built before indexes recorded checksums, so its files are not "
+            "verified; rebuild it to add them"
+        )
     n = manifest["data"]["n"]
     fx = _read_store(lay, manifest)
     items = _read_items(lay, n)
     has_thumbs = lay.THUMBS in manifest["files"] if verified else lay.thumbs.exists()
     thumbs = _read_thumbs(lay, n) if has_thumbs else None
     att = _query_attributor(lay, manifest, model, device) if model is not None else None
-    spread = _read_faiss(lay.spread) if (lay.SPREAD in manifest["files"] if verified else lay.spread.exists()) else None
+    spread = (
+        _read_faiss(lay.spread)
+        if (lay.SPREAD in manifest["files"] if verified else lay.spread.exists())
+        else None
+    )
     self_inf = None
     if lay.SELF_INFLUENCE in manifest.get("files", {}):
         self_inf = _read_part(lay.self_influence, lambda p: np.load(p, allow_pickle=False))
         if self_inf.shape != (n,):
-            raise IndexLoadError(f"{lay.self_influence}: shape {self_inf.shape}, expected ({n},); "
-                                 "rebuild it with `attribution index build … --overwrite`")
+            raise IndexLoadError(
+                f"{lay.self_influence}: shape {self_inf.shape}, expected ({n},); "
+                "rebuild it with `attribution index build … --overwrite`"
+            )
     return Index(index_dir, manifest, fx, items, thumbs, att, spread, self_inf)
 
 
@@ -281,15 +337,19 @@ def _read_faiss(path: Path) -> faiss.Index:
     try:
         return faiss.read_index(str(path))
     except RuntimeError as e:
-        raise IndexLoadError(f"{path}: unreadable or truncated FAISS file ({str(e).splitlines()[0][:120]}); "
-                             "rebuild it with `attribution index build … --overwrite`") from None
+        raise IndexLoadError(
+            f"{path}: unreadable or truncated FAISS file ({str(e).splitlines()[0][:120]}); "
+            "rebuild it with `attribution index build … --overwrite`"
+        ) from None
 
 
 def _read_part(path: Path, read):
     try:
         return read(path)
     except Exception as e:  # safetensors raises several types on a damaged file
-        raise IndexLoadError(f"{path}: unreadable ({e}); rebuild it with `attribution index build … --overwrite`") from None
+        raise IndexLoadError(
+            f"{path}: unreadable ({e}); rebuild it with `attribution index build … --overwrite`"
+        ) from None
 
 
 def _query_attributor(lay: IndexLayout, manifest: dict, model, device) -> Attributor:
@@ -298,8 +358,10 @@ def _query_attributor(lay: IndexLayout, manifest: dict, model, device) -> Attrib
     try:
         cfg = AttributionConfig(**manifest["method"])
     except (TypeError, ValueError) as e:
-        raise IndexLoadError(f"{lay.manifest}: its method settings are not understood ({e}); "
-                             "rebuild it with `attribution index build … --overwrite`") from None
+        raise IndexLoadError(
+            f"{lay.manifest}: its method settings are not understood ({e}); "
+            "rebuild it with `attribution index build … --overwrite`"
+        ) from None
     projection = curvature = trak = density = None
     if cfg.spec.preconditioner != "pixel":
         projection = _read_part(lay.projection, Projection.load)
@@ -309,5 +371,6 @@ def _query_attributor(lay: IndexLayout, manifest: dict, model, device) -> Attrib
         trak = _read_part(lay.trak, lambda p: load_file(str(p))["trak_inverse"])
     if cfg.importance and cfg.spec.preconditioner != "pixel":  # pixel similarity draws nothing
         density = _read_part(lay.density, lambda p: load_file(str(p))["density"])
-    return Attributor.from_parts(model, manifest["data"]["n"], cfg, curvature, projection, trak, density,
-                                 device=device)
+    return Attributor.from_parts(
+        model, manifest["data"]["n"], cfg, curvature, projection, trak, density, device=device
+    )

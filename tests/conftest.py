@@ -46,13 +46,27 @@ class TinyWorkspace:
         from attribution.influence import AttributionConfig
         from index.build import build_index
 
-        cfg = {"method": method, "draws": 2, "curvature_draws": 1, "query_draws": 4, "dim": 256,
-               "batch_size": 32, **config}
+        cfg = {
+            "method": method,
+            "draws": 2,
+            "curvature_draws": 1,
+            "query_draws": 4,
+            "dim": 256,
+            "batch_size": 32,
+            **config,
+        }
         key = tuple(sorted(cfg.items()))
         if key not in self._indexes:
             out = self.root / f"index-{method}-{len(self._indexes)}"
-            build_index(self.model(), self.data(), out, AttributionConfig(**cfg),
-                        model_path=str(self.model_dir), data_spec="mnist", progress=False)
+            build_index(
+                self.model(),
+                self.data(),
+                out,
+                AttributionConfig(**cfg),
+                model_path=str(self.model_dir),
+                data_spec="mnist",
+                progress=False,
+            )
             self._indexes[key] = out
         return self._indexes[key]
 
@@ -79,8 +93,15 @@ def free_port():
 
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 @pytest.fixture(scope="session")

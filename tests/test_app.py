@@ -26,16 +26,22 @@ from index.store import load as load_index
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "tests" / "artifacts"
-pytestmark = [pytest.mark.filterwarnings("ignore:'future.no_silent_downcasting'"),
-              pytest.mark.filterwarnings("ignore:The copy keyword is deprecated")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:'future.no_silent_downcasting'"),
+    pytest.mark.filterwarnings("ignore:The copy keyword is deprecated"),
+]
 STEPS = 10  # sampling steps in these tests (the page default is 50)
 CAPTION = re.compile(r"^#(\d+) · ([+-][0-9.e+-]+) · id (\d+) · label ([0-9?]+)$")
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_workspace):
-    return {"model": tiny_workspace.model(), "ekfac": tiny_workspace.index("ekfac"),
-            "pixel": tiny_workspace.index("pixel"), "ws": tiny_workspace}
+    return {
+        "model": tiny_workspace.model(),
+        "ekfac": tiny_workspace.index("ekfac"),
+        "pixel": tiny_workspace.index("pixel"),
+        "ws": tiny_workspace,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +107,9 @@ def captions(page, gallery: str) -> list[str]:
 
 def wait_status(page, text: str, timeout: float = 120_000) -> str:
     try:
-        page.wait_for_function("t => (document.querySelector('#status') || {}).innerText?.includes(t)",
-                               arg=text, timeout=timeout)
+        page.wait_for_function(
+            "t => (document.querySelector('#status') || {}).innerText?.includes(t)", arg=text, timeout=timeout
+        )
     except Exception:
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "app-failure.png"))
@@ -142,8 +149,11 @@ def test_browser(server, client, browser, tiny, files, tmp_path):
     fill_number(page, "#steps input", STEPS)
     page.click("#generate-btn")
     wait_status(page, "Top proponent")
-    page.wait_for_function("k => document.querySelectorAll('#proponents .caption-label').length == k "
-                           "&& document.querySelectorAll('#opponents .caption-label').length == k", arg=k)
+    page.wait_for_function(
+        "k => document.querySelectorAll('#proponents .caption-label').length == k "
+        "&& document.querySelectorAll('#opponents .caption-label').length == k",
+        arg=k,
+    )
     props, opps = captions(page, "proponents"), captions(page, "opponents")
     assert len(props) == k and len(opps) == k
     parsed = [CAPTION.match(c) for c in props + opps]
@@ -153,9 +163,11 @@ def test_browser(server, client, browser, tiny, files, tmp_path):
     assert "seed 3" in page.inner_text("#query-info")
     assert "query gradient" in page.inner_text("#timings")
     page.wait_for_selector("#histogram img, #histogram svg, #histogram canvas")
-    page.wait_for_function("() => [...document.querySelectorAll('#query img, #proponents img, #opponents img')]"
-                           ".every(i => i.complete && i.naturalWidth > 0) "
-                           "&& document.querySelectorAll('#query img').length == 1")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#query img, #proponents img, #opponents img')]"
+        ".every(i => i.complete && i.naturalWidth > 0) "
+        "&& document.querySelectorAll('#query img').length == 1"
+    )
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "app-1280x800.png"))
 
@@ -173,8 +185,9 @@ def test_browser(server, client, browser, tiny, files, tmp_path):
     # 2. export: a PNG report, JSON and CSV of the scores, the query
     page.click("#export-btn")
     page.wait_for_function("() => document.querySelectorAll('#export-files a').length >= 4")
-    names = page.eval_on_selector_all("#export-files a",
-                                      "els => els.map(e => e.getAttribute('download') || e.href)")
+    names = page.eval_on_selector_all(
+        "#export-files a", "els => els.map(e => e.getAttribute('download') || e.href)"
+    )
     assert any(n.endswith(".png") and "report" in n for n in names), names
     assert any(n.endswith(".json") for n in names) and any(n.endswith(".csv") for n in names)
 
@@ -215,10 +228,15 @@ def test_browser(server, client, browser, tiny, files, tmp_path):
 # --------------------------------------------------------------------------------- API, bad input
 
 
-@pytest.mark.parametrize("kind, words", [
-    ("corrupt", "corrupt or truncated"), ("text", "not a readable image"), ("empty", "empty"),
-    ("too_many_pixels", "pixel limit"),
-])
+@pytest.mark.parametrize(
+    "kind, words",
+    [
+        ("corrupt", "corrupt or truncated"),
+        ("text", "not a readable image"),
+        ("empty", "empty"),
+        ("too_many_pixels", "pixel limit"),
+    ],
+)
 def test_api_refuses_bad_files_with_a_plain_message(client, files, kind, words):
     from gradio_client.exceptions import AppError
 
@@ -230,10 +248,14 @@ def test_api_refuses_bad_files_with_a_plain_message(client, files, kind, words):
     assert attribute(client, files["good"], k=3)["proponents"], "the app stopped answering"
 
 
-@pytest.mark.parametrize("kind, words", [
-    ("huge", "resized from 6000×6000 to 8×8"), ("rgba", "transparent pixels put on a black background"),
-    ("16bit", "16-bit pixels scaled to 8 bits"),
-])
+@pytest.mark.parametrize(
+    "kind, words",
+    [
+        ("huge", "resized from 6000×6000 to 8×8"),
+        ("rgba", "transparent pixels put on a black background"),
+        ("16bit", "16-bit pixels scaled to 8 bits"),
+    ],
+)
 def test_api_converts_unusual_images_and_says_how(client, files, kind, words):
     res = attribute(client, files[kind], k=4)
     assert words in "; ".join(res["query"]["notes"]), res["query"]
@@ -288,9 +310,11 @@ def test_concurrent_clients_get_the_single_client_answers(server, tmp_path):
     bench = _load_benchmark()
     files = bench.query_files(tmp_path, 1, 8)
     res = bench.run_load(server["url"], files, clients=8, queries=5, k=8)
-    print(f"\napp load (tiny model, in-process server): {res['ok']}/{res['calls']} ok, latency p50 "
-          f"{res['latency_s']['p50']} s, p95 {res['latency_s']['p95']} s, single-client p50 "
-          f"{res['single_client_latency_s']['p50']} s, wall {res['wall_s']} s")
+    print(
+        f"\napp load (tiny model, in-process server): {res['ok']}/{res['calls']} ok, latency p50 "
+        f"{res['latency_s']['p50']} s, p95 {res['latency_s']['p95']} s, single-client p50 "
+        f"{res['single_client_latency_s']['p50']} s, wall {res['wall_s']} s"
+    )
     assert res["errors"] == [] and res["mismatches"] == []
     assert res["ok"] == 40
 
@@ -299,8 +323,9 @@ def test_concurrent_clients_get_the_single_client_answers(server, tmp_path):
 
 
 def test_explorer_queries_and_exports(tiny, files, tmp_path):
-    ex = Explorer(tiny["model"], [load_index(tiny["ekfac"], tiny["model"]),
-                                  load_index(tiny["pixel"], tiny["model"])])
+    ex = Explorer(
+        tiny["model"], [load_index(tiny["ekfac"], tiny["model"]), load_index(tiny["pixel"], tiny["model"])]
+    )
     assert ex.labels == ["ekfac", "pixel"]
     ans = ex.attribute(ex.training(5, "pixel"), "pixel", k=4)
     assert ans.data["proponents"][0]["row"] == 5
@@ -325,8 +350,11 @@ def test_default_index_is_built_in_the_background(tiny, tmp_path):
     out = tmp_path / "built"
     cfg = {"method": "ekfac", "draws": 2, "curvature_draws": 1, "query_draws": 4, "dim": 128}
     ex = Explorer(tiny["model"])
-    demo = ui.build_demo(tiny["model"], explorer=ex,
-                          build={"out": out, "model_path": "tiny", "data": "mnist", "n": 64, "config": cfg})
+    demo = ui.build_demo(
+        tiny["model"],
+        explorer=ex,
+        build={"out": out, "model_path": "tiny", "data": "mnist", "n": 64, "config": cfg},
+    )
     assert not ex.ready
     ex.start_build()
     assert "Building the index" in render.index_md(ex)
@@ -368,11 +396,17 @@ def samples(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("seed, steps, words", [
-    (None, 10, "the seed is missing"), (-1, 10, "the seed must be between 0 and"),
-    (2**40, 10, "the seed must be between 0 and"), (0, None, "steps is missing"),
-    (0, -5, "steps must be between 1 and 1000"), (0, 10**9, "steps must be between 1 and 1000"),
-])
+@pytest.mark.parametrize(
+    "seed, steps, words",
+    [
+        (None, 10, "the seed is missing"),
+        (-1, 10, "the seed must be between 0 and"),
+        (2**40, 10, "the seed must be between 0 and"),
+        (0, None, "steps is missing"),
+        (0, -5, "steps must be between 1 and 1000"),
+        (0, 10**9, "steps must be between 1 and 1000"),
+    ],
+)
 def test_generated_refuses_bad_seed_and_steps_before_sampling(client, samples, seed, steps, words):
     from gradio_client.exceptions import AppError
 

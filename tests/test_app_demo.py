@@ -34,8 +34,10 @@ from index.store import load as load_index
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "tests" / "artifacts"
-pytestmark = [pytest.mark.filterwarnings("ignore:'future.no_silent_downcasting'"),
-              pytest.mark.filterwarnings("ignore:The copy keyword is deprecated")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:'future.no_silent_downcasting'"),
+    pytest.mark.filterwarnings("ignore:The copy keyword is deprecated"),
+]
 CFG = {"method": "ekfac", "draws": 2, "curvature_draws": 1, "query_draws": 4, "dim": 128}
 N = 600  # three shards of 256 (the last one short)
 
@@ -63,8 +65,16 @@ def GPU(fn=None, **kwargs):
 def plain(tiny_workspace, tmp_path_factory):
     """A plain build of N tiny images that keeps its shards."""
     out = tmp_path_factory.mktemp("plain") / "index"
-    build_index(tiny_workspace.model(), load_dataset("mnist", 1, tiny_workspace.size, N), out,
-                AttributionConfig(**CFG), model_path="tiny", data_spec="mnist", progress=False, keep_shards=True)
+    build_index(
+        tiny_workspace.model(),
+        load_dataset("mnist", 1, tiny_workspace.size, N),
+        out,
+        AttributionConfig(**CFG),
+        model_path="tiny",
+        data_spec="mnist",
+        progress=False,
+        keep_shards=True,
+    )
     return out
 
 
@@ -105,8 +115,11 @@ def test_background_build_serves_partial_answers_and_equals_a_plain_build(tiny_w
     features file of a plain build; 20 queries get the same top-16."""
     model = tiny_workspace.model()
     ex = Explorer(model)
-    demo = ui.build_demo(model, explorer=ex, build={"out": tmp_path / "app-built", "model_path": "tiny",
-                                                   "data": "mnist", "n": N, "config": CFG})
+    demo = ui.build_demo(
+        model,
+        explorer=ex,
+        build={"out": tmp_path / "app-built", "model_path": "tiny", "data": "mnist", "n": N, "config": CFG},
+    )
     ex.start_build()
     seen, t0 = set(), time.time()
     while not ex.ready and time.time() - t0 < 300:
@@ -135,8 +148,13 @@ def test_spaces_gpu_wraps_the_query_work_only_where_spaces_is_importable(tmp_pat
     code = "import explorer.service as s; print(getattr(s.query_index, 'spaces_gpu', False))"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     absent = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT)
-    present = subprocess.run([sys.executable, "-c", code], env={**env, "PYTHONPATH": f"{stub}:{ROOT}"},
-                             capture_output=True, text=True, cwd=ROOT)
+    present = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**env, "PYTHONPATH": f"{stub}:{ROOT}"},
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert absent.stdout.strip() == "False", absent.stderr
     assert present.stdout.strip() == "True", present.stderr
 
@@ -146,18 +164,22 @@ def test_spaces_gpu_wraps_the_query_work_only_where_spaces_is_importable(tmp_pat
 
 def wait_status(page, text: str, timeout: float = 120_000) -> str:
     try:
-        page.wait_for_function("t => (document.querySelector('#status') || {}).innerText?.includes(t)",
-                               arg=text, timeout=timeout)
+        page.wait_for_function(
+            "t => (document.querySelector('#status') || {}).innerText?.includes(t)", arg=text, timeout=timeout
+        )
     except Exception:
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "app-demo-failure.png"))
-        raise AssertionError(f"waited for {text!r} in #status; it shows {page.inner_text('#status')!r}") from None
+        raise AssertionError(
+            f"waited for {text!r} in #status; it shows {page.inner_text('#status')!r}"
+        ) from None
     return page.inner_text("#status")
 
 
 def _start_app(env: dict, log: Path, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log.open("w"),
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT
+    )
     import urllib.request
 
     t0 = time.time()
@@ -211,15 +233,20 @@ def test_space_first_visit_builds_then_reuses_the_index(tiny_workspace, browser,
     (a stub: the query work goes through spaces.GPU) on the first start, absent on the second."""
     from gradio_client import Client
 
-
     stub = tmp_path / "stub"
     (stub / "spaces").mkdir(parents=True)
     (stub / "spaces" / "__init__.py").write_text(SPACES_STUB)
     index, gpu_log, port = tmp_path / "data" / "index", tmp_path / "gpu.log", free_port()
-    env = {**os.environ, "ATTRIBUTION_MODEL": str(tiny_workspace.model_dir), "ATTRIBUTION_INDEX": str(index),
-           "ATTRIBUTION_BUILD_ARGS": "--n 200 --dim 128 --draws 2 --curvature-draws 1 --query-draws 4",
-           "GRADIO_SERVER_PORT": str(port), "OMP_NUM_THREADS": "1", "SPACES_STUB_LOG": str(gpu_log),
-           "PYTHONPATH": f"{stub}:{ROOT}"}
+    env = {
+        **os.environ,
+        "ATTRIBUTION_MODEL": str(tiny_workspace.model_dir),
+        "ATTRIBUTION_INDEX": str(index),
+        "ATTRIBUTION_BUILD_ARGS": "--n 200 --dim 128 --draws 2 --curvature-draws 1 --query-draws 4",
+        "GRADIO_SERVER_PORT": str(port),
+        "OMP_NUM_THREADS": "1",
+        "SPACES_STUB_LOG": str(gpu_log),
+        "PYTHONPATH": f"{stub}:{ROOT}",
+    }
     env.pop("GRADIO_SERVER_NAME", None)
     log1 = tmp_path / "first.log"
     proc = _start_app(env, log1, port)
@@ -231,7 +258,9 @@ def test_space_first_visit_builds_then_reuses_the_index(tiny_workspace, browser,
         page.set_default_timeout(60_000)
         page.goto(f"http://127.0.0.1:{port}/")
         page.wait_for_selector("#generate-btn")
-        page.wait_for_function("() => document.querySelector('#banner').innerText.includes('200 training images')")
+        page.wait_for_function(
+            "() => document.querySelector('#banner').innerText.includes('200 training images')"
+        )
         # draw a digit and attribute it
         page.get_by_role("tab", name="Upload").click()
         _draw(page, "#sketch")
@@ -241,13 +270,19 @@ def test_space_first_visit_builds_then_reuses_the_index(tiny_workspace, browser,
         assert page.locator("#proponents img").count() == 8
         # an example: a training image, then again (its answer now comes from the cache)
         page.get_by_text("training image 42", exact=True).click()
-        page.wait_for_function("() => document.querySelector('#query-info').innerText.includes('training image id 42')")
+        page.wait_for_function(
+            "() => document.querySelector('#query-info').innerText.includes('training image id 42')"
+        )
         wait_status(page, "Top proponent")
         first = page.inner_text("#status")
         page.get_by_text("training image 0", exact=True).click()
-        page.wait_for_function("() => document.querySelector('#query-info').innerText.includes('training image id 0 ')")
+        page.wait_for_function(
+            "() => document.querySelector('#query-info').innerText.includes('training image id 0 ')"
+        )
         page.get_by_text("training image 42", exact=True).click()
-        page.wait_for_function("() => document.querySelector('#query-info').innerText.includes('training image id 42')")
+        page.wait_for_function(
+            "() => document.querySelector('#query-info').innerText.includes('training image id 42')"
+        )
         page.wait_for_function("t => document.querySelector('#status').innerText == t", arg=first)
         page.close()
         assert "query_index" in gpu_log.read_text()  # spaces.GPU wrapped the query work
@@ -260,8 +295,9 @@ def test_space_first_visit_builds_then_reuses_the_index(tiny_workspace, browser,
     proc = _start_app(env2, log2, port)
     try:
         assert "1 index(es) loaded" in log2.read_text() and "building" not in log2.read_text()
-        r = Client(f"http://127.0.0.1:{port}/", verbose=False).predict(3, "ddim", 5, 4, None,
-                                                                        api_name="/attribute_generated")
+        r = Client(f"http://127.0.0.1:{port}/", verbose=False).predict(
+            3, "ddim", 5, 4, None, api_name="/attribute_generated"
+        )
         assert len(r["proponents"]) == 4 and r["index"]["data"]["n"] == 200 and "partial" not in r
     finally:
         _stop(proc)
@@ -278,11 +314,25 @@ def test_screenshot_of_the_app_with_the_default_model(browser, free_port, tmp_pa
     from attribution.model import load_model
 
     model = load_model()
-    cfg = AttributionConfig(method="ekfac", draws=4, curvature_draws=1, query_draws=8, dim=4096,
-                            curvature_images=250, curvature_min_rows=250)
+    cfg = AttributionConfig(
+        method="ekfac",
+        draws=4,
+        curvature_draws=1,
+        query_draws=8,
+        dim=4096,
+        curvature_images=250,
+        curvature_min_rows=250,
+    )
     out = tmp_path / "index"
-    build_index(model, load_dataset("mnist", 1, 28, 500), out, cfg, model_path="default", data_spec="mnist",
-                progress=False)
+    build_index(
+        model,
+        load_dataset("mnist", 1, 28, 500),
+        out,
+        cfg,
+        model_path="default",
+        data_spec="mnist",
+        progress=False,
+    )
     demo = ui.build_demo(model, [out])
     port = free_port()
     launch.serve(demo, "127.0.0.1", port, prevent_thread_lock=True, quiet=True, warmup=False)
@@ -293,8 +343,10 @@ def test_screenshot_of_the_app_with_the_default_model(browser, free_port, tmp_pa
         page.wait_for_selector("#generate-btn")
         page.get_by_text("seed 7", exact=True).click()
         wait_status(page, "Top proponent", timeout=180_000)
-        page.wait_for_function("() => [...document.querySelectorAll('#query img, #proponents img, #opponents img')]"
-                               ".every(i => i.complete && i.naturalWidth > 0)")
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('#query img, #proponents img, #opponents img')]"
+            ".every(i => i.complete && i.naturalWidth > 0)"
+        )
         page.wait_for_timeout(500)
         ARTIFACTS.mkdir(exist_ok=True)
         raw = ARTIFACTS / "app-demo-1280.png"

@@ -36,7 +36,11 @@ def test_exports_carry_stability(spread):
     for r in rows:
         assert (r["se"] != "") == (int(r["row"]) in shown)
         if r["se"]:
-            assert float(r["se"]) > 0 and int(r["rank_half_a"]) >= 1 and r["distinguishable"] in ("True", "False")
+            assert (
+                float(r["se"]) > 0
+                and int(r["rank_half_a"]) >= 1
+                and r["distinguishable"] in ("True", "False")
+            )
     assert report_png.stat().st_size > 10_000
 
 

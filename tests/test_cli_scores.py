@@ -23,7 +23,9 @@ def _folder(path: Path, n: int, size: tuple[int, int], mode: str, seed: int) -> 
     rng = np.random.default_rng(seed)
     for i in range(n):
         shape = (size[1], size[0]) if mode == "L" else (size[1], size[0], 3)
-        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode=mode).save(path / f"img_{n - i:03d}.png")
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode=mode).save(
+            path / f"img_{n - i:03d}.png"
+        )
     return path
 
 
@@ -38,10 +40,31 @@ def test_scores_cli_contract(tmp_path, channels):
     train = _folder(tmp_path / "train", 12, (13, 9), mode, 0)  # another size: converted to 8×8
     queries = _folder(tmp_path / "queries", 3, (8, 8), mode, 1)
     out = tmp_path / "scores.npy"
-    r = subprocess.run([sys.executable, "-m", "explorer.cli", "scores", "--model", str(tmp_path / "bare"),
-                        "--data", str(train), "--queries", str(queries), "--out", str(out),
-                        "--method", "kfac", "--draws", "2", "--seed", "3"],
-                       cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "explorer.cli",
+            "scores",
+            "--model",
+            str(tmp_path / "bare"),
+            "--data",
+            str(train),
+            "--queries",
+            str(queries),
+            "--out",
+            str(out),
+            "--method",
+            "kfac",
+            "--draws",
+            "2",
+            "--seed",
+            "3",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     s = np.load(out)
     assert s.dtype == np.float32 and s.shape == (3, 12)
@@ -59,9 +82,25 @@ def test_scores_cli_bad_input_is_one_clear_line(tmp_path):
     save_model(build_model("tiny", seed=0), tmp_path / "model")
     (tmp_path / "train").mkdir()
     (tmp_path / "train" / "notes.txt").write_text("not an image")
-    r = subprocess.run([sys.executable, "-m", "explorer.cli", "scores", "--model", str(tmp_path / "model"),
-                        "--data", str(tmp_path / "train"), "--queries", str(tmp_path / "train"),
-                        "--out", str(tmp_path / "s.npy")], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "explorer.cli",
+            "scores",
+            "--model",
+            str(tmp_path / "model"),
+            "--data",
+            str(tmp_path / "train"),
+            "--queries",
+            str(tmp_path / "train"),
+            "--out",
+            str(tmp_path / "s.npy"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2
     assert "notes.txt" in r.stderr and "Traceback" not in r.stderr
 
@@ -70,9 +109,15 @@ def test_projected_scores_are_seeded(tmp_path):
     model = build_model("tiny", seed=0)
     train = image_folder(_folder(tmp_path / "t", 8, (8, 8), "L", 0), 1, 8)
     q = torch.zeros(1, 1, 8, 8)
-    a = Attributor(model, train, AttributionConfig(method="kfac", draws=2, dim=64, seed=5), progress=False).fit()
-    b = Attributor(model, train, AttributionConfig(method="kfac", draws=2, dim=64, seed=5), progress=False).fit()
-    c = Attributor(model, train, AttributionConfig(method="kfac", draws=2, dim=64, seed=6), progress=False).fit()
+    a = Attributor(
+        model, train, AttributionConfig(method="kfac", draws=2, dim=64, seed=5), progress=False
+    ).fit()
+    b = Attributor(
+        model, train, AttributionConfig(method="kfac", draws=2, dim=64, seed=5), progress=False
+    ).fit()
+    c = Attributor(
+        model, train, AttributionConfig(method="kfac", draws=2, dim=64, seed=6), progress=False
+    ).fit()
     assert torch.equal(a.scores(q), b.scores(q))
     assert not torch.equal(a.scores(q), c.scores(q))
 
@@ -83,7 +128,9 @@ def test_default_dim_is_the_methods():
     assert AttributionConfig().dim == DEFAULT_DIM
     assert AttributionConfig(method="trak").dim == AttributionConfig(method="dtrak").dim == TRAK_DIM
     assert AttributionConfig(method="kfac", dim=None).dim is None
-    assert AttributionConfig(**AttributionConfig(method="trak").to_dict()).dim == TRAK_DIM  # manifests round-trip
+    assert (
+        AttributionConfig(**AttributionConfig(method="trak").to_dict()).dim == TRAK_DIM
+    )  # manifests round-trip
     with pytest.raises(ValueError, match="dim must be"):
         AttributionConfig(dim=0)
 
@@ -94,9 +141,13 @@ def test_streamed_scores_equal_materialised_features():
 
     data = mnist(size=8, n=40)
     model = build_model("tiny", seed=0)
-    att = Attributor(model, data.subset(range(36)), AttributionConfig(dim=512, draws=2, curvature_draws=1,
-                                                                      query_draws=2, batch_size=8),
-                     progress=False).fit()
+    att = Attributor(
+        model,
+        data.subset(range(36)),
+        AttributionConfig(dim=512, draws=2, curvature_draws=1, query_draws=2, batch_size=8),
+        progress=False,
+    ).fit()
     q = data.images[36:]
-    np.testing.assert_allclose(att.scores(q).numpy(), (att.query_features(q) @ att.train_features().T).numpy(),
-                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        att.scores(q).numpy(), (att.query_features(q) @ att.train_features().T).numpy(), rtol=1e-4, atol=1e-6
+    )

@@ -15,9 +15,23 @@ def test_stability_command_writes_the_protocol_figures(tmp_path):
     save_images(ds.images[:12], tmp_path / "train")
     save_images(ds.images[12:], tmp_path / "queries")
     out = tmp_path / "stability.json"
-    args = ["stability", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "train"),
-            "--queries", str(tmp_path / "queries"), "--draws", "4", "--dim", "256", "--k", "3",
-            "--json", str(out)]
+    args = [
+        "stability",
+        "--model",
+        str(tmp_path / "model"),
+        "--data",
+        str(tmp_path / "train"),
+        "--queries",
+        str(tmp_path / "queries"),
+        "--draws",
+        "4",
+        "--dim",
+        "256",
+        "--k",
+        "3",
+        "--json",
+        str(out),
+    ]
     assert main(args) == 0
     res = json.loads(out.read_text())
     assert res["seeds"] == [0, 1] and res["k"] == 3 and res["n_train"] == 12 and res["n_queries"] == 2

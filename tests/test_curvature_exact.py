@@ -46,8 +46,7 @@ def no_sharing(names) -> list[str]:
 
 def exact_blocks(model, images: torch.Tensor, draws: int, seed: int, ggn: str) -> dict[str, torch.Tensor]:
     """The exact per-layer GGN (or empirical-Fisher) block, (O·I')² in float64, by plain autograd."""
-    rows = Measurement("loss").rows(images, list(range(images.shape[0])), draws, seed,
-                                    model.alphas_cumprod())
+    rows = Measurement("loss").rows(images, list(range(images.shape[0])), draws, seed, model.alphas_cumprod())
     unet = model.unet
     layers = tracked_layers(unet)
     params = [p for m in layers.values() for p in (m.weight, m.bias) if p is not None]
@@ -57,15 +56,14 @@ def exact_blocks(model, images: torch.Tensor, draws: int, seed: int, ggn: str) -
     try:
         n_rows = rows.x.shape[0]
         for r in range(n_rows):
-            out = unet(rows.x[r:r + 1], rows.t[r:r + 1]).sample
+            out = unet(rows.x[r : r + 1], rows.t[r : r + 1]).sample
             d = out.numel()
             if ggn == "exact":
                 cots = list((2 / d) ** 0.5 * torch.eye(d).view(d, *out.shape))
             else:
-                cots = [(2 / d) * (out.detach() - rows.y[r:r + 1])]
+                cots = [(2 / d) * (out.detach() - rows.y[r : r + 1])]
             for j, c in enumerate(cots):
-                grads = iter(torch.autograd.grad(out, params, grad_outputs=c,
-                                                 retain_graph=j < len(cots) - 1))
+                grads = iter(torch.autograd.grad(out, params, grad_outputs=c, retain_graph=j < len(cots) - 1))
                 for name, m in layers.items():
                     gw = next(grads).reshape(m.weight.shape[0], -1)
                     if m.bias is not None:
@@ -78,8 +76,10 @@ def exact_blocks(model, images: torch.Tensor, draws: int, seed: int, ggn: str) -
 
 
 def fits(model, images, draws, ggn, damping=DAMPING):
-    cfgs = {k: CurvatureConfig(kind=k, ggn=ggn, sharing="expand", draws=draws, seed=0, damping=damping)
-            for k in ("kfac", "ekfac")}
+    cfgs = {
+        k: CurvatureConfig(kind=k, ggn=ggn, sharing="expand", draws=draws, seed=0, damping=damping)
+        for k in ("kfac", "ekfac")
+    }
     return {k: fit_curvature(model, images, None, c, progress=False) for k, c in cfgs.items()}
 
 
@@ -87,14 +87,22 @@ def fits(model, images, draws, ggn, damping=DAMPING):
 def several_rows(request, model):
     """2 images × 2 draws: the exact blocks and both fitted approximations."""
     images = mnist(size=8, n=2).images
-    return request.param, exact_blocks(model, images, 2, 0, request.param), fits(model, images, 2, request.param)
+    return (
+        request.param,
+        exact_blocks(model, images, 2, 0, request.param),
+        fits(model, images, 2, request.param),
+    )
 
 
 @pytest.fixture(scope="module", params=GGNS)
 def one_row(request, model):
     """1 image × 1 draw."""
     images = mnist(size=8, n=1).images
-    return request.param, exact_blocks(model, images, 1, 0, request.param), fits(model, images, 1, request.param)
+    return (
+        request.param,
+        exact_blocks(model, images, 1, 0, request.param),
+        fits(model, images, 1, request.param),
+    )
 
 
 def frob(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -145,8 +153,9 @@ def preconditioned(curv, pre: str, name: str, shape, seed: int = 0):
 
 def damped_solve(matrix: torch.Tensor, lam: float, v: torch.Tensor) -> torch.Tensor:
     n = matrix.shape[0]
-    return torch.linalg.solve(matrix.double() + lam * torch.eye(n, dtype=torch.float64),
-                              v.reshape(-1)).view_as(v)
+    return torch.linalg.solve(
+        matrix.double() + lam * torch.eye(n, dtype=torch.float64), v.reshape(-1)
+    ).view_as(v)
 
 
 @pytest.mark.parametrize("kind,pre", [("kfac", "kfac-exact"), ("ekfac", "ekfac")])
@@ -163,9 +172,14 @@ def test_inverse_vector_products_match_dense_solve(several_rows, model, kind, pr
     print(f"{pre}: worst relative error vs dense solve {worst:.1e}")
 
 
-@pytest.mark.parametrize("kind,pre,damping,tol", [("kfac", "kfac-exact", DAMPING, 1e-4),
-                                                  ("ekfac", "ekfac", DAMPING, 1e-4),
-                                                  ("ekfac", "ekfac", 1e-8, 1e-4)])
+@pytest.mark.parametrize(
+    "kind,pre,damping,tol",
+    [
+        ("kfac", "kfac-exact", DAMPING, 1e-4),
+        ("ekfac", "ekfac", DAMPING, 1e-4),
+        ("ekfac", "ekfac", 1e-8, 1e-4),
+    ],
+)
 def test_inverse_vector_products_match_exact_block(one_row, model, kind, pre, damping, tol):
     """Unshared layers, one row: Precond(G) = (exact block + λI)⁻¹ vec G."""
     ggn, blocks, curv = one_row

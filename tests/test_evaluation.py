@@ -72,12 +72,15 @@ def test_sign_convention_end_to_end_with_retrained_models():
         masks[j, rng.choice(12, 6, replace=False)] = True
     losses = []
     for j in range(10):
-        mj = train(build_model("tiny", seed=0), x[torch.from_numpy(np.flatnonzero(masks[j]))], cfg, progress=False)
+        mj = train(
+            build_model("tiny", seed=0), x[torch.from_numpy(np.flatnonzero(masks[j]))], cfg, progress=False
+        )
         losses.append(measure(mj, x, 64, seed=1))
     meas = np.stack(losses)  # (M, Q)
     full = train(build_model("tiny", seed=0), x, cfg, progress=False)
-    att = Attributor(full, data, AttributionConfig(method="ekfac", dim=None, draws=8, query_draws=16),
-                     progress=False).fit()
+    att = Attributor(
+        full, data, AttributionConfig(method="ekfac", dim=None, draws=8, query_draws=16), progress=False
+    ).fit()
     scores = att.scores(x).numpy()
     lds = lds_per_query(scores, masks, meas)
     assert lds.mean() > 0.3, lds
@@ -94,14 +97,33 @@ def test_removal_sets_take_the_top_proponents():
 
 def test_groundtruth_and_retrain_top_k_end_to_end(tmp_path):
     """A tiny ground truth, then removal of the top 10% per query and at random; resumable."""
-    cfg = GroundTruthConfig(n_train=20, size=8, preset="tiny", n_generated=2, n_real=1, subsets=3, seeds=2,
-                            steps=15, full_steps=15, batch_size=8, measure_draws=8, trajectory_steps=5)
+    cfg = GroundTruthConfig(
+        n_train=20,
+        size=8,
+        preset="tiny",
+        n_generated=2,
+        n_real=1,
+        subsets=3,
+        seeds=2,
+        steps=15,
+        full_steps=15,
+        batch_size=8,
+        measure_draws=8,
+        trajectory_steps=5,
+    )
     gt_dir = build_groundtruth(tmp_path / "gt", cfg, progress=False, log=lambda *_: None)
     gt = load_groundtruth(gt_dir)
     assert gt.measurements.shape == (3, 2, 3) and gt.masks.sum(1).tolist() == [10, 10, 10]
     out = tmp_path / "rt"
-    res = retrain_top_k(gt_dir, out, ["gradsim", "random"], fractions=(0.1,), n_queries=2,
-                        configs={"gradsim": {"dim": None, "draws": 2, "query_draws": 4}}, log=lambda *_: None)
+    res = retrain_top_k(
+        gt_dir,
+        out,
+        ["gradsim", "random"],
+        fractions=(0.1,),
+        n_queries=2,
+        configs={"gradsim": {"dim": None, "draws": 2, "query_draws": 4}},
+        log=lambda *_: None,
+    )
     assert set(res["rise"]) == {"gradsim", "random"} and len(res["rise"]["gradsim"]["0.1"]) == 2
     scores = np.load(out / "scores-gradsim.npy")
     assert scores.shape == (2, 20)
@@ -110,6 +132,8 @@ def test_groundtruth_and_retrain_top_k_end_to_end(tmp_path):
     got = np.load(out / "models" / "gradsim-0.1-1.npy")[1] - base[1]
     assert res["rise"]["gradsim"]["0.1"][1] == float(got)
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "models").iterdir()}
-    again = retrain_top_k(gt_dir, out, ["gradsim", "random"], fractions=(0.1,), n_queries=2, log=lambda *_: None)
+    again = retrain_top_k(
+        gt_dir, out, ["gradsim", "random"], fractions=(0.1,), n_queries=2, log=lambda *_: None
+    )
     assert again["rise"] == res["rise"]
     assert stamps == {p.name: p.stat().st_mtime_ns for p in (out / "models").iterdir()}  # nothing retrained

@@ -37,7 +37,7 @@ def split_layers(f: torch.Tensor, dims: dict[str, tuple[int, int]]) -> dict[str,
     """(N, D) features -> per layer (N, k_o, k_i)."""
     out, off = {}, 0
     for name, (ko, ki) in dims.items():
-        out[name] = f[:, off:off + ko * ki].reshape(-1, ko, ki)
+        out[name] = f[:, off : off + ko * ki].reshape(-1, ko, ki)
         off += ko * ki
     assert off == f.shape[1]
     return out
@@ -60,7 +60,7 @@ def autograd_gradients(model, images, keys, meas: Measurement, draws: int, seed:
     out = []
     try:
         for n in range(images.shape[0]):
-            rows = meas.rows(images[n:n + 1], [keys[n]], draws, seed, model.alphas_cumprod())
+            rows = meas.rows(images[n : n + 1], [keys[n]], draws, seed, model.alphas_cumprod())
             eps_hat = unet(rows.x, rows.t).sample
             loss = (rows.w * (eps_hat - rows.y).pow(2).flatten(1).mean(1)).mean()
             grads = iter(torch.autograd.grad(loss, params))
@@ -112,16 +112,26 @@ def test_kfac_fast_path_equals_materialised(model, shapes, damping, layer_tol, t
     the two float32 paths round differently: per-layer agreement is then ~1e-2, overall ~1e-4.
     """
     images = mnist(size=8, n=8).images
-    curv = fit_curvature(model, images, None, CurvatureConfig(kind="kfac", draws=2, damping=damping),
-                         progress=False)
+    curv = fit_curvature(
+        model, images, None, CurvatureConfig(kind="kfac", draws=2, damping=damping), progress=False
+    )
     proj = make_projection(shapes, DIM, seed=3, kind="kronecker")
     sides = [(proj.p_out(n) is not None) + (proj.p_in(n) is not None) for n in shapes]
     assert {0, 1, 2} <= set(sides)  # unprojected, one-sided and two-sided layers all occur
     keys, meas = [0, 1, 2, 3], Measurement("loss")
-    fast = gradient_features(model, FeatureMap(shapes, proj, "kfac", curv), images[:4], keys, meas, 4, 0,
-                             progress=False)
-    plain = gradient_features(model, FeatureMap(shapes, make_projection(shapes, None), "identity"),
-                              images[:4], keys, meas, 4, 0, progress=False)
+    fast = gradient_features(
+        model, FeatureMap(shapes, proj, "kfac", curv), images[:4], keys, meas, 4, 0, progress=False
+    )
+    plain = gradient_features(
+        model,
+        FeatureMap(shapes, make_projection(shapes, None), "identity"),
+        images[:4],
+        keys,
+        meas,
+        4,
+        0,
+        progress=False,
+    )
     grads = split_layers(plain, shapes)
     mats = {}
     for name, (o, i) in shapes.items():
@@ -167,8 +177,15 @@ def attribution_data():
     return ds.subset(range(6)), ds.images[6:10]
 
 
-@pytest.mark.parametrize("method,kind,tol64", [("kfac", "kronecker", 0.05), ("ekfac", "kronecker", 0.2),
-                                               ("ekfac", "sketch", 0.05), ("gradsim", "sketch", 0.05)])
+@pytest.mark.parametrize(
+    "method,kind,tol64",
+    [
+        ("kfac", "kronecker", 0.05),
+        ("ekfac", "kronecker", 0.2),
+        ("ekfac", "sketch", 0.05),
+        ("gradsim", "sketch", 0.05),
+    ],
+)
 def test_projected_scores_are_unbiased(model, shapes, attribution_data, method, kind, tol64):
     """Over 64 projection seeds the mean projected score approaches the unprojected one.
 
@@ -176,35 +193,49 @@ def test_projected_scores_are_unbiased(model, shapes, attribution_data, method, 
     (on the query side too) goes through the public Attributor.feature_map.
     """
     train, queries = attribution_data
-    cfg = AttributionConfig(method=method, dim=None, draws=2, query_draws=4, curvature_draws=2,
-                            antithetic=False, importance=False,  # the rows `captured` draws below
-                            damping=1e-2, seed=0, projection=kind)
+    cfg = AttributionConfig(
+        method=method,
+        dim=None,
+        draws=2,
+        query_draws=4,
+        curvature_draws=2,
+        antithetic=False,
+        importance=False,  # the rows `captured` draws below
+        damping=1e-2,
+        seed=0,
+        projection=kind,
+    )
     exact_att = Attributor(model, train, cfg, progress=False).fit()
     exact = exact_att.scores(queries)
     assert exact.abs().min() > 0
     # the engine's gradients once; each seed's FeatureMaps project them
-    q_cap = captured(model, queries, [QUERY_KEY] * len(queries), Measurement("loss"), cfg.query_draws,
-                     cfg.seed)
-    t_cap = captured(model, train.images, list(range(len(train))), Measurement("loss"), cfg.draws,
-                     cfg.seed)
+    q_cap = captured(
+        model, queries, [QUERY_KEY] * len(queries), Measurement("loss"), cfg.query_draws, cfg.seed
+    )
+    t_cap = captured(model, train.images, list(range(len(train))), Measurement("loss"), cfg.draws, cfg.seed)
     scores = []
     for seed in range(1, SEEDS + 1):
         proj = make_projection(shapes, DIM, seed=seed, kind=kind)
-        att = Attributor(model, train, AttributionConfig(**{**cfg.to_dict(), "dim": DIM}),
-                         progress=False).fit(curvature=exact_att.curvature, projection=proj)
+        att = Attributor(
+            model, train, AttributionConfig(**{**cfg.to_dict(), "dim": DIM}), progress=False
+        ).fit(curvature=exact_att.curvature, projection=proj)
         q_map, t_map = att.feature_map("query"), att.feature_map("train")
         assert att.split == (kind == "sketch")
         scores.append(features(q_map, q_cap, len(queries)) @ features(t_map, t_cap, len(train)).T)
         if seed == 1:  # the same numbers as the public scoring path with that projection
-            torch.testing.assert_close(att.scores(queries), scores[0], rtol=1e-4, atol=1e-6 * exact.abs().max())
+            torch.testing.assert_close(
+                att.scores(queries), scores[0], rtol=1e-4, atol=1e-6 * exact.abs().max()
+            )
     s = torch.stack(scores)
     assert proj.total <= DIM < sum(o * i for o, i in shapes.values())
     err1 = sum(rel(x, exact) for x in s) / SEEDS
-    err8 = sum(rel(s[k:k + 8].mean(0), exact) for k in range(0, SEEDS, 8)) / (SEEDS // 8)
+    err8 = sum(rel(s[k : k + 8].mean(0), exact) for k in range(0, SEEDS, 8)) / (SEEDS // 8)
     err64 = rel(s.mean(0), exact)
-    z = ((s.mean(0) - exact) / (s.std(0) / SEEDS ** 0.5)).abs().max().item()
-    print(f"{method}: mean relative error of 1 seed {err1:.3f}, of 8-seed means {err8:.3f}, "
-          f"of the 64-seed mean {err64:.3f}; max |z| over {exact.numel()} pairs {z:.2f}")
+    z = ((s.mean(0) - exact) / (s.std(0) / SEEDS**0.5)).abs().max().item()
+    print(
+        f"{method}: mean relative error of 1 seed {err1:.3f}, of 8-seed means {err8:.3f}, "
+        f"of the 64-seed mean {err64:.3f}; max |z| over {exact.numel()} pairs {z:.2f}"
+    )
     assert err64 < tol64
     assert err64 < 0.6 * err8 < 0.6 * err1  # shrinking with more seeds (≈ 1/√n: 0.35 per 8×)
     assert z < 4.0  # no pair's mean is significantly off: unbiased
@@ -220,8 +251,20 @@ def test_sketch_is_more_faithful_than_kronecker(model, shapes, attribution_data)
     errs = {}
     for kind in ("sketch", "kronecker"):
         cfg = AttributionConfig(**base, dim=1024, projection=kind)
-        errs[kind] = sum(rel(Attributor(model, train, cfg, progress=False).fit(
-            curvature=exact_att.curvature, projection=make_projection(shapes, 1024, seed=s, kind=kind)).scores(queries),
-            exact) for s in range(1, 9)) / 8
+        errs[kind] = (
+            sum(
+                rel(
+                    Attributor(model, train, cfg, progress=False)
+                    .fit(
+                        curvature=exact_att.curvature,
+                        projection=make_projection(shapes, 1024, seed=s, kind=kind),
+                    )
+                    .scores(queries),
+                    exact,
+                )
+                for s in range(1, 9)
+            )
+            / 8
+        )
     print(f"mean relative error at D=1024: sketch {errs['sketch']:.3f}, Kronecker {errs['kronecker']:.3f}")
     assert errs["sketch"] < 0.5 * errs["kronecker"]

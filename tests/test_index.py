@@ -25,8 +25,21 @@ from index.store import load
 
 ROOT = Path(__file__).resolve().parent.parent
 N = 192
-ARGS = ["--dim", "128", "--draws", "2", "--curvature-draws", "1", "--batch-size", "16",
-        "--shard-size", "32", "--query-draws", "4", "--keep-shards"]
+ARGS = [
+    "--dim",
+    "128",
+    "--draws",
+    "2",
+    "--curvature-draws",
+    "1",
+    "--batch-size",
+    "16",
+    "--shard-size",
+    "32",
+    "--query-draws",
+    "4",
+    "--keep-shards",
+]
 
 
 @pytest.fixture(scope="module")
@@ -39,13 +52,29 @@ def setup(tmp_path_factory):
 
 
 def build_cmd(d: Path, out: Path, method: str = "ekfac") -> list[str]:
-    return ["-m", "index.build", "--model", str(d / "model"), "--data", str(d / "data"),
-            "--out", str(out), "--method", method, *ARGS]
+    return [
+        "-m",
+        "index.build",
+        "--model",
+        str(d / "model"),
+        "--data",
+        str(d / "data"),
+        "--out",
+        str(out),
+        "--method",
+        method,
+        *ARGS,
+    ]
 
 
 def run_build(d: Path, out: Path, method: str = "ekfac") -> None:
-    subprocess.run([sys.executable, *build_cmd(d, out, method)], check=True, cwd=ROOT,
-                   env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
+    subprocess.run(
+        [sys.executable, *build_cmd(d, out, method)],
+        check=True,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+    )
 
 
 def features(out: Path) -> np.ndarray:
@@ -82,14 +111,21 @@ def test_killed_build_resumes_to_the_same_index(setup, reference):
     rng = random.Random(0)
     finished_before: dict[str, float] = {}
     for _ in range(3):
-        p = subprocess.Popen([sys.executable, *build_cmd(setup, out)], cwd=ROOT,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"},
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        p = subprocess.Popen(
+            [sys.executable, *build_cmd(setup, out)],
+            cwd=ROOT,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         time.sleep(rng.uniform(3.0, 9.0))
         p.send_signal(signal.SIGKILL)
         p.wait()
-        shards = {q.name: q.stat().st_mtime_ns for q in (out / "shards").glob("*.safetensors")} \
-            if (out / "shards").exists() else {}
+        shards = (
+            {q.name: q.stat().st_mtime_ns for q in (out / "shards").glob("*.safetensors")}
+            if (out / "shards").exists()
+            else {}
+        )
         for name, mtime in finished_before.items():  # finished shards are never recomputed
             assert shards[name] == mtime
         finished_before = shards
@@ -105,8 +141,13 @@ def test_killed_build_resumes_to_the_same_index(setup, reference):
 def test_torchrun_two_processes_equal_one(setup, reference):
     out = setup / "dist"
     torchrun = Path(sys.executable).parent / "torchrun"
-    subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", *build_cmd(setup, out)],
-                   check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
+    subprocess.run(
+        [str(torchrun), "--standalone", "--nproc-per-node", "2", *build_cmd(setup, out)],
+        check=True,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+    )
     np.testing.assert_allclose(features(out), features(reference), rtol=1e-5, atol=1e-7)
     a = load(out).all_features()
     b = load(reference).all_features()
@@ -158,9 +199,28 @@ def test_refuses_unknown_format_and_corruption(setup, reference, tmp_path):
 def test_query_cli_prints_table_and_json(setup, reference, tmp_path):
     q = save_images(mnist(size=8, n=1).images, tmp_path / "q")[0]
     out = tmp_path / "res.json"
-    r = subprocess.run([sys.executable, "-m", "explorer.cli", "query", "--index", str(reference),
-                        "--model", str(setup / "model"), "--image", str(q), "--top-k", "5", "--json", str(out)],
-                       cwd=ROOT, capture_output=True, text=True, check=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "explorer.cli",
+            "query",
+            "--index",
+            str(reference),
+            "--model",
+            str(setup / "model"),
+            "--image",
+            str(q),
+            "--top-k",
+            "5",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "proponent" in r.stdout
     res = json.loads(out.read_text())
     assert len(res["proponents"]) == 5 and len(res["opponents"]) == 5
@@ -187,8 +247,13 @@ def test_sq8_store_tracks_the_flat_one(setup, reference, tmp_path):
     quantisation error is tiny next to the spread of the scores, and no value is clipped."""
     model = load_model(setup / "model")
     out = tmp_path / "sq8"
-    subprocess.run([sys.executable, *build_cmd(setup, out), "--faiss", "sq8"], check=True, cwd=ROOT,
-                   env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
+    subprocess.run(
+        [sys.executable, *build_cmd(setup, out), "--faiss", "sq8"],
+        check=True,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+    )
     flat, sq8 = load(reference, model), load(out, model)
     assert sq8.manifest["faiss"]["type"] == "sq8" and flat.manifest["faiss"]["type"] == "flat"
     assert (out / "features.faiss").stat().st_size < (reference / "features.faiss").stat().st_size / 3
@@ -196,7 +261,7 @@ def test_sq8_store_tracks_the_flat_one(setup, reference, tmp_path):
     exact, approx = flat.all_scores(psi), sq8.all_scores(psi)
     np.testing.assert_allclose(exact, (psi @ features(reference).T), rtol=1e-4, atol=1e-6)
     rel = (approx - exact) / exact.std(axis=1, keepdims=True)  # theory: rms ≈ 0.007, from 1/255 steps
-    assert np.sqrt((rel ** 2).mean()) < 0.01 and np.abs(rel).max() < 0.04, rel
+    assert np.sqrt((rel**2).mean()) < 0.01 and np.abs(rel).max() < 0.04, rel
     s_top, i_top, s_bot, i_bot = sq8.search(psi, 5)
     np.testing.assert_array_equal(s_top, -np.sort(-approx, axis=1)[:, :5])
     np.testing.assert_array_equal(s_bot, np.sort(approx, axis=1)[:, :5])

@@ -24,18 +24,22 @@ def test_factory_index_trains_on_a_streamed_sample(monkeypatch):
 
     def chunks():
         calls.append(1)
-        return (x[i:i + 50] for i in range(0, 300, 50))  # blocks, never the whole matrix
+        return (x[i : i + 50] for i in range(0, 300, 50))  # blocks, never the whole matrix
 
     monkeypatch.setattr(fb, "TRAIN_ROWS", 120)
     real = faiss.IndexIVFScalarQuantizer.train
-    monkeypatch.setattr(faiss.IndexIVFScalarQuantizer, "train", lambda self, s: (trained.append(s.copy()), real(self, s))[1])
+    monkeypatch.setattr(
+        faiss.IndexIVFScalarQuantizer, "train", lambda self, s: (trained.append(s.copy()), real(self, s))[1]
+    )
     index = fb.faiss_from_chunks(chunks, 32, "IVF4,SQ8", n=300)
     assert len(calls) == 2 and index.ntotal == 300 and faiss.extract_index_ivf(index).nprobe == 1
     (sample,) = trained
     assert sample.shape == (120, 32)
     assert all((sample[i] == x).all(1).any() for i in range(120))  # rows of x, a seeded subset
     again = []
-    monkeypatch.setattr(faiss.IndexIVFScalarQuantizer, "train", lambda self, s: (again.append(s.copy()), real(self, s))[1])
+    monkeypatch.setattr(
+        faiss.IndexIVFScalarQuantizer, "train", lambda self, s: (again.append(s.copy()), real(self, s))[1]
+    )
     fb.faiss_from_chunks(chunks, 32, "IVF4,SQ8", n=300)
     np.testing.assert_array_equal(again[0], sample)
 
@@ -51,8 +55,15 @@ def build(parts, out, faiss_type):
     return build_index(model, data, out, cfg, faiss_type=faiss_type, shard_size=16, progress=False)
 
 
-@pytest.mark.parametrize("kind,cls", [("IVF4,SQ8", faiss.IndexIVFScalarQuantizer), ("IVF4,PQ8x4", faiss.IndexIVFPQ),
-                                      ("HNSW16", faiss.IndexHNSWFlat), ("Flat", faiss.IndexFlat)])
+@pytest.mark.parametrize(
+    "kind,cls",
+    [
+        ("IVF4,SQ8", faiss.IndexIVFScalarQuantizer),
+        ("IVF4,PQ8x4", faiss.IndexIVFPQ),
+        ("HNSW16", faiss.IndexHNSWFlat),
+        ("Flat", faiss.IndexFlat),
+    ],
+)
 def test_tiny_index_with_a_factory_string(parts, tmp_path, kind, cls):
     model, data = parts
     flat = load(build(parts, tmp_path / "flat", "flat"), model)

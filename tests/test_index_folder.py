@@ -102,8 +102,28 @@ def test_out_pointing_to_a_file_is_a_plain_error(parts, tmp_path):
     f.write_text("x")
     with pytest.raises(ConfigError, match="is a file, not a folder"):
         build(parts, f)
-    r = subprocess.run([sys.executable, "-m", "index.build", "--model", str(d / "model"), "--data", "mnist",
-                        "--n", "16", "--out", str(f), "--method", "gradcos", "--dim", "16"],
-                       cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "index.build",
+            "--model",
+            str(d / "model"),
+            "--data",
+            "mnist",
+            "--n",
+            "16",
+            "--out",
+            str(f),
+            "--method",
+            "gradcos",
+            "--dim",
+            "16",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert r.returncode == 2 and "is a file, not a folder" in r.stderr and "Traceback" not in r.stderr
     assert f.read_text() == "x"

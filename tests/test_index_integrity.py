@@ -33,19 +33,32 @@ def built(tmp_path_factory, model):
     root = tmp_path_factory.mktemp("integrity")
 
     def make(name: str, n: int = N, **kw) -> Path:
-        c = AttributionConfig(**{"method": "ekfac", "dim": 64, "draws": 1, "curvature_draws": 1,
-                                 "batch_size": 16, **kw})
-        return build_index(model, load_dataset("mnist", channels=1, size=8, n=n), root / name, c,
-                           shard_size=16, progress=False)
+        c = AttributionConfig(
+            **{"method": "ekfac", "dim": 64, "draws": 1, "curvature_draws": 1, "batch_size": 16, **kw}
+        )
+        return build_index(
+            model,
+            load_dataset("mnist", channels=1, size=8, n=n),
+            root / name,
+            c,
+            shard_size=16,
+            progress=False,
+        )
 
-    return {"ref": make("ref"), "seed1": make("seed1", seed=1), "small": make("small", n=32),
-            "trak": make("trak", method="trak"), "trak1": make("trak1", method="trak", seed=1)}
+    return {
+        "ref": make("ref"),
+        "seed1": make("seed1", seed=1),
+        "small": make("small", n=32),
+        "trak": make("trak", method="trak"),
+        "trak1": make("trak1", method="trak", seed=1),
+    }
 
 
 @pytest.fixture
 def copy(built, tmp_path):
     def f(name: str = "ref") -> IndexLayout:
         return IndexLayout(shutil.copytree(built[name], tmp_path / name))
+
     return f
 
 
@@ -57,8 +70,10 @@ def edit_manifest(lay: IndexLayout, change) -> None:
 
 def rehash(lay: IndexLayout, name: str) -> None:
     """Record the file's current checksum, as a consistent (but wrong) build would have."""
+
     def change(m):
         m["files"][name] = {"sha256": sha256_file(lay.path(name)), "bytes": lay.path(name).stat().st_size}
+
     edit_manifest(lay, change)
 
 
@@ -71,8 +86,14 @@ def test_untouched_index_loads_and_records_every_file(built, model):
     idx = load(built["ref"], model)
     files = idx.manifest["files"]
     # density.safetensors: the default draws timesteps by importance (issue 13)
-    assert set(files) == {"curvature.safetensors", "projection.safetensors", "density.safetensors",
-                          "items.jsonl", "thumbs.npy", "features.faiss"}
+    assert set(files) == {
+        "curvature.safetensors",
+        "projection.safetensors",
+        "density.safetensors",
+        "items.jsonl",
+        "thumbs.npy",
+        "features.faiss",
+    }
     assert files["features.faiss"]["ntotal"] == N and files["features.faiss"]["d"] == 64
     assert "trak.safetensors" in load(built["trak"]).manifest["files"]
 
@@ -105,8 +126,16 @@ def test_manifest_without_format_version(copy):
     refused(lay, "format version None")
 
 
-@pytest.mark.parametrize("path,value", [("method.method", "kfac"), ("method.seed", 7), ("method.draws", 9),
-                                        ("data.n", 47), ("data.sha256", "0" * 64)])
+@pytest.mark.parametrize(
+    "path,value",
+    [
+        ("method.method", "kfac"),
+        ("method.seed", 7),
+        ("method.draws", 9),
+        ("data.n", 47),
+        ("data.sha256", "0" * 64),
+    ],
+)
 def test_edited_settings_no_longer_match_the_key(copy, path, value):
     lay = copy()
     sec, key = path.split(".")
@@ -114,9 +143,16 @@ def test_edited_settings_no_longer_match_the_key(copy, path, value):
     refused(lay, "edited after the build")
 
 
-@pytest.mark.parametrize("name,other", [("curvature.safetensors", "seed1"), ("projection.safetensors", "seed1"),
-                                        ("thumbs.npy", "small"), ("items.jsonl", "small"),
-                                        ("trak.safetensors", "trak1")])
+@pytest.mark.parametrize(
+    "name,other",
+    [
+        ("curvature.safetensors", "seed1"),
+        ("projection.safetensors", "seed1"),
+        ("thumbs.npy", "small"),
+        ("items.jsonl", "small"),
+        ("trak.safetensors", "trak1"),
+    ],
+)
 def test_file_copied_from_another_build(copy, built, name, other):
     lay = copy("trak" if name.startswith("trak") else "ref")
     shutil.copy(built[other] / name, lay.path(name))
@@ -212,8 +248,9 @@ def test_importance_index_keeps_its_timestep_density(tmp_path, model):
     from attribution.projection import Projection
 
     data = load_dataset("mnist", channels=1, size=8, n=32)
-    c = AttributionConfig(method="ekfac", dim=64, draws=2, curvature_draws=1, batch_size=16, importance=True,
-                          profile_images=8)
+    c = AttributionConfig(
+        method="ekfac", dim=64, draws=2, curvature_draws=1, batch_size=16, importance=True, profile_images=8
+    )
     lay = IndexLayout(build_index(model, data, tmp_path / "imp", c, shard_size=16, progress=False))
     idx = load(lay.root, model)
     assert "density.safetensors" in idx.manifest["files"] and idx.attributor.density is not None

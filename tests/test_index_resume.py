@@ -19,11 +19,13 @@ from index.runlog import KILL_ENV
 ROOT = Path(__file__).resolve().parent.parent
 N = 64
 # (kill point, what the folder holds afterwards)
-POINTS = [("curvature-fitted", lambda lay: lay.build.exists() and not lay.curvature.exists()),
-          ("curvature-written", lambda lay: lay.curvature.exists() and not lay.projection.exists()),
-          ("shard-2", lambda lay: lay.rows_done() == 32),
-          ("store-tmp", lambda lay: not lay.features.exists() and any(lay.root.glob(".features.faiss.tmp*"))),
-          ("manifest-tmp", lambda lay: not lay.manifest.exists())]
+POINTS = [
+    ("curvature-fitted", lambda lay: lay.build.exists() and not lay.curvature.exists()),
+    ("curvature-written", lambda lay: lay.curvature.exists() and not lay.projection.exists()),
+    ("shard-2", lambda lay: lay.rows_done() == 32),
+    ("store-tmp", lambda lay: not lay.features.exists() and any(lay.root.glob(".features.faiss.tmp*"))),
+    ("manifest-tmp", lambda lay: not lay.manifest.exists()),
+]
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +40,31 @@ def run(model_dir: Path, out: Path, kill_at: str | None = None, *extra: str) -> 
     env.pop(KILL_ENV, None)
     if kill_at:
         env[KILL_ENV] = kill_at
-    cmd = [sys.executable, "-m", "index.build", "--model", str(model_dir), "--data", "mnist", "--n", str(N),
-           "--out", str(out), "--dim", "64", "--draws", "2", "--curvature-draws", "1", "--batch-size", "16",
-           "--shard-size", "16", "--keep-shards", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "index.build",
+        "--model",
+        str(model_dir),
+        "--data",
+        "mnist",
+        "--n",
+        str(N),
+        "--out",
+        str(out),
+        "--dim",
+        "64",
+        "--draws",
+        "2",
+        "--curvature-draws",
+        "1",
+        "--batch-size",
+        "16",
+        "--shard-size",
+        "16",
+        "--keep-shards",
+        *extra,
+    ]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
 
 

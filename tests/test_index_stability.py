@@ -32,8 +32,12 @@ def test_spread_files_and_self_influence(tiny_workspace, spread_index):
     rows = [0, 7, 31]
     phi, delta = att.finish_with_spread(att.raw_train_features(rows, progress=False, halves=True))
     direct = len(data) * ((phi + delta) * (phi - delta)).sum(1)
-    np.testing.assert_allclose(idx.self_influence[rows], direct.numpy(), rtol=1e-4,
-                               atol=1e-6 * float(np.abs(idx.self_influence).max()))
+    np.testing.assert_allclose(
+        idx.self_influence[rows],
+        direct.numpy(),
+        rtol=1e-4,
+        atol=1e-6 * float(np.abs(idx.self_influence).max()),
+    )
 
 
 def test_hits_carry_stability_figures(tiny_workspace, spread_index):

@@ -61,8 +61,9 @@ def double_model():
 def curvlinops_factors(model, images, cfg: CurvatureConfig, fisher_type: str):
     """curvlinops' (A, S) per tracked layer (by our module names), on the engine's rows."""
     keys = list(range(images.shape[0]))
-    rows = Measurement("loss").rows(images, keys, cfg.draws, cfg.seed, model.alphas_cumprod(),
-                                    stratified=cfg.stratified)
+    rows = Measurement("loss").rows(
+        images, keys, cfg.draws, cfg.seed, model.alphas_cumprod(), stratified=cfg.stratified
+    )
     assert rows.x.dtype == torch.float64
     wrapper = FixedTimestep(model.unet, rows.t)
     layers = tracked_layers(model.unet)
@@ -72,9 +73,17 @@ def curvlinops_factors(model, images, cfg: CurvatureConfig, fisher_type: str):
         p.requires_grad_(True)
     try:
         op = KFACLinearOperator(
-            wrapper, nn.MSELoss(reduction="mean"), params, [(rows.x, rows.y.flatten(1).double())],
-            fisher_type=fisher_type, kfac_approx=cfg.sharing, separate_weight_and_bias=False,
-            check_deterministic=False, num_data=rows.x.shape[0], num_per_example_loss_terms=1)
+            wrapper,
+            nn.MSELoss(reduction="mean"),
+            params,
+            [(rows.x, rows.y.flatten(1).double())],
+            fisher_type=fisher_type,
+            kfac_approx=cfg.sharing,
+            separate_weight_and_bias=False,
+            check_deterministic=False,
+            num_data=rows.x.shape[0],
+            num_per_example_loss_terms=1,
+        )
         op.compute_kronecker_factors()
     finally:
         for p, r in zip(params, old):
@@ -109,8 +118,9 @@ def test_kfac_factors_match_curvlinops(double_model, sharing, ggn, fisher_type):
     for name in names:
         for i, (mine, ref) in enumerate(zip(ours.factors(name), theirs[name])):
             assert mine.shape == ref.shape, name
-            torch.testing.assert_close(mine.double(), ref, rtol=RTOL, atol=floor[i],
-                                       msg=lambda m, n=name, i=i: f"{n} {'AS'[i]}: {m}")
+            torch.testing.assert_close(
+                mine.double(), ref, rtol=RTOL, atol=floor[i], msg=lambda m, n=name, i=i: f"{n} {'AS'[i]}: {m}"
+            )
             big = ref.abs() > 1e6 * floor[i]
             if big.any():
                 worst = max(worst, ((mine.double() - ref).abs()[big] / ref.abs()[big]).max().item())

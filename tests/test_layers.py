@@ -27,8 +27,12 @@ def imported_modules(source: str) -> list[tuple[int, str]]:
             found += [(node.lineno, alias.name) for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             found.append((node.lineno, node.module))
-        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
-                and isinstance(node.args[0].value, str):
+        elif (
+            isinstance(node, ast.Call)
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
             f = node.func
             name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else None
             if name in ("import_module", "__import__"):
@@ -37,8 +41,11 @@ def imported_modules(source: str) -> list[tuple[int, str]]:
 
 
 def violations(layer: str, path: Path, source: str) -> list[str]:
-    return [f"{path.relative_to(ROOT) if path.is_absolute() else path}:{line} imports {name}"
-            for line, name in imported_modules(source) if name.split(".")[0] in FORBIDDEN[layer]]
+    return [
+        f"{path.relative_to(ROOT) if path.is_absolute() else path}:{line} imports {name}"
+        for line, name in imported_modules(source)
+        if name.split(".")[0] in FORBIDDEN[layer]
+    ]
 
 
 @pytest.mark.parametrize("layer", sorted(FORBIDDEN))
@@ -46,18 +53,27 @@ def test_layer_imports_point_down(layer):
     files = sorted((ROOT / layer).rglob("*.py"))
     assert files, f"no modules found in {layer}/"
     bad = [v for f in files for v in violations(layer, f, f.read_text(encoding="utf-8"))]
-    assert not bad, "imports against the layering (" + layer + " must not import " \
-        + ", ".join(sorted(FORBIDDEN[layer])) + "):\n" + "\n".join(bad)
+    assert not bad, (
+        "imports against the layering ("
+        + layer
+        + " must not import "
+        + ", ".join(sorted(FORBIDDEN[layer]))
+        + "):\n"
+        + "\n".join(bad)
+    )
 
 
-@pytest.mark.parametrize("source", [
-    "import index.store\n",
-    "from index.store import load\n",
-    "def f():\n    from explorer import report\n",
-    "class A:\n    def m(self):\n        import app\n",
-    "import importlib\nimportlib.import_module('index.build')\n",
-    "x = __import__('explorer.cli')\n",
-])
+@pytest.mark.parametrize(
+    "source",
+    [
+        "import index.store\n",
+        "from index.store import load\n",
+        "def f():\n    from explorer import report\n",
+        "class A:\n    def m(self):\n        import app\n",
+        "import importlib\nimportlib.import_module('index.build')\n",
+        "x = __import__('explorer.cli')\n",
+    ],
+)
 def test_the_check_sees_every_kind_of_import(source):
     assert violations("attribution", Path("attribution/x.py"), source)
 

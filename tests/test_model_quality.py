@@ -104,8 +104,11 @@ def _benchmark_classifier(splits):
 HAVE_MODEL = (MODEL_DIR / "unet" / "config.json").is_file() or (MODEL_DIR / "config.json").is_file()
 
 
-@pytest.mark.skipif(not HAVE_MODEL, reason=f"default model {MODEL_DIR} not trained yet "
-                    "(it is made by `attribution train ... --out assets/mnist-unet`)")
+@pytest.mark.skipif(
+    not HAVE_MODEL,
+    reason=f"default model {MODEL_DIR} not trained yet "
+    "(it is made by `attribution train ... --out assets/mnist-unet`)",
+)
 def test_default_model_samples_are_legible(splits):
     from attribution.model import load_model
     from attribution.sample import sample

@@ -24,8 +24,9 @@ from attribution.train import TrainConfig, train
 
 N = 16
 DRAWS, QUERY_DRAWS = 128, 256
-TRAIN = TrainConfig(steps=300, batch_size=N, lr=1e-2, warmup=20, ema_decay=0.9, seed=0,
-                    checkpoint_every=10**9)
+TRAIN = TrainConfig(
+    steps=300, batch_size=N, lr=1e-2, warmup=20, ema_decay=0.9, seed=0, checkpoint_every=10**9
+)
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +44,12 @@ def queries(overfit, tmp_path_factory):
     save_images(ds.images, folder)
     copies = image_folder(folder, channels=1, size=8).images
     assert torch.equal(copies, ds.images)  # pixel duplicates
-    att = Attributor(model, ds, AttributionConfig(method="gradsim", dim=None, draws=DRAWS,
-                                                  query_draws=QUERY_DRAWS, importance=False), progress=False)
+    att = Attributor(
+        model,
+        ds,
+        AttributionConfig(method="gradsim", dim=None, draws=DRAWS, query_draws=QUERY_DRAWS, importance=False),
+        progress=False,
+    )
     return att.query_features(ds.images), att.query_features(copies)
 
 
@@ -52,8 +57,12 @@ def queries(overfit, tmp_path_factory):
 def test_training_images_are_their_own_top_proponents(overfit, queries, method):
     model, ds = overfit
     # importance=False: a shared ψ needs draws that do not depend on the method's density
-    att = Attributor(model, ds, AttributionConfig(method=method, dim=None, draws=DRAWS,
-                                                  query_draws=QUERY_DRAWS, importance=False), progress=False).fit()
+    att = Attributor(
+        model,
+        ds,
+        AttributionConfig(method=method, dim=None, draws=DRAWS, query_draws=QUERY_DRAWS, importance=False),
+        progress=False,
+    ).fit()
     phi = att.train_features()
     for label, psi in zip(("training images", "PNG copies"), queries):
         scores = psi @ phi.T  # what att.scores(images) computes, with ψ shared between methods
@@ -61,8 +70,10 @@ def test_training_images_are_their_own_top_proponents(overfit, queries, method):
         hits = (top == torch.arange(N)).sum().item()
         others = scores.masked_fill(torch.eye(N, dtype=torch.bool), float("-inf")).max(1).values
         margin = ((scores.diag() - others) / scores.abs().max(1).values).min().item()
-        print(f"{method}, {label}: {hits}/{N} own top proponent; "
-              f"worst (self − best other) / max |τ| = {margin:+.3f}")
+        print(
+            f"{method}, {label}: {hits}/{N} own top proponent; "
+            f"worst (self − best other) / max |τ| = {margin:+.3f}"
+        )
         assert hits >= N - 1, f"{method}, {label}: top proponents {top.tolist()}"
         assert (scores.max(1).values[top == torch.arange(N)] > 0).all()  # proponent: τ > 0
     assert torch.equal(queries[0], queries[1])

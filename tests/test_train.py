@@ -216,21 +216,22 @@ def test_sample_independent_of_batching(trained, sampler):
 def test_sample_trajectory(trained, sampler):
     model = trained[0]
     steps = 5
-    s = sample(model, 5, seed=1, sampler=sampler, steps=steps, keep_trajectory=True, batch_size=2,
-               progress=False)
+    s = sample(
+        model, 5, seed=1, sampler=sampler, steps=steps, keep_trajectory=True, batch_size=2, progress=False
+    )
     assert s.timesteps.shape == (steps,)
     assert s.states.shape == (steps, 5, 1, 8, 8)
     assert (s.timesteps[:-1] > s.timesteps[1:]).all()  # from noisy to clean
     assert 0 <= int(s.timesteps.min()) and int(s.timesteps.max()) < 1000
     # the first state is the initial noise of each sample, drawn from its own generator
-    noise = torch.stack([torch.randn((1, 8, 8), generator=torch.Generator().manual_seed(1 * 1_000_003 + i))
-                         for i in range(5)])
+    noise = torch.stack(
+        [torch.randn((1, 8, 8), generator=torch.Generator().manual_seed(1 * 1_000_003 + i)) for i in range(5)]
+    )
     assert torch.equal(s.states[0], noise)
     # the trajectory does not change the images, nor does batching change the trajectory
     plain = sample(model, 5, seed=1, sampler=sampler, steps=steps, progress=False)
     assert torch.allclose(plain.images, s.images, atol=1e-5)
-    one_batch = sample(model, 5, seed=1, sampler=sampler, steps=steps, keep_trajectory=True,
-                       progress=False)
+    one_batch = sample(model, 5, seed=1, sampler=sampler, steps=steps, keep_trajectory=True, progress=False)
     assert torch.allclose(one_batch.states, s.states, atol=1e-5)
     assert torch.equal(one_batch.timesteps, s.timesteps)
 

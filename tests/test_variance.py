@@ -46,7 +46,7 @@ def test_importance_weighted_rows_are_unbiased(model, data, antithetic):
     k = 2000
     rows = Measurement("loss", density=steep).rows(x, [0, 1], k, 3, acp, antithetic=antithetic)
     f = (rows.w * acp[rows.t]).view(2, k)
-    est, se = f.mean(1), f.std(1) / k ** 0.5
+    est, se = f.mean(1), f.std(1) / k**0.5
     truth = acp.mean()
     assert ((est - truth).abs() / se).max() < 4, (est, truth)
     unweighted = acp[rows.t].view(2, k).mean(1)
@@ -66,12 +66,20 @@ def test_half_order_alternates_strata():
         half_order(6, True)
 
 
-@pytest.mark.parametrize("dim,projection,antithetic", [(None, "sketch", False), (512, "sketch", True),
-                                                       (512, "kronecker", False)])
+@pytest.mark.parametrize(
+    "dim,projection,antithetic", [(None, "sketch", False), (512, "sketch", True), (512, "kronecker", False)]
+)
 def test_halves_average_to_the_full_feature(model, data, dim, projection, antithetic):
     train, _ = data
-    cfg = AttributionConfig(method="ekfac", dim=dim, projection=projection, draws=4, curvature_draws=1,
-                            damping=0.1, antithetic=antithetic)
+    cfg = AttributionConfig(
+        method="ekfac",
+        dim=dim,
+        projection=projection,
+        draws=4,
+        curvature_draws=1,
+        damping=0.1,
+        antithetic=antithetic,
+    )
     att = Attributor(model, train, cfg, progress=False).fit()
     keys = list(range(len(train)))
     args = (model, att.feature_map("train"), train.images, keys, Measurement("loss"), 4, 0)
@@ -85,8 +93,16 @@ def test_halves_average_to_the_full_feature(model, data, dim, projection, antith
 
 def test_importance_config_fits_a_density_and_scores(model, data):
     train, queries = data
-    cfg = AttributionConfig(method="ekfac", dim=512, draws=4, query_draws=4, curvature_draws=1,
-                            damping=0.1, importance=True, profile_images=4)
+    cfg = AttributionConfig(
+        method="ekfac",
+        dim=512,
+        draws=4,
+        query_draws=4,
+        curvature_draws=1,
+        damping=0.1,
+        importance=True,
+        profile_images=4,
+    )
     att = Attributor(model, train, cfg, progress=False).fit()
     assert att.density is not None and abs(float(att.density.sum()) - 1) < 1e-9
     s = att.scores(queries)
@@ -108,8 +124,16 @@ def test_spread_scores_match_and_se_is_calibrated(model, data, method):
     """scores_with_spread gives the plain scores, and its standard error matches the spread of
     the scores over 16 seeds of the draws (curvature and projection held fixed)."""
     train, queries = data
-    base = dict(method=method, dim=512, draws=4, query_draws=4, curvature_draws=1, damping=0.1,
-                antithetic=True, curvature_min_rows=0)
+    base = dict(
+        method=method,
+        dim=512,
+        draws=4,
+        query_draws=4,
+        curvature_draws=1,
+        damping=0.1,
+        antithetic=True,
+        curvature_min_rows=0,
+    )
     ref = Attributor(model, train, AttributionConfig(**base), progress=False).fit()
     runs, ses = [], []
     for seed in range(16):

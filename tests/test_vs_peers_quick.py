@@ -28,16 +28,29 @@ def _tiny_inputs(n: int = 24, q: int = 3) -> BenchInputs:
     model = build_model("tiny", seed=0)
     model.unet.eval().requires_grad_(False)
     images = mnist(size=8)
-    return BenchInputs(model, images.subset(range(n)), images.images[n:n + q].clone())
+    return BenchInputs(model, images.subset(range(n)), images.images[n : n + q].clone())
 
 
 def _setup(tmp_path) -> dict:
-    return {"n": 24, "q": 3, "k": 2, "kc": 2, "seed": 0, "batch_size": 8, "threads": 1, "dim": 256,
-            "single_queries": 2, "workdir": str(tmp_path), "model": "tiny"}
+    return {
+        "n": 24,
+        "q": 3,
+        "k": 2,
+        "kc": 2,
+        "seed": 0,
+        "batch_size": 8,
+        "threads": 1,
+        "dim": 256,
+        "single_queries": 2,
+        "workdir": str(tmp_path),
+        "model": "tiny",
+    }
 
 
-@pytest.mark.skipif(importlib.util.find_spec("kronfluence") is None,
-                    reason="kronfluence not installed (benchmarks/requirements-peers.txt)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("kronfluence") is None,
+    reason="kronfluence not installed (benchmarks/requirements-peers.txt)",
+)
 def test_kronfluence_agrees_with_ours_unprojected(tmp_path):
     from benchmarks.peers import peer_kronfluence
 

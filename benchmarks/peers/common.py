@@ -50,13 +50,24 @@ class PeerResult:
 
     @classmethod
     def from_timer(cls, scores, timer: Timer, settings: dict, rss_after_setup_mb: float, **kw) -> PeerResult:
-        return cls(np.asarray(scores, dtype=np.float32), timer.total_s, timer.total_cpu_s, dict(timer.wall),
-                   dict(timer.cpu), settings, round(rss_after_setup_mb, 1), **kw)
+        return cls(
+            np.asarray(scores, dtype=np.float32),
+            timer.total_s,
+            timer.total_cpu_s,
+            dict(timer.wall),
+            dict(timer.cpu),
+            settings,
+            round(rss_after_setup_mb, 1),
+            **kw,
+        )
 
     def to_dict(self) -> dict:
         """The JSON record (without the scores, which go to an .npy file); unset fields left out."""
-        return {f.name: getattr(self, f.name) for f in fields(self)
-                if f.name != "scores" and getattr(self, f.name) is not None}
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name != "scores" and getattr(self, f.name) is not None
+        }
 
 
 # ---- the benchmark's model, images and queries ------------------------------------------------
@@ -92,7 +103,9 @@ def bench_images(setup: dict):
     if setup["model"] != "rgb32":
         return data
     x = torch.nn.functional.pad(data.images, (2, 2, 2, 2), value=-1.0)
-    colour = torch.rand(len(data), 3, 1, 1, generator=torch.Generator().manual_seed(setup["seed"])) * 0.7 + 0.3
+    colour = (
+        torch.rand(len(data), 3, 1, 1, generator=torch.Generator().manual_seed(setup["seed"])) * 0.7 + 0.3
+    )
     data.images = ((x + 1) * colour - 1).contiguous()
     return data
 
@@ -128,7 +141,7 @@ class ExampleRows:
         return len(self.keys)
 
     def __getitem__(self, i: int):
-        x, t, y = example_rows(self.model, self.images[i:i + 1], [self.keys[i]], self.k, self.seed)
+        x, t, y = example_rows(self.model, self.images[i : i + 1], [self.keys[i]], self.k, self.seed)
         return x[0], t[0], y[0]
 
 

@@ -18,14 +18,22 @@ from benchmarks.peers.timer import Timer
 # no importance density), as the peers' own MC loops draw them
 SAME_ROWS = dict(antithetic=False, importance=False, damping=OURS_DAMPING)
 
+
 def run_unprojected(setup: dict, inp: BenchInputs, timer: Timer) -> PeerResult:
     """Attributor(method="ekfac", dim=None).fit().scores(queries)."""
     from attribution.influence import AttributionConfig, Attributor
 
     rss0 = peak_rss_mb()
-    cfg = AttributionConfig(method="ekfac", draws=setup["k"], query_draws=setup["k"],
-                            curvature_draws=setup["kc"], curvature_min_rows=0, dim=None, seed=setup["seed"],
-                            **SAME_ROWS)
+    cfg = AttributionConfig(
+        method="ekfac",
+        draws=setup["k"],
+        query_draws=setup["k"],
+        curvature_draws=setup["kc"],
+        curvature_min_rows=0,
+        dim=None,
+        seed=setup["seed"],
+        **SAME_ROWS,
+    )
     with timer.stage("curvature"):
         att = Attributor(inp.model, inp.data, cfg, progress=False).fit()
     with timer.stage("train_features_and_scores"):
@@ -44,9 +52,17 @@ def run_index(setup: dict, inp: BenchInputs, timer: Timer, name: str) -> PeerRes
     rss0 = peak_rss_mb()
     k, seed = setup["k"], setup["seed"]
     fast = name == "kfac"  # the K-FAC fast path: Kronecker projection, preconditioning folded in
-    cfg = AttributionConfig(method=name, draws=k, query_draws=k, curvature_draws=setup["kc"], curvature_min_rows=0,
-                            dim=setup.get("kfac_dim", 8192) if fast else setup["dim"],
-                            projection="kronecker" if fast else "sketch", seed=seed, **SAME_ROWS)
+    cfg = AttributionConfig(
+        method=name,
+        draws=k,
+        query_draws=k,
+        curvature_draws=setup["kc"],
+        curvature_min_rows=0,
+        dim=setup.get("kfac_dim", 8192) if fast else setup["dim"],
+        projection="kronecker" if fast else "sketch",
+        seed=seed,
+        **SAME_ROWS,
+    )
     out = Path(setup["workdir"]) / f"index-{name}"
     shutil.rmtree(out, ignore_errors=True)
     with timer.stage("build_index"):
@@ -58,14 +74,23 @@ def run_index(setup: dict, inp: BenchInputs, timer: Timer, name: str) -> PeerRes
     single, single_cpu = _single_queries(idx, inp.queries, setup["single_queries"])
     build = json.loads((out / "manifest.json").read_text())["build"]
     res = PeerResult.from_timer(
-        scores, timer, _index_settings(idx, name), rss0, single_query_s=statistics.median(single),
-        single_query_cpu_s=statistics.median(single_cpu), single_query_all_s=single,
+        scores,
+        timer,
+        _index_settings(idx, name),
+        rss0,
+        single_query_s=statistics.median(single),
+        single_query_cpu_s=statistics.median(single_cpu),
+        single_query_all_s=single,
         peak_rss_build_mb=round(rss_build, 1),
-        throughput=_throughput(inp, setup, build["seconds_features"]))
+        throughput=_throughput(inp, setup, build["seconds_features"]),
+    )
     # the build's own split of its wall time (its manifest)
-    res.stages_s = {"build_index": res.stages_s["build_index"], "build_curvature": build["seconds_curvature"],
-                    "build_features": build["seconds_features"],
-                    "load_and_query_all": res.stages_s["load_and_query_all"]}
+    res.stages_s = {
+        "build_index": res.stages_s["build_index"],
+        "build_curvature": build["seconds_curvature"],
+        "build_features": build["seconds_features"],
+        "load_and_query_all": res.stages_s["load_and_query_all"],
+    }
     return res
 
 
@@ -78,18 +103,29 @@ def _single_queries(idx, queries, n: int) -> tuple[list[float], list[float]]:
 
 
 def _index_settings(idx, name: str) -> dict:
-    return {"method": name, "dim": idx.manifest["projection"]["total_dim"],
-            "projection": idx.manifest["projection"]["kind"], "faiss": idx.manifest["faiss"]["type"],
-            "damping": (f"{OURS_DAMPING} x mean eigenvalue per layer (exact)" if name == "ekfac" else
-                        f"factored: sqrt({OURS_DAMPING}) x mean eigenvalue of A and of S")}
+    return {
+        "method": name,
+        "dim": idx.manifest["projection"]["total_dim"],
+        "projection": idx.manifest["projection"]["kind"],
+        "faiss": idx.manifest["faiss"]["type"],
+        "damping": (
+            f"{OURS_DAMPING} x mean eigenvalue per layer (exact)"
+            if name == "ekfac"
+            else f"factored: sqrt({OURS_DAMPING}) x mean eigenvalue of A and of S"
+        ),
+    }
 
 
 def _throughput(inp: BenchInputs, setup: dict, seconds_features: float) -> dict:
     plain = plain_rows_per_s(inp.model, inp.data.images, setup["k"], setup["seed"], setup["batch_size"])
     feat = setup["n"] * setup["k"] / seconds_features
-    return {"feature_rows_per_s": feat, "plain_fwd_bwd_rows_per_s": plain, "ratio": feat / plain,
-            "note": "features stage of the build (incl. writing the store) vs a plain batched "
-                    "forward+backward of the diffusion loss on the same rows, same process"}
+    return {
+        "feature_rows_per_s": feat,
+        "plain_fwd_bwd_rows_per_s": plain,
+        "ratio": feat / plain,
+        "note": "features stage of the build (incl. writing the store) vs a plain batched "
+        "forward+backward of the diffusion loss on the same rows, same process",
+    }
 
 
 def plain_rows_per_s(model, images, k: int, seed: int, batch_size: int, batches: int = 4) -> float:

@@ -91,11 +91,23 @@ def _analyzers(inp: BenchInputs, outdir: Path, k: int, d: float, fresh_mc: bool)
     net, row_task, example_task = _tasks(k, d, fresh_mc)
     base = net(inp.model.unet).eval()
     dl = DataLoaderKwargs(num_workers=0)
-    a_fit = Analyzer("vs_peers", prepare_model(copy.deepcopy(base), row_task()), row_task(), cpu=True,
-                     output_dir=str(outdir), disable_tqdm=True)
+    a_fit = Analyzer(
+        "vs_peers",
+        prepare_model(copy.deepcopy(base), row_task()),
+        row_task(),
+        cpu=True,
+        output_dir=str(outdir),
+        disable_tqdm=True,
+    )
     a_fit.set_dataloader_kwargs(dl)
-    a_score = Analyzer("vs_peers", prepare_model(copy.deepcopy(base), example_task()), example_task(), cpu=True,
-                       output_dir=str(outdir), disable_tqdm=True)
+    a_score = Analyzer(
+        "vs_peers",
+        prepare_model(copy.deepcopy(base), example_task()),
+        example_task(),
+        cpu=True,
+        output_dir=str(outdir),
+        disable_tqdm=True,
+    )
     a_score.set_dataloader_kwargs(dl)
     return a_fit, a_score
 
@@ -119,25 +131,59 @@ def run(setup: dict, inp: BenchInputs, timer: Timer, fresh_mc: bool = False) -> 
     query_set = ExampleRows(inp.model, inp.queries, [QUERY_KEY] * q, k, seed)
     bs = setup["batch_size"]
     with timer.stage("fit_all_factors"):
-        a_fit.fit_all_factors("ekfac", dataset=factor_rows, per_device_batch_size=bs * kc,
-                              factor_args=FactorArguments(strategy="ekfac"), overwrite_output_dir=True)
+        a_fit.fit_all_factors(
+            "ekfac",
+            dataset=factor_rows,
+            per_device_batch_size=bs * kc,
+            factor_args=FactorArguments(strategy="ekfac"),
+            overwrite_output_dir=True,
+        )
     rss_fit = peak_rss_mb()
     with timer.stage("compute_pairwise_scores"):
         a_score.compute_pairwise_scores(
-            "pairwise", "ekfac", query_dataset=query_set, train_dataset=train,
-            per_device_query_batch_size=min(q, 8), per_device_train_batch_size=bs, overwrite_output_dir=True,
-            score_args=ScoreArguments(damping_factor=None, query_gradient_accumulation_steps=max(1, math.ceil(q / 8))))
+            "pairwise",
+            "ekfac",
+            query_dataset=query_set,
+            train_dataset=train,
+            per_device_query_batch_size=min(q, 8),
+            per_device_train_batch_size=bs,
+            overwrite_output_dir=True,
+            score_args=ScoreArguments(
+                damping_factor=None, query_gradient_accumulation_steps=max(1, math.ceil(q / 8))
+            ),
+        )
     scores = a_score.load_pairwise_scores("pairwise")["all_modules"].float().numpy()
-    _, single, single_cpu = Timer.measure(lambda: a_score.compute_pairwise_scores(
-        "single", "ekfac", query_dataset=query_set, train_dataset=train, per_device_query_batch_size=1,
-        per_device_train_batch_size=bs, query_indices=[0], score_args=ScoreArguments(damping_factor=None),
-        overwrite_output_dir=True))
-    settings = {"strategy": "ekfac", "damping_factor": None, "HEURISTIC_DAMPING_SCALE": OURS_DAMPING,
-                "damping": f"{OURS_DAMPING} x mean corrected eigenvalue per layer (kronfluence "
-                           "heuristic damping with its scale set from 0.1 to ours)",
-                "factor_items": "rows (one draw each)", "score_items": "examples (K rows, summed)",
-                "mc_target": "y = eps_hat - sqrt(d/2) z, z = "
-                             + ("kronfluence's own draws" if fresh_mc else "our MC-GGN samples"),
-                "version": version("kronfluence")}
-    return PeerResult.from_timer(scores, timer, settings, rss0, single_query_s=single,
-                                 single_query_cpu_s=single_cpu, peak_rss_factors_mb=round(rss_fit, 1))
+    _, single, single_cpu = Timer.measure(
+        lambda: a_score.compute_pairwise_scores(
+            "single",
+            "ekfac",
+            query_dataset=query_set,
+            train_dataset=train,
+            per_device_query_batch_size=1,
+            per_device_train_batch_size=bs,
+            query_indices=[0],
+            score_args=ScoreArguments(damping_factor=None),
+            overwrite_output_dir=True,
+        )
+    )
+    settings = {
+        "strategy": "ekfac",
+        "damping_factor": None,
+        "HEURISTIC_DAMPING_SCALE": OURS_DAMPING,
+        "damping": f"{OURS_DAMPING} x mean corrected eigenvalue per layer (kronfluence "
+        "heuristic damping with its scale set from 0.1 to ours)",
+        "factor_items": "rows (one draw each)",
+        "score_items": "examples (K rows, summed)",
+        "mc_target": "y = eps_hat - sqrt(d/2) z, z = "
+        + ("kronfluence's own draws" if fresh_mc else "our MC-GGN samples"),
+        "version": version("kronfluence"),
+    }
+    return PeerResult.from_timer(
+        scores,
+        timer,
+        settings,
+        rss0,
+        single_query_s=single,
+        single_query_cpu_s=single_cpu,
+        peak_rss_factors_mb=round(rss_fit, 1),
+    )

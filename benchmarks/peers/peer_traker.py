@@ -59,24 +59,42 @@ def run(setup: dict, inp: BenchInputs, timer: Timer) -> PeerResult:
     for p in unet.parameters():
         p.requires_grad_(True)
     with timer.stage("featurize_and_finalize"):
-        projector = BasicProjector(grad_dim=sum(p.numel() for p in unet.parameters()), proj_dim=setup["trak_dim"],
-                                   seed=seed, proj_type=ProjectionType.normal, device="cpu", dtype=torch.float32,
-                                   block_size=setup["trak_block"])
-        traker = TRAKer(model=unet, task=output(), train_set_size=n, save_dir=str(save), device="cpu",
-                        projector=projector, use_half_precision=False, logging_level=40, score_computer=ridge)
+        projector = BasicProjector(
+            grad_dim=sum(p.numel() for p in unet.parameters()),
+            proj_dim=setup["trak_dim"],
+            seed=seed,
+            proj_type=ProjectionType.normal,
+            device="cpu",
+            dtype=torch.float32,
+            block_size=setup["trak_block"],
+        )
+        traker = TRAKer(
+            model=unet,
+            task=output(),
+            train_set_size=n,
+            save_dir=str(save),
+            device="cpu",
+            projector=projector,
+            use_half_precision=False,
+            logging_level=40,
+            score_computer=ridge,
+        )
         traker.load_checkpoint(unet.state_dict(), model_id=0)
         for i in range(0, n, bs):
-            x, t, y = example_rows(inp.model, inp.data.images[i:i + bs], range(i, min(n, i + bs)), k, seed)
+            x, t, y = example_rows(inp.model, inp.data.images[i : i + bs], range(i, min(n, i + bs)), k, seed)
             traker.featurize(batch=(x, t, y), num_samples=x.shape[0])
         traker.finalize_features()
     with timer.stage("score_queries"):
         traker.start_scoring_checkpoint("queries", unet.state_dict(), model_id=0, num_targets=q)
         for i in range(0, q, bs):
-            x, t, y = example_rows(inp.model, inp.queries[i:i + bs], [QUERY_KEY] * min(bs, q - i), k, seed)
+            x, t, y = example_rows(inp.model, inp.queries[i : i + bs], [QUERY_KEY] * min(bs, q - i), k, seed)
             traker.score(batch=(x, t, y), num_samples=x.shape[0])
         scores = np.asarray(traker.finalize_scores("queries")).T  # (Q, N)
-    settings = {"proj_dim": setup["trak_dim"], "projector": "BasicProjector (normal, float32)",
-                "output_function": "diffusion loss (mean over K rows)",
-                "ridge": f"{TRAK_DAMPING} x mean eigenvalue of XtX (BasicScoreComputer.get_xtx)",
-                "version": version("traker")}
+    settings = {
+        "proj_dim": setup["trak_dim"],
+        "projector": "BasicProjector (normal, float32)",
+        "output_function": "diffusion loss (mean over K rows)",
+        "ridge": f"{TRAK_DAMPING} x mean eigenvalue of XtX (BasicScoreComputer.get_xtx)",
+        "version": version("traker"),
+    }
     return PeerResult.from_timer(scores, timer, settings, rss0)

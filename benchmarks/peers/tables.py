@@ -50,8 +50,10 @@ def goals(results: dict, setup: dict) -> dict:
         out["spearman_unprojected_vs_kronfluence"] = unp[f"spearman_vs_{PEER_REFERENCE}"]
         out["goal_spearman_0.9"] = out["spearman_unprojected_vs_kronfluence"] >= 0.9
     if out.get("total_speedup_vs_kronfluence_wall") is not None and setup["n"] < 5000:
-        out["note"] = (f"the goals are stated for N = 5,000; measured at N = {setup['n']} "
-                       "(the index's query cost is independent of N apart from the FAISS scan)")
+        out["note"] = (
+            f"the goals are stated for N = 5,000; measured at N = {setup['n']} "
+            "(the index's query cost is independent of N apart from the FAISS scan)"
+        )
     return out
 
 
@@ -69,23 +71,30 @@ def _row(m: str, r: dict, ours: dict) -> str:
     tr, tc = ratio(r, ours, "total_s"), ratio(r, ours, "total_cpu_s")
     qr, qc = ratio(r, ours, "single_query_s"), ratio(r, ours, "single_query_cpu_s")
     tp = r.get("throughput")
-    return (f"| {m} | {fmt(r['total_s'])} ({fmt(r.get('total_cpu_s'))}) | {fmt(tr, 2)}× ({fmt(tc, 2)}×) | "
-            f"{fmt(r.get('single_query_s'), 3)} ({fmt(r.get('single_query_cpu_s'), 3)}) | "
-            f"{fmt(qr, 0)}× ({fmt(qc, 0)}×) | {fmt(r.get('peak_rss_mb'), 0)} | "
-            f"{fmt(r.get('spearman_vs_' + REFERENCE), 3)} | {fmt(r.get('spearman_vs_' + PEER_REFERENCE), 3)} | "
-            + (f"{tp['feature_rows_per_s']:.0f} / {tp['plain_fwd_bwd_rows_per_s']:.0f} = {tp['ratio']:.2f} |"
-               if tp else "– |"))
+    return (
+        f"| {m} | {fmt(r['total_s'])} ({fmt(r.get('total_cpu_s'))}) | {fmt(tr, 2)}× ({fmt(tc, 2)}×) | "
+        f"{fmt(r.get('single_query_s'), 3)} ({fmt(r.get('single_query_cpu_s'), 3)}) | "
+        f"{fmt(qr, 0)}× ({fmt(qc, 0)}×) | {fmt(r.get('peak_rss_mb'), 0)} | "
+        f"{fmt(r.get('spearman_vs_' + REFERENCE), 3)} | {fmt(r.get('spearman_vs_' + PEER_REFERENCE), 3)} | "
+        + (
+            f"{tp['feature_rows_per_s']:.0f} / {tp['plain_fwd_bwd_rows_per_s']:.0f} = {tp['ratio']:.2f} |"
+            if tp
+            else "– |"
+        )
+    )
 
 
 def table(results: dict, setup: dict) -> str:
     """Markdown table; ratios are this method's time over ours-ekfac's (> 1: ours is faster)."""
     ours = results.get("ours-ekfac", {})
-    lines = [f"N = {setup['n']} training images, Q = {setup['q']} queries, K = {setup['k']} draws "
-             f"(curvature K_c = {setup['kc']}), model: {setup['model']}, threads: {setup['threads']}. "
-             "Ratios: method / ours-ekfac (wall; CPU in brackets).",
-             "",
-             "| method | total s (CPU s) | ratio | one new query s (CPU s) | ratio | peak RSS MB | "
-             f"Spearman vs {REFERENCE} | Spearman vs {PEER_REFERENCE} | features / plain fwd+bwd |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"N = {setup['n']} training images, Q = {setup['q']} queries, K = {setup['k']} draws "
+        f"(curvature K_c = {setup['kc']}), model: {setup['model']}, threads: {setup['threads']}. "
+        "Ratios: method / ours-ekfac (wall; CPU in brackets).",
+        "",
+        "| method | total s (CPU s) | ratio | one new query s (CPU s) | ratio | peak RSS MB | "
+        f"Spearman vs {REFERENCE} | Spearman vs {PEER_REFERENCE} | features / plain fwd+bwd |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     lines += [_row(m, r, ours) for m, r in results.items()]
     return "\n".join(lines)
