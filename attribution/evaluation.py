@@ -92,8 +92,27 @@ def build_groundtruth(
     data = mnist(size=cfg.size)
     train_images = data.images[: cfg.n_train]
     real = data.images[cfg.n_train : cfg.n_train + cfg.n_real]
+    full = _full_model(out / "full-model", cfg, train_images, progress, log)
+    queries = _queries(out / "queries.safetensors", cfg, full, real, progress, log)
+    masks = _masks(out / "masks.npy", cfg)
+    if not (out / "full_measurements.npy").exists():
+        save_numpy(out / "full_measurements.npy", measure(full, queries, cfg.measure_draws, cfg.seed + 3))
+    mdir = out / "measurements"
+    mdir.mkdir(exist_ok=True)
+    _train_subsets(mdir, cfg, train_images, queries, masks, worker, log)
+    missing = _missing(mdir, cfg)
+    if missing:
+        log(f"{len(missing)} models are still being trained by other workers")
+        return out
+    meas = np.stack(
+        [np.stack([np.load(mdir / f"{j:03d}-{s}.npy") for s in range(cfg.seeds)]) for j in range(cfg.subsets)]
+    )  # (M, S, Q)
+    save_numpy(out / "measurements.npy", meas.astype(np.float32))
+    return out
 
-    full_dir = out / "full-model"
+
+def _full_model(full_dir: Path, cfg: GroundTruthConfig, train_images: torch.Tensor, progress: bool, log):
+    """The model trained on all N images (trained once, then loaded)."""
     if not (full_dir / "unet").exists():
         log(f"training the full-data model on {cfg.n_train} images ({cfg.full_steps} steps)")
         model = train(
@@ -103,9 +122,13 @@ def build_groundtruth(
             progress=progress,
         )
         save_model(model, full_dir, extra={"groundtruth": asdict(cfg)})
-    full = load_model(full_dir)
+    return load_model(full_dir)
 
-    q_path = out / "queries.safetensors"
+
+def _queries(
+    q_path: Path, cfg: GroundTruthConfig, full, real: torch.Tensor, progress: bool, log
+) -> torch.Tensor:
+    """(n_generated + n_real, C, H, W): DDIM samples of the full model, then held-out real images."""
     if not q_path.exists():
         log(f"generating {cfg.n_generated} queries (DDIM {cfg.trajectory_steps} steps)")
         s = sample(
@@ -127,9 +150,11 @@ def build_groundtruth(
             str(q_path),
         )
     q = load_file(str(q_path))
-    queries = torch.cat([q["generated"], q["real"]])
+    return torch.cat([q["generated"], q["real"]])
 
-    mask_path = out / "masks.npy"
+
+def _masks(mask_path: Path, cfg: GroundTruthConfig) -> np.ndarray:
+    """(subsets, n_train) bool: the seeded random subsets, each a `fraction` of the images."""
     if not mask_path.exists():
         rng = np.random.default_rng(cfg.seed + 2)
         k = int(round(cfg.fraction * cfg.n_train))
@@ -137,18 +162,22 @@ def build_groundtruth(
         for j in range(cfg.subsets):
             masks[j, rng.choice(cfg.n_train, k, replace=False)] = True
         save_numpy(mask_path, masks)
-    masks = np.load(mask_path)
-    if not (out / "full_measurements.npy").exists():
-        save_numpy(out / "full_measurements.npy", measure(full, queries, cfg.measure_draws, cfg.seed + 3))
+    return np.load(mask_path)
 
-    mdir = out / "measurements"
-    mdir.mkdir(exist_ok=True)
-    todo = [
+
+def _missing(mdir: Path, cfg: GroundTruthConfig) -> list[tuple[int, int]]:
+    """(subset, seed) pairs whose measurements are not on disk yet."""
+    return [
         (j, s)
         for s in range(cfg.seeds)
         for j in range(cfg.subsets)
         if not (mdir / f"{j:03d}-{s}.npy").exists()
-    ][worker[0] :: worker[1]]
+    ]
+
+
+def _train_subsets(mdir: Path, cfg: GroundTruthConfig, train_images, queries, masks, worker, log) -> None:
+    """Trains this worker's share of the missing subset models; saves each one's measurements."""
+    todo = _missing(mdir, cfg)[worker[0] :: worker[1]]
     log(
         f"{cfg.subsets * cfg.seeds - len(todo)} of {cfg.subsets * cfg.seeds} subset models done; "
         f"training the remaining {len(todo)}"
@@ -168,20 +197,6 @@ def build_groundtruth(
             f"model {n_done + 1}/{len(todo)} (subset {j}, seed {s}) done; "
             f"{el / (n_done + 1) * (len(todo) - n_done - 1) / 60:.0f} min left"
         )
-    missing = [
-        (j, s)
-        for s in range(cfg.seeds)
-        for j in range(cfg.subsets)
-        if not (mdir / f"{j:03d}-{s}.npy").exists()
-    ]
-    if missing:
-        log(f"{len(missing)} models are still being trained by other workers")
-        return out
-    meas = np.stack(
-        [np.stack([np.load(mdir / f"{j:03d}-{s}.npy") for s in range(cfg.seeds)]) for j in range(cfg.subsets)]
-    )  # (M, S, Q)
-    save_numpy(out / "measurements.npy", meas.astype(np.float32))
-    return out
 
 
 @dataclass
@@ -304,8 +319,6 @@ def retrain_top_k(
     most one model. Returns the summary (also written to `out/retrain_top_k.json`) once every
     model is done.
     """
-    from attribution.influence import AttributionConfig
-
     gt = load_groundtruth(groundtruth)
     cfg, out = gt.config, Path(out)
     (out / "models").mkdir(parents=True, exist_ok=True)
@@ -328,24 +341,7 @@ def retrain_top_k(
         )
         save_numpy(path, measure(model, queries, cfg.measure_draws, cfg.seed + 3))
 
-    removed = {}
-    for method in methods:
-        path = out / f"scores-{method}.npy"
-        if method != "random" and not path.exists() and worker[0] == 0:
-            log(f"scores of {method} for {n_queries} queries")
-            c = AttributionConfig(**{"method": method, **(configs or {}).get(method, {})})
-            save_numpy(path, method_lds(gt, c, progress=False)["scores"][:n_queries])
-        for frac in fractions:
-            if method == "random":
-                sets = removal_sets(
-                    np.zeros((n_queries, gt.train_images.shape[0])), frac, np.random.default_rng(cfg.seed + 7)
-                )
-            elif path.exists():
-                sets = removal_sets(np.load(path), frac)
-            else:
-                continue  # worker 0 computes the scores first
-            for q in range(n_queries):
-                removed[f"{method}-{frac:g}-{q}"] = sets[q]
+    removed = _removals(gt, out, methods, fractions, n_queries, configs, worker, log)
     # interleaved (fraction, query, method) so a partial run compares the methods on the same queries
     order = [f"{m}-{f:g}-{q}" for f in fractions for q in range(n_queries) for m in methods]
     every = [("baseline", np.arange(gt.train_images.shape[0]))]
@@ -377,6 +373,33 @@ def retrain_top_k(
     summary["recipe"] = asdict(tcfg)
     (out / "retrain_top_k.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _removals(gt, out: Path, methods, fractions, n_queries: int, configs, worker, log) -> dict:
+    """{"<method>-<fraction>-<query>": rows removed}; worker 0 computes and saves each method's
+    scores first (the other workers skip the methods whose scores are not on disk yet)."""
+    from attribution.influence import AttributionConfig
+
+    cfg = gt.config
+    removed = {}
+    for method in methods:
+        path = out / f"scores-{method}.npy"
+        if method != "random" and not path.exists() and worker[0] == 0:
+            log(f"scores of {method} for {n_queries} queries")
+            c = AttributionConfig(**{"method": method, **(configs or {}).get(method, {})})
+            save_numpy(path, method_lds(gt, c, progress=False)["scores"][:n_queries])
+        for frac in fractions:
+            if method == "random":
+                sets = removal_sets(
+                    np.zeros((n_queries, gt.train_images.shape[0])), frac, np.random.default_rng(cfg.seed + 7)
+                )
+            elif path.exists():
+                sets = removal_sets(np.load(path), frac)
+            else:
+                continue  # worker 0 computes the scores first
+            for q in range(n_queries):
+                removed[f"{method}-{frac:g}-{q}"] = sets[q]
+    return removed
 
 
 def _retrain_summary(loss, methods: list[str], fractions, n_queries: int, seeds: int) -> dict:

@@ -267,19 +267,8 @@ def conversion_notes(img: Image.Image, channels: int, size: int | tuple[int, int
     return notes
 
 
-def open_image(path_or_bytes, name: str | None = None) -> Image.Image:
-    """Open and fully decode one image (a path, its bytes or a binary file object); DataError naming
-    it on anything wrong, never another exception.
-
-    Only ACCEPTED_FORMATS are decoded (checked from the file's first bytes, then PIL runs with
-    only those decoders). Images over MAX_PIXELS are refused from their header, before decoding
-    (decompression bombs). Of an animated GIF/PNG/WebP or a multi-page TIFF the first frame is
-    used (`info["animated"]` is then True). Float images with NaN or infinite pixels, float or
-    wide-integer images that no mapping to 8 bits can show, and modes that cannot be converted
-    are refused (see `_wide_to_8bit`); `info["source_format"]` names the format.
-    """
-    is_bytes = isinstance(path_or_bytes, (bytes, bytearray, memoryview))
-    shown = _shown(name if name is not None else "image" if is_bytes else path_or_bytes)
+def _read_head(path_or_bytes, is_bytes: bool, shown: str):
+    """(source for PIL, its first 16 bytes); DataError if the file cannot be read."""
     try:
         if is_bytes:
             src = io.BytesIO(bytes(path_or_bytes))
@@ -300,6 +289,23 @@ def open_image(path_or_bytes, name: str | None = None) -> Image.Image:
         raise DataError(f"{shown}: cannot be read (permission denied)") from None
     except OSError as e:
         raise DataError(f"{shown}: cannot be read ({e.strerror or type(e).__name__})") from None
+    return src, head
+
+
+def open_image(path_or_bytes, name: str | None = None) -> Image.Image:
+    """Open and fully decode one image (a path, its bytes or a binary file object); DataError naming
+    it on anything wrong, never another exception.
+
+    Only ACCEPTED_FORMATS are decoded (checked from the file's first bytes, then PIL runs with
+    only those decoders). Images over MAX_PIXELS are refused from their header, before decoding
+    (decompression bombs). Of an animated GIF/PNG/WebP or a multi-page TIFF the first frame is
+    used (`info["animated"]` is then True). Float images with NaN or infinite pixels, float or
+    wide-integer images that no mapping to 8 bits can show, and modes that cannot be converted
+    are refused (see `_wide_to_8bit`); `info["source_format"]` names the format.
+    """
+    is_bytes = isinstance(path_or_bytes, (bytes, bytearray, memoryview))
+    shown = _shown(name if name is not None else "image" if is_bytes else path_or_bytes)
+    src, head = _read_head(path_or_bytes, is_bytes, shown)
     if not head:
         raise DataError(f"{shown}: the file is empty (0 bytes)")
     fmt = _sniff(head)

@@ -60,6 +60,24 @@ def step_draws(step: int, bs: int, shape: tuple[int, ...], num_timesteps: int, c
     return t, eps
 
 
+def _resume(ckpt: Path | None, cfg: TrainConfig, unet, ema, opt, device) -> int:
+    """Loads the checkpoint at `ckpt` (if any) into unet, ema and opt; returns its step (else 0)."""
+    if ckpt is None:
+        return 0
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    if not ckpt.exists():
+        return 0
+    state = torch.load(ckpt, map_location=device, weights_only=True)
+    if state["config"] != asdict(cfg):
+        raise ValueError(
+            f"{ckpt}: checkpoint was made with another training config; use a new work folder or delete it"
+        )
+    unet.load_state_dict(state["unet"])
+    ema.load_state_dict(state["ema"])
+    opt.load_state_dict(state["opt"])
+    return int(state["step"])
+
+
 def train(
     model: DiffusionModel,
     images: torch.Tensor,
@@ -82,34 +100,13 @@ def train(
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     acp = model.alphas_cumprod(device)
-    start = 0
     ckpt = Path(workdir) / "checkpoint.pt" if workdir else None
-    if ckpt is not None:
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
-        if ckpt.exists():
-            state = torch.load(ckpt, map_location=device, weights_only=True)
-            if state["config"] != asdict(cfg):
-                raise ValueError(
-                    f"{ckpt}: checkpoint was made with another training config; "
-                    "use a new work folder or delete it"
-                )
-            unet.load_state_dict(state["unet"])
-            ema.load_state_dict(state["ema"])
-            opt.load_state_dict(state["opt"])
-            start = int(state["step"])
+    start = _resume(ckpt, cfg, unet, ema, opt, device)
 
     def checkpoint(step: int) -> None:
         if ckpt is not None:
-            save_torch(
-                ckpt,
-                {
-                    "unet": unet.state_dict(),
-                    "ema": ema.state_dict(),
-                    "opt": opt.state_dict(),
-                    "step": step,
-                    "config": asdict(cfg),
-                },
-            )
+            state = {"unet": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict()}
+            save_torch(ckpt, {**state, "step": step, "config": asdict(cfg)})
 
     n = images.shape[0]
     shape = tuple(images.shape[1:])

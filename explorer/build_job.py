@@ -28,7 +28,8 @@ from attribution.curvature import Curvature
 from attribution.data import load_dataset, to_uint8
 from attribution.influence import METHODS, AttributionConfig, Attributor
 from attribution.projection import Projection
-from index.build import add_build_args, build_index, config_from_args
+from index.build import build_index
+from index.build_cli import add_build_args, config_from_args
 from index.layout import IndexLayout
 from index.store import Index
 from index.store import load as load_index

@@ -15,7 +15,6 @@ from pathlib import Path
 from attribution.console import say
 from explorer.cli_args import (
     DECAY,
-    FRACTION,
     NON_NEGATIVE,
     PORT,
     POSITIVE,
@@ -24,9 +23,9 @@ from explorer.cli_args import (
     Parser,
     load_model,
     output,
-    worker,
     write,
 )
+from explorer.cli_evaluate import add_evaluate
 
 
 def cmd_train(a: argparse.Namespace) -> None:
@@ -156,7 +155,7 @@ def cmd_scores(a: argparse.Namespace) -> None:
 
 
 def cmd_index_build(a: argparse.Namespace) -> None:
-    from index.build import run_build
+    from index.build_cli import run_build
 
     run_build(a)
 
@@ -200,66 +199,6 @@ def cmd_query(a: argparse.Namespace) -> None:
         out = {"image": str(a.image), "index": str(a.index), "method": idx.method, **res.to_dict()}
         write(js, "--json", lambda path: path.write_text(json.dumps(out, indent=2)))
         say(f"wrote {js}")
-
-
-def cmd_evaluate(a: argparse.Namespace) -> None:
-    from attribution import evaluation as ev
-    from attribution.influence import AttributionConfig, dim_arg
-
-    if a.eval_cmd == "groundtruth":
-        cfg = ev.GroundTruthConfig(subsets=a.subsets, seeds=a.seeds, steps=a.steps, n_train=a.n_train)
-        i, n = (int(x) for x in a.worker.split("/"))
-        ev.build_groundtruth(a.out, cfg, log=say, worker=(i, n))
-        say(f"ground truth ready in {a.out}")
-        return
-    if a.eval_cmd == "retrain-top-k":
-        i, n = (int(x) for x in a.worker.split("/"))
-        res = ev.retrain_top_k(
-            a.groundtruth,
-            a.out,
-            a.method,
-            tuple(a.fractions),
-            a.queries,
-            log=say,
-            worker=(i, n),
-            seeds=a.seeds,
-        )
-        if res is not None:
-            for m, r in res["mean_se"].items():
-                say(
-                    f"{m}: "
-                    + ", ".join(
-                        f"remove {float(f):.0%}: loss rise {v[0]:+.2e} ± {v[1]:.1e}" for f, v in r.items()
-                    )
-                )
-            say(f"wrote {Path(a.out) / 'retrain_top_k.json'}")
-        return
-    gt = ev.load_groundtruth(a.groundtruth)
-    results = []
-    for method in a.method:
-        cfg = AttributionConfig(
-            method=method,
-            draws=a.draws,
-            query_draws=a.query_draws,
-            curvature_draws=a.curvature_draws,
-            dim=dim_arg(a.dim),
-            seed=a.seed,
-            projection=a.projection,
-            damping=a.damping,
-        )
-        r = ev.method_lds(gt, cfg)
-        r.pop("scores")
-        say(
-            f"{method}: LDS {r['lds']:.3f} ± {r['se']:.3f} over {r['n_queries']} queries ({r['seconds']:.0f} s)"
-        )
-        results.append(r)
-    noise = ev.seed_agreement(gt.measurements) if gt.measurements.shape[1] > 1 else None
-    out = {"results": results}
-    if noise is not None:
-        out["seed_agreement"] = dict(zip(("mean", "se"), ev.mean_se(noise)))
-        say(f"retraining noise: seed-to-seed Spearman {out['seed_agreement']['mean']:.3f}")
-    if a.json:
-        write(output(a.json, "--json"), "--json", lambda path: path.write_text(json.dumps(out, indent=2)))
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
@@ -342,7 +281,7 @@ def _add_stability(sub, methods: list[str]) -> None:
 
 
 def _add_index(sub) -> None:
-    from index.build import add_build_args
+    from index.build_cli import add_build_args
 
     ix = sub.add_parser("index", help="build the FAISS index of training features")
     ixs = ix.add_subparsers(dest="index_cmd", required=True)
@@ -362,65 +301,6 @@ def _add_query(sub) -> None:
     q.add_argument("--json", default=None, help="write the result as JSON here")
     q.add_argument("--device", default=None)
     q.set_defaults(func=cmd_query)
-
-
-def _add_groundtruth(evs) -> None:
-    g = evs.add_parser("groundtruth", help="train the subset models and measure (resumable)")
-    g.add_argument("--out", default="benchmarks/groundtruth")
-    g.add_argument("--subsets", type=POSITIVE, default=32)
-    g.add_argument("--seeds", type=POSITIVE, default=2)
-    g.add_argument("--steps", type=POSITIVE, default=400)
-    g.add_argument("--n-train", type=POSITIVE, default=1000)
-    g.add_argument(
-        "--worker", default="0/1", type=worker, help="i/n: train every n-th model from i (n processes)"
-    )
-    g.set_defaults(func=cmd_evaluate)
-
-
-def _add_lds(evs, methods: list[str]) -> None:
-    lds = evs.add_parser("lds", help="LDS of one or more methods on a ground truth")
-    lds.add_argument("--groundtruth", default="benchmarks/groundtruth")
-    lds.add_argument("--method", nargs="+", default=["ekfac"], choices=methods)
-    lds.add_argument("--draws", type=POSITIVE, default=8)
-    lds.add_argument("--query-draws", type=POSITIVE, default=32)
-    lds.add_argument("--curvature-draws", type=POSITIVE, default=4)
-    lds.add_argument(
-        "--dim", type=NON_NEGATIVE, default=None, help="0: unprojected (default: the method's D)"
-    )
-    lds.add_argument("--projection", default="sketch", choices=["sketch", "kronecker"])
-    lds.add_argument(
-        "--damping", type=POSITIVE_FLOAT, default=None, help="relative damping (default: the method's)"
-    )
-    lds.add_argument("--seed", type=int, default=0)
-    lds.add_argument("--json", default=None)
-    lds.set_defaults(func=cmd_evaluate)
-
-
-def _add_retrain(evs) -> None:
-    rt = evs.add_parser("retrain-top-k", help="retrain without each query's top influences (resumable)")
-    rt.add_argument("--groundtruth", default="benchmarks/groundtruth")
-    rt.add_argument("--out", default="benchmarks/retrain_top_k")
-    rt.add_argument(
-        "--method",
-        nargs="+",
-        default=["ekfac", "trak", "random"],
-        help="the first is compared with the others; 'random' removes random images",
-    )
-    rt.add_argument("--fractions", type=FRACTION, nargs="+", default=[0.02, 0.10])
-    rt.add_argument("--queries", type=POSITIVE, default=5)
-    rt.add_argument("--seeds", type=POSITIVE, default=1, help="training seeds per removal")
-    rt.add_argument(
-        "--worker", default="0/1", type=worker, help="i/n: train every n-th model from i (n processes)"
-    )
-    rt.set_defaults(func=cmd_evaluate)
-
-
-def _add_evaluate(sub, methods: list[str]) -> None:
-    ev = sub.add_parser("evaluate", help="LDS ground truth and LDS of methods")
-    evs = ev.add_subparsers(dest="eval_cmd", required=True)
-    _add_groundtruth(evs)
-    _add_lds(evs, methods)
-    _add_retrain(evs)
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -456,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stability(sub, list(METHODS))
     _add_index(sub)
     _add_query(sub)
-    _add_evaluate(sub, list(METHODS))
+    add_evaluate(sub, list(METHODS))
     for name in ("serve", "demo"):
         sv = sub.add_parser(name, help="start the explorer app (builds the default index if missing)")
         add_serve_args(sv)

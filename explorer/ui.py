@@ -12,19 +12,19 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import gradio as gr
 import numpy as np
 
-from attribution.errors import AttributionError
 from attribution.model import DiffusionModel
-from attribution.sample import SAMPLERS
 from explorer import report
+from explorer.api import EXPECTED, add_api
 from explorer.build_job import BuildJob, partial_note
+from explorer.page import Page, layout
 from explorer.render import QUERY_PX, enlarge, gallery, index_md, plain, timings_md
-from explorer.service import MAX_K, Answer, Busy, Explorer, Query
+from explorer.service import Answer, Explorer, Query
 from index.store import load as load_index
 
 log = logging.getLogger("attribution.app")
@@ -33,207 +33,6 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_SEEDS = (0, 7, 21)
 EXAMPLE_UPLOAD = ROOT / "assets" / "examples" / "drawn-seven.png"
 EXAMPLE_ROWS = (0, 42)
-SKETCH_PX = 224
-EXPECTED = (AttributionError, Busy)  # failures whose message is for the user (no traceback)
-
-
-def image_file(**kwargs) -> gr.Image:
-    """`gr.Image` (preview, paste) that hands the uploaded file over as it is, undecoded: the
-    library reads it and says in plain words what it cannot read (a text file, an empty one).
-    (An instance attribute, not a subclass: Gradio writes a .pyi file next to any subclass.)"""
-    img = gr.Image(**kwargs)
-    decode = img.preprocess
-
-    def preprocess(payload):
-        if payload is not None and payload.path and not (payload.url or "").startswith("data:"):
-            return str(payload.path)
-        return decode(payload)
-
-    img.preprocess = preprocess
-    return img
-
-
-@dataclass
-class Page:
-    """The components that events read or fill, by name."""
-
-    banner: gr.Markdown
-    seed: gr.Number
-    sampler: gr.Dropdown
-    steps: gr.Number
-    gen_btn: gr.Button
-    upload: gr.Image
-    row: gr.Number
-    row_btn: gr.Button
-    query_img: gr.Image
-    query_md: gr.Markdown
-    method: gr.Dropdown
-    k: gr.Slider
-    export_btn: gr.Button
-    files: gr.File
-    status: gr.Markdown
-    props: gr.Gallery
-    opps: gr.Gallery
-    plot: gr.Plot
-    timings: gr.Markdown
-    answer: gr.State  # the last Answer (None before the first query)
-    stability: gr.Markdown
-    sketch: gr.Sketchpad
-    sketch_btn: gr.Button
-    query_col: gr.Column
-
-    @property
-    def outputs(self) -> list:
-        """Everything a query fills (the order of the undocumented API endpoints' outputs)."""
-        return [
-            self.query_img,
-            self.query_md,
-            self.status,
-            self.props,
-            self.opps,
-            self.plot,
-            self.timings,
-            self.answer,
-            self.files,
-            self.stability,
-        ]
-
-
-# ---- layout ---------------------------------------------------------------------------------------
-
-
-def _query_tabs(n_rows: int | None) -> dict:
-    with gr.Tabs():
-        with gr.Tab("Generate", id="generate"):
-            with gr.Row():
-                seed = gr.Number(0, label="seed", precision=0, minimum=0, elem_id="seed", min_width=70)
-                sampler = gr.Dropdown(
-                    list(SAMPLERS), value="ddim", label="sampler", min_width=70, elem_id="sampler"
-                )
-                steps = gr.Number(
-                    50, label="steps", precision=0, minimum=1, maximum=1000, min_width=70, elem_id="steps"
-                )
-            gen_btn = gr.Button("Generate and attribute", variant="primary", elem_id="generate-btn")
-        with gr.Tab("Upload", id="upload"):
-            upload = image_file(
-                label="drop, paste or choose an image (PNG, JPEG, …): it is attributed at once",
-                type="filepath",
-                sources=["upload", "clipboard"],
-                height=150,
-                elem_id="upload",
-            )
-            sketch = gr.Sketchpad(
-                np.zeros((SKETCH_PX, SKETCH_PX), np.uint8),
-                label="or draw a digit (light on dark)",
-                type="numpy",
-                image_mode="L",
-                canvas_size=(SKETCH_PX, SKETCH_PX),
-                fixed_canvas=True,
-                layers=False,
-                transforms=(),
-                height=SKETCH_PX + 70,
-                brush=gr.Brush(colors=["#ffffff"], default_size=14, color_mode="fixed"),
-                elem_id="sketch",
-            )
-            sketch_btn = gr.Button("Attribute the drawing", variant="primary", elem_id="sketch-btn")
-        with gr.Tab("Training image", id="training"):
-            row = gr.Number(
-                0,
-                label=f"training image id (0–{n_rows - 1})" if n_rows else "training image id",
-                precision=0,
-                minimum=0,
-                elem_id="row",
-            )
-            row_btn = gr.Button("Attribute this training image", variant="primary", elem_id="row-btn")
-    return {
-        "seed": seed,
-        "sampler": sampler,
-        "steps": steps,
-        "gen_btn": gen_btn,
-        "upload": upload,
-        "row": row,
-        "row_btn": row_btn,
-        "sketch": sketch,
-        "sketch_btn": sketch_btn,
-    }
-
-
-def _query_column(ex: Explorer, default_label: str | None, n_rows: int | None) -> dict:
-    c = _query_tabs(n_rows)
-    c["query_img"] = gr.Image(
-        label="query, as the model sees it",
-        type="pil",
-        format="png",
-        interactive=False,
-        height=QUERY_PX + 24,
-        elem_id="query",
-        buttons=["download"],
-    )
-    c["query_md"] = gr.Markdown("", elem_id="query-info")
-    with gr.Row(equal_height=True):
-        c["method"] = gr.Dropdown(
-            ex.labels,
-            value=default_label,
-            label="method",
-            min_width=100,
-            visible=len(ex.labels) > 1 or ex.build is not None,
-            elem_id="method",
-        )
-        c["k"] = gr.Slider(1, MAX_K, value=8, step=1, label="k (shown per side)", elem_id="k", min_width=100)
-    c["export_btn"] = gr.Button("Export report (PNG, JSON, CSV)", size="sm", elem_id="export-btn")
-    c["files"] = gr.File(
-        label="report and scores", file_count="multiple", visible=False, elem_id="export-files", height=120
-    )
-    return c
-
-
-def _results_column() -> dict:
-    c = {"status": gr.Markdown("Choose a query on the left.", elem_id="status")}
-    c["props"] = gr.Gallery(
-        label="proponents (highest τ: make the query more likely)",
-        columns=8,
-        height="auto",
-        format="png",
-        object_fit="contain",
-        allow_preview=False,
-        elem_id="proponents",
-        elem_classes=["hits"],
-    )
-    c["opps"] = gr.Gallery(
-        label="opponents (lowest τ: make it less likely)",
-        columns=8,
-        height="auto",
-        format="png",
-        object_fit="contain",
-        allow_preview=False,
-        elem_id="opponents",
-        elem_classes=["hits"],
-    )
-    c["stability"] = gr.Markdown("", elem_id="stability")
-    with gr.Row(equal_height=False):
-        c["plot"] = gr.Plot(label="all scores", elem_id="histogram", min_width=360, scale=3)
-        c["timings"] = gr.Markdown("", elem_id="timings", min_height=40)
-    return c
-
-
-def _layout(ex: Explorer, default_label: str | None, n_rows: int | None) -> Page:
-    answer = gr.State(None)
-    gr.Markdown(
-        "## Which training images made this?\nInfluence-function attribution for a "
-        "diffusion model: generate, draw, upload or pick an image; see the training images "
-        "that most raise (proponents) and lower (opponents) its likelihood.",
-        elem_id="title",
-    )
-    banner = gr.Markdown(index_md(ex), elem_id="banner")
-    with gr.Row(equal_height=False):
-        with gr.Column(scale=1, min_width=290) as query_col:
-            left = _query_column(ex, default_label, n_rows)
-        with gr.Column(scale=3):
-            right = _results_column()
-    return Page(banner=banner, answer=answer, query_col=query_col, **left, **right)
-
-
-# ---- events ---------------------------------------------------------------------------------------
 
 
 class Handlers:
@@ -414,48 +213,6 @@ def _wire(page: Page, h: Handlers) -> None:
     p.export_btn.click(h.on_export, [p.answer], [p.files], api_visibility="undocumented")
 
 
-def _add_api(ex: Explorer, default_label: str | None) -> gr.Dropdown:
-    """The API: the same attribution as JSON (hidden components). Returns its method choice."""
-    with gr.Row(visible=False):
-        api_file = gr.File(type="filepath", label="image")
-        api_k = gr.Number(8, precision=0, label="k")
-        api_method = gr.Dropdown(ex.labels, value=default_label, label="method", allow_custom_value=True)
-        api_seed = gr.Number(0, precision=0, label="seed")
-        api_sampler = gr.Dropdown(list(SAMPLERS), value="ddim", label="sampler")
-        api_steps = gr.Number(50, precision=0, label="steps")
-        api_out = gr.JSON(label="result")
-        api_btn = gr.Button("attribute")
-        api_gen_btn = gr.Button("attribute_generated")
-
-    def api_call(make: Callable[[], Query], method_label, kk) -> dict:
-        try:
-            kk = ex.check_k(kk)  # refused before any sampling
-            return ex.attribute(make(), method_label or None, kk).data
-        except EXPECTED as e:
-            raise gr.Error(plain(str(e)), print_exception=False) from None
-
-    def attribute(image, k, method):
-        """Top-k proponents and opponents of an image file (PNG, JPEG, …), and all N scores.
-
-        Returns {query, settings, index (provenance), proponents, opponents (each a list of
-        {rank, row, score, label, source}), scores (all N, by training row), timings_s}.
-        """
-        return api_call(lambda: ex.uploaded(image), method, k)
-
-    def attribute_generated(seed, sampler, steps, k, method):
-        """Generate an image (seed, ddim|ddpm, steps) and attribute it; same JSON as /attribute."""
-        return api_call(lambda: ex.generated(seed, sampler, steps), method, k)
-
-    api_btn.click(attribute, [api_file, api_k, api_method], api_out, api_name="attribute")
-    api_gen_btn.click(
-        attribute_generated,
-        [api_seed, api_sampler, api_steps, api_k, api_method],
-        api_out,
-        api_name="attribute_generated",
-    )
-    return api_method
-
-
 def _follow_build(ex: Explorer, page: Page, api_method: gr.Dropdown) -> None:
     """While a build runs: refresh the banner, then enable the method choices."""
     timer = gr.Timer(2.0, active=ex.build is not None and not ex.ready)
@@ -497,11 +254,11 @@ def build_demo(
     default_label = ex.labels[0] if ex.labels else None
     n_rows = len(ex.index(None)) if ex.ready else None
     with gr.Blocks(title="Training-data attribution explorer", delete_cache=(3600, 7200)) as demo:
-        page = _layout(ex, default_label, n_rows)
+        page = layout(ex, default_label, n_rows)
         handlers = Handlers(ex, page)
         _wire(page, handlers)
         _examples(page, handlers)
-        api_method = _add_api(ex, default_label)
+        api_method = add_api(ex, default_label)
         _follow_build(ex, page, api_method)
     demo.explorer = ex
     return demo

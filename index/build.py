@@ -15,7 +15,6 @@ curvature sums (all-reduced); rank 0 assembles the index.
 
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import shutil
@@ -31,16 +30,15 @@ from safetensors.torch import load_file, save_file
 from attribution.atomic import replace_with, save_numpy, save_tensors, save_text
 from attribution.console import say
 from attribution.curvature import Curvature, fit_curvature
-from attribution.data import ImageDataset, load_dataset, to_uint8
-from attribution.errors import AttributionError
+from attribution.data import ImageDataset, to_uint8
 from attribution.features import model_layer_shapes
-from attribution.influence import DEFAULT_DIM, METHODS, TRAK_DIM, AttributionConfig, Attributor, dim_arg
-from attribution.model import DiffusionModel, load_model, pick_device
+from attribution.influence import AttributionConfig, Attributor
+from attribution.model import DiffusionModel, pick_device
 from attribution.projection import Projection, make_projection
 from attribution.uncertainty import split as split_halves
-from index.checks import NON_NEGATIVE, POSITIVE, check_build, user_error
+from index.checks import check_build, user_error
 from index.dist import Dist
-from index.faiss_build import faiss_arg, faiss_from_chunks, resolve_faiss_type
+from index.faiss_build import faiss_from_chunks, resolve_faiss_type
 from index.folder import apply_plan, plan_folder, remove_temporaries
 from index.integrity import canonical_safetensors, file_records
 from index.layout import IndexLayout
@@ -404,112 +402,11 @@ def build_index(
     return b.lay.root
 
 
-def config_from_args(a: argparse.Namespace) -> AttributionConfig:
-    return AttributionConfig(
-        method=a.method,
-        draws=a.draws,
-        curvature_draws=a.curvature_draws,
-        curvature_images=a.curvature_images or None,
-        query_draws=a.query_draws,
-        dim=dim_arg(a.dim),
-        seed=a.seed,
-        batch_size=a.batch_size,
-        projection=a.projection,
-        damping=a.damping,
-    )
-
-
-def add_build_args(p: argparse.ArgumentParser) -> None:
-    d = AttributionConfig()
-    p.add_argument("--model", default=None, help="model folder (default: assets/mnist-unet)")
-    p.add_argument("--data", default="mnist", help="'mnist' (embedded, 5,000 images) or an image folder")
-    p.add_argument("--out", required=True, help="index folder to write (resumed if present)")
-    p.add_argument(
-        "--method",
-        default=d.method,
-        choices=list(METHODS),
-        metavar="METHOD",
-        help=f"one of {', '.join(METHODS)} (default {d.method})",
-    )
-    p.add_argument(
-        "--dim",
-        type=NON_NEGATIVE,
-        default=None,
-        help=f"feature budget D per image (0: unprojected; default: the method's, {DEFAULT_DIM}, "
-        f"{TRAK_DIM} for TRAK-style methods)",
-    )
-    p.add_argument(
-        "--projection",
-        default=d.projection,
-        choices=["sketch", "kronecker"],
-        help="count sketch (default, faithful) or Kronecker (the K-FAC fast path)",
-    )
-    p.add_argument("--draws", type=POSITIVE, default=d.draws, help="(t, ε) draws per training image")
-    p.add_argument("--curvature-draws", type=POSITIVE, default=d.curvature_draws)
-    p.add_argument(
-        "--curvature-images",
-        type=NON_NEGATIVE,
-        default=d.curvature_images,
-        help="fit the curvature on a seeded subset of this many images (0: all)",
-    )
-    p.add_argument("--query-draws", type=POSITIVE, default=d.query_draws)
-    p.add_argument(
-        "--damping",
-        type=float,
-        default=None,
-        help="relative damping λ / mean eigenvalue (default: the method's, 0.1 for K-FAC/EK-FAC)",
-    )
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--batch-size", type=POSITIVE, default=d.batch_size)
-    p.add_argument(
-        "--faiss",
-        type=faiss_arg,
-        default="auto",
-        metavar="TYPE",
-        help="auto (default): exact float32 'flat' up to 512 MiB of vectors, else 'sq8' (1 byte "
-        "a number); flat, sq8, ivf, hnsw; or a FAISS factory string such as IVF64,SQ8, "
-        "IVF256,PQ16 or HNSW32 (trained on a sample of the features)",
-    )
-    p.add_argument("--n", type=POSITIVE, default=None, help="index only the first N images")
-    p.add_argument("--shard-size", type=POSITIVE, default=SHARD, help="images per resumable shard")
-    p.add_argument("--keep-shards", action="store_true", help="keep the raw feature shards after the build")
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace a finished index with other settings in --out (refused otherwise)",
-    )
-    p.add_argument("--device", default=None)
-
-
-def run_build(a: argparse.Namespace) -> Path:
-    device = pick_device(a.device)
-    model = load_model(a.model, device=device)
-    data = load_dataset(a.data, channels=model.channels, size=model.size, n=a.n)
-    return build_index(
-        model,
-        data,
-        a.out,
-        config_from_args(a),
-        a.faiss,
-        model_path=str(a.model or "default"),
-        data_spec=a.data,
-        device=device,
-        shard_size=a.shard_size,
-        keep_shards=a.keep_shards,
-        overwrite=getattr(a, "overwrite", False),
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="index.build", description=__doc__)
-    add_build_args(p)
-    args = p.parse_args(argv)
-    try:
-        run_build(args)
-    except AttributionError as e:
-        say(f"error: {e}")
-        return 2
-    return 0
+    """`python -m index.build` and torchrun's entry point (index/build_cli.py)."""
+    from index.build_cli import main as cli_main
+
+    return cli_main(argv)
 
 
 if __name__ == "__main__":
