@@ -1,0 +1,173 @@
+"""Influence by timestep band: a query's score split into the parts its timestep draws make.
+
+The query measurement is a mean over K rows (draws of (t, ε), stratified in t), and its feature
+ψ is linear in each row's cotangent: ψ = Σ_r ψ_r. Grouping the rows by the band of their timestep
+gives band features ψ_b = Σ_{r: t_r ∈ b} ψ_r with Σ_b ψ_b = ψ, hence band scores τ_b(q, n) = ψ_b·φ_n
+that add up to the score τ(q, n) = ψ·φ_n (the training features φ are unchanged). Normalising
+methods divide every ψ_b by the same ‖ψ‖, so the parts still add up.
+
+All band features of a query come from the one forward and backward pass that gives ψ (and the
+half-difference δψ of the stability figures): the rows are grouped into cells (example, half,
+band) and each cell's feature is formed from its own rows; halves and bands are sums of cells.
+
+`BandMeasurement` is the reference: the measurement with the weights of rows outside one band set
+to zero, whose feature (a separate pass) is ψ_b by definition; the tests check the one-pass cells
+against it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from attribution.capture import forward, grad_enabled_params, tracked_layers
+from attribution.errors import ConfigError
+from attribution.features import example_cotangent, split_halves
+from attribution.influence import QUERY_KEY, Attributor, _normalize_with_spread
+from attribution.measurements import Measurement, Rows
+
+BAND_COUNTS = (2, 4, 10)  # the band settings the explorer offers
+DEFAULT_BANDS = 4
+
+
+@dataclass(frozen=True)
+class Bands:
+    """Consecutive timestep bands [edges[i], edges[i+1]) covering [0, T)."""
+
+    edges: tuple[int, ...]
+
+    @classmethod
+    def equal(cls, n: int, num_timesteps: int) -> Bands:
+        """`n` bands of (nearly) equal width over [0, num_timesteps)."""
+        n = int(n)
+        if not 1 <= n <= num_timesteps:
+            raise ConfigError(f"bands must be between 1 and {num_timesteps} (got {n})")
+        edges = torch.linspace(0, num_timesteps, n + 1).round().long().tolist()
+        return cls(tuple(int(e) for e in edges))
+
+    def __len__(self) -> int:
+        return len(self.edges) - 1
+
+    @property
+    def names(self) -> list[str]:
+        """'t 0–499 (low noise)' …: the timestep range of each band, and its noise end."""
+        out = []
+        for b in range(len(self)):
+            lo, hi = self.edges[b], self.edges[b + 1] - 1
+            end = " (low noise)" if b == 0 else " (high noise)" if b == len(self) - 1 else ""
+            out.append(f"t {lo}–{hi}{end}" if len(self) > 1 else f"t {lo}–{hi}")
+        return out
+
+    def of(self, t: torch.Tensor) -> torch.Tensor:
+        """The band of each timestep (long, like t)."""
+        inner = torch.tensor(self.edges[1:-1], dtype=torch.long, device=t.device)
+        return torch.bucketize(t.long(), inner, right=True)
+
+    def to_dict(self) -> dict:
+        return {"edges": list(self.edges), "names": self.names}
+
+
+class BandMeasurement(Measurement):
+    """The measurement restricted to timesteps in [lo, hi): rows outside get weight 0 (the same
+    draws, the same 1/K), so its feature is the band feature ψ_b by definition (the reference)."""
+
+    def __init__(self, base: Measurement, lo: int, hi: int):
+        super().__init__(base.name, base.t_range, base.density)
+        self.lo, self.hi = lo, hi
+
+    def rows(self, *args, **kwargs) -> Rows:
+        r = super().rows(*args, **kwargs)
+        inside = ((r.t >= self.lo) & (r.t < self.hi)).to(r.w.dtype)
+        return Rows(r.x, r.t, r.y, r.w * inside, r.k)
+
+
+def _cells(rows: Rows, examples: int, parts: int, bands: Bands) -> list[torch.Tensor]:
+    """Row indices of each cell (example, part, band), example-major; rows are part-major per
+    example (`parts` consecutive groups of `rows.k` rows each)."""
+    band = bands.of(rows.t).view(examples, parts, rows.k)
+    base = torch.arange(examples * parts * rows.k, device=rows.t.device).view(examples, parts, rows.k)
+    return [
+        base[e, p][band[e, p] == b] for e in range(examples) for p in range(parts) for b in range(len(bands))
+    ]
+
+
+def _cell_features(fmap, layers: dict, rec, eps_hat: torch.Tensor, rows: Rows, cells: list) -> torch.Tensor:
+    """(cells, D): each cell's feature from its own rows of one recorded forward pass."""
+    dim = fmap.dim
+    out = torch.zeros(len(cells), dim, device=eps_hat.device)
+    parts: list[list] = [[] for _ in cells]
+    for name, g in rec.cotangents(eps_hat, example_cotangent(eps_hat, rows)):
+        x = rec.inputs[name].detach()
+        for c, idx in enumerate(cells):
+            if fmap.sketched:
+                if idx.numel():
+                    fmap.layer_from_input(name, layers[name], x[idx], g[idx], 1, out[c : c + 1])
+            else:
+                parts[c].append(
+                    fmap.layer_from_input(name, layers[name], x[idx], g[idx], 1)
+                    if idx.numel()
+                    else torch.zeros(1, fmap.projection.dims[name][0] * fmap.projection.dims[name][1])
+                )
+    if not fmap.sketched:
+        out = torch.cat([torch.cat(p, dim=1) for p in parts]).to(out.device)
+    return out
+
+
+def query_band_features(
+    att: Attributor, images: torch.Tensor, bands: Bands, trajectory=None
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(ψ (Q, D), δψ (Q, D) or None, ψ_b (Q, bands, D)) for query images (Q, C, H, W), from one
+    pass: ψ and δψ are those of `att.query_features_with_spread` (δψ None where the method has no
+    halves), and Σ_b ψ_b = ψ."""
+    if not att.uses_model:
+        raise ConfigError("pixel similarity draws no timesteps, so it has no timestep bands")
+    fmap, meas, cfg = att.feature_map("query"), att.measurement("query"), att.config
+    halves = att.spread_available
+    device = att.device
+    layers = tracked_layers(att.model.unet)
+    q = images.shape[0]
+    with grad_enabled_params(att.model.unet):
+        x0 = images.to(device)
+        traj = None if trajectory is None else (trajectory[0], trajectory[1])
+        rows = meas.rows(
+            x0,
+            [QUERY_KEY] * q,
+            cfg.query_draws,
+            cfg.seed,
+            att.model.alphas_cumprod(device),
+            stratified=cfg.stratified,
+            antithetic=cfg.antithetic,
+            trajectory=traj,
+        )
+        if halves:
+            rows = split_halves(rows, cfg.antithetic)
+        parts = 2 if halves else 1
+        cells = _cells(rows, q, parts, bands)
+        eps_hat, rec = forward(att.model.unet, layers, rows.x, rows.t)
+        f = _cell_features(fmap, layers, rec, eps_hat, rows, cells).cpu()
+    f = f.view(q, parts, len(bands), -1)
+    per_part = f.sum(2)  # (Q, parts, D): the halves (or the whole)
+    if halves:
+        psi, dpsi = (per_part[:, 0] + per_part[:, 1]) / 2, (per_part[:, 0] - per_part[:, 1]) / 2
+        psi_b = f.sum(1) / 2
+    else:
+        psi, dpsi, psi_b = per_part[:, 0], None, f[:, 0]
+    if att.spec.normalize:
+        norm = psi.norm(dim=1, keepdim=True).clamp(min=1e-30)
+        if dpsi is not None:
+            psi, dpsi = _normalize_with_spread(psi, dpsi)
+        else:
+            psi = psi / norm
+        psi_b = psi_b / norm.unsqueeze(1)
+    return psi, dpsi, psi_b
+
+
+def band_scores(psi_b, phi) -> torch.Tensor:
+    """Band scores (Q, bands, N) of band features (Q, bands, D) and training features (N, D), in
+    float64 so the parts add up to the score to float64 round-off."""
+    psi_b = torch.as_tensor(psi_b).double()
+    return psi_b @ torch.as_tensor(phi).double().T
+
+
+__all__ = ["BAND_COUNTS", "DEFAULT_BANDS", "BandMeasurement", "Bands", "band_scores", "query_band_features"]
