@@ -43,6 +43,7 @@ from index.folder import apply_plan, plan_folder, remove_temporaries
 from index.integrity import canonical_safetensors, file_records
 from index.layout import IndexLayout
 from index.manifest import CODE_VERSION, FORMAT_VERSION, settings_key
+from index.prefit import KEY, curvature_identity, curvature_key, find
 from index.runlog import RunLog, checkpoint
 
 SHARD = 256  # images per shard (a multiple of every batch size used)
@@ -89,6 +90,8 @@ class Build:
     thumbs: bool = True
     att: Attributor | None = None
     log: RunLog | None = None
+    fit_curvature: bool = False  # True: never copy a shipped curvature (index/prefit.py)
+    prefit_dir: Path | None = None  # shipped curvatures (None: assets/curvature)
     t0: float = field(default_factory=time.time)
 
     @property
@@ -134,8 +137,18 @@ def curvature_stage(b: Build) -> Curvature | None:
     att = b.att
     if not att.spec.needs_curvature:
         return None
+    identity = curvature_identity(b.settings, att)
+    key = curvature_key(identity)
+    shipped = None if b.fit_curvature or b.lay.curvature.exists() else find(key, b.prefit_dir)
     if b.lay.curvature.exists():
         say(f"reusing the fitted curvature in {b.lay.curvature}")
+    elif shipped is not None:
+        say(
+            f"using the curvature shipped for these exact settings ({shipped}: the file a fit "
+            "writes, checksum verified); --fit-curvature fits it afresh"
+        )
+        b.written_by_main(b.lay.curvature, lambda tmp: shutil.copyfile(shipped, tmp))
+        checkpoint("curvature-written")
     else:
         t = time.time()
         crows = att.curvature_rows()
@@ -156,7 +169,7 @@ def curvature_stage(b: Build) -> Curvature | None:
             device=b.device,
             allreduce=b.dist.allreduce,
         )
-        curvature.meta["n_images"] = len(crows)
+        curvature.meta.update({"n_images": len(crows), KEY: key, "prefit_identity": identity})
         checkpoint("curvature-fitted")
         b.written_by_main(
             b.lay.curvature, lambda tmp: canonical_safetensors(curvature.save(tmp, factors=False) or tmp)
@@ -346,6 +359,8 @@ def build_index(
     shard_size: int = SHARD,
     keep_shards: bool = False,
     overwrite: bool = False,
+    fit_curvature: bool = False,
+    prefit_dir: str | Path | None = None,
 ) -> Path:
     """Build (or resume) an index of `data` under `out`; returns the folder.
 
@@ -353,7 +368,8 @@ def build_index(
     an unfinished build with other settings is moved to `out/.aside/<its key>/` (index/folder.py).
 
     The raw feature shards exist for resuming; once the store is written they are removed unless
-    `keep_shards` (they are N·D float32, four times the size of an sq8 store)."""
+    `keep_shards` (they are N·D float32, four times the size of an sq8 store). A curvature shipped
+    for these exact settings (index/prefit.py) is copied instead of fitted unless `fit_curvature`."""
     check_build(cfg, len(data), shard_size)
     resolve_faiss_type(faiss_type, len(data))  # an unknown store type: refused before any work
     device = pick_device(str(device) if device else None)
@@ -375,6 +391,8 @@ def build_index(
         shard_size,
         progress,
         thumbs,
+        fit_curvature=fit_curvature,
+        prefit_dir=None if prefit_dir is None else Path(prefit_dir),
     )
     try:
         if not prepare_folder(b, overwrite):

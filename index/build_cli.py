@@ -92,6 +92,11 @@ def add_build_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="replace a finished index with other settings in --out (refused otherwise)",
     )
+    p.add_argument(
+        "--fit-curvature",
+        action="store_true",
+        help="fit the curvature even where one is shipped for these exact settings (assets/curvature/)",
+    )
     p.add_argument("--device", default=None)
 
 
@@ -111,6 +116,7 @@ def run_build(a: argparse.Namespace) -> Path:
         shard_size=a.shard_size,
         keep_shards=a.keep_shards,
         overwrite=getattr(a, "overwrite", False),
+        fit_curvature=getattr(a, "fit_curvature", False),
     )
 
 
