@@ -1,4 +1,4 @@
-"""Per-layer capture of inputs `a` and output cotangents `g` for every Linear and Conv2d.
+"""Per-layer capture of inputs `a` and output cotangents `g` for every Linear, Conv2d and Embedding.
 
 One forward records each tracked layer's input and output; each backward asks autograd for the
 gradient with respect to the layer *outputs* only (no parameter gradient is ever formed). For a
@@ -7,8 +7,11 @@ gradient of row r is
 
     G_r = Σ_p g_{r,p} a_{r,p}ᵀ        (O × I'),  I' = I + 1 with bias
 
-with p over positions (conv: im2col patches; attention: tokens; plain Linear: P = 1).
-`a` has shape (R, P, I') and `g` (R, P, O). Both the curvature and the features use this.
+with p over positions (conv: im2col patches; attention: tokens, text tokens for cross-attention
+keys and values; plain Linear: P = 1). An Embedding (a class embedding) is the Linear map of the
+one-hot class vector: W (O × I) = weightᵀ, a = onehot(c), no bias; so its A factor is the diagonal
+of class frequencies. `a` has shape (R, P, I') and `g` (R, P, O). Both the curvature and the
+features use this.
 """
 
 from __future__ import annotations
@@ -20,20 +23,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-TRACKED = (nn.Linear, nn.Conv2d)
+from attribution.conditions import Cond, denoise
+
+TRACKED = (nn.Linear, nn.Conv2d, nn.Embedding)
 
 
 def tracked_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Every nn.Linear and nn.Conv2d of `model`, by qualified name, in module order."""
+    """Every nn.Linear, nn.Conv2d and nn.Embedding of `model`, by qualified name, in module order."""
     layers = {n: m for n, m in model.named_modules() if isinstance(m, TRACKED)}
     for n, m in layers.items():
         if isinstance(m, nn.Conv2d) and (m.groups != 1 or m.padding_mode != "zeros"):
             raise NotImplementedError(f"{n}: grouped or non-zero-padded convolutions are not supported")
+        if isinstance(m, nn.Embedding) and (m.max_norm is not None or m.padding_idx is not None):
+            raise NotImplementedError(f"{n}: embeddings with max_norm or padding_idx are not supported")
     return layers
 
 
 def layer_shape(m: nn.Module) -> tuple[int, int]:
     """(O, I') of the layer's gradient matrix, bias column included."""
+    if isinstance(m, nn.Embedding):
+        return m.weight.shape[1], m.weight.shape[0]
     o = m.weight.shape[0]
     i = m.weight[0].numel()
     return o, i + (1 if m.bias is not None else 0)
@@ -41,7 +50,9 @@ def layer_shape(m: nn.Module) -> tuple[int, int]:
 
 def input_columns(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Layer input -> u (R, I, P) without the bias entry: conv im2col columns (F.unfold's own
-    layout, no transposed copy), or a view of the Linear tokens."""
+    layout, no transposed copy), a view of the Linear tokens, or one-hot class vectors."""
+    if isinstance(m, nn.Embedding):
+        return F.one_hot(x.reshape(x.shape[0], -1), m.num_embeddings).to(m.weight.dtype).transpose(1, 2)
     if isinstance(m, nn.Conv2d):
         return F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
     return x.reshape(x.shape[0], -1, x.shape[-1]).transpose(1, 2)
@@ -50,7 +61,7 @@ def input_columns(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def inputs_as_rows(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Layer input -> a (R, P, I'): im2col patches for conv, tokens for Linear, bias ones."""
     a = input_columns(m, x).transpose(1, 2)
-    if m.bias is not None:
+    if getattr(m, "bias", None) is not None:
         a = torch.cat([a, a.new_ones(*a.shape[:2], 1)], dim=2)
     return a
 
@@ -61,7 +72,9 @@ def project_inputs(m: nn.Module, x: torch.Tensor, m_in: torch.Tensor) -> torch.T
     `m_in` (k, I') acts on the layer input with its bias column on the constant 1: for a conv this
     is itself a convolution with k output channels.
     """
-    w, b = (m_in[:, :-1], m_in[:, -1]) if m.bias is not None else (m_in, None)
+    if isinstance(m, nn.Embedding):
+        return F.embedding(x.reshape(x.shape[0], -1), m_in.T)
+    w, b = (m_in[:, :-1], m_in[:, -1]) if getattr(m, "bias", None) is not None else (m_in, None)
     if isinstance(m, nn.Conv2d):
         y = F.conv2d(x, w.reshape(-1, *m.weight.shape[1:]), b, m.stride, m.padding, m.dilation)
         return y.flatten(2).transpose(1, 2)
@@ -155,12 +168,13 @@ def record(layers: dict[str, nn.Module]) -> Iterator[Recording]:
 
 
 def forward(
-    unet: nn.Module, layers: dict[str, nn.Module], x: torch.Tensor, t: torch.Tensor
+    unet: nn.Module, layers: dict[str, nn.Module], x: torch.Tensor, t: torch.Tensor, cond: Cond | None = None
 ) -> tuple[torch.Tensor, Recording]:
-    """ε̂ = unet(x, t) with a Recording of every tracked layer (parameters need requires_grad)."""
+    """The denoiser's output for (x, t) under `cond`, with a Recording of every tracked layer
+    (parameters need requires_grad)."""
     with record(layers) as rec:
         with torch.enable_grad():
-            out = unet(x, t).sample
+            out = denoise(unet, x, t, cond)
     return out, rec
 
 

@@ -35,6 +35,7 @@ from attribution.capture import (
     project_inputs,
     tracked_layers,
 )
+from attribution.conditions import Cond, select
 from attribution.measurements import Measurement, Rows
 from attribution.seeds import GGN_SAMPLES, generator
 
@@ -179,7 +180,7 @@ def rotated_row_gradients(
         return rotate(example_gradients(m, x, g, g.shape[0]), qs, qa)
     u = input_columns(m, x)  # (R, I, P)
     gw = g.transpose(1, 2) @ u.transpose(1, 2)  # (R, O, I) weight part of G
-    if m.bias is None:
+    if getattr(m, "bias", None) is None:
         return qs.T @ gw @ qa
     rot = gw @ qa[:-1] + g.sum(1).unsqueeze(2) * qa[-1]  # [G_w | Σ_p g] Q_A
     return qs.T @ rot
@@ -204,7 +205,7 @@ def input_factor_sum(m: torch.nn.Module, x: torch.Tensor, sharing: str) -> tuple
         u = u.mean(2, keepdim=True)
     r, i, p = u.shape
     core = _gram(u)
-    if m.bias is None:
+    if getattr(m, "bias", None) is None:
         return core, r * p
     s = u.sum((0, 2))
     out = core.new_empty(i + 1, i + 1)
@@ -236,6 +237,7 @@ def _passes(
     device,
     desc: str,
     progress: bool,
+    cond=None,
 ):
     """Yields (recording, output, rows, cotangents) per batch, with the same draws every pass."""
     meas = Measurement("loss")
@@ -245,8 +247,18 @@ def _passes(
     for i in range(0, len(keys), batch_size):
         kb = keys[i : i + batch_size]
         x0 = images[i : i + batch_size].to(device)
-        rows = meas.rows(x0, kb, cfg.draws, cfg.seed, acp, stratified=cfg.stratified)
-        out, rec = forward(model.unet, layers, rows.x, rows.t)
+        c = select(cond, slice(i, i + batch_size))
+        rows = meas.rows(
+            x0,
+            kb,
+            cfg.draws,
+            cfg.seed,
+            acp,
+            stratified=cfg.stratified,
+            cond=c,
+            prediction=model.prediction_type,
+        )
+        out, rec = forward(model.unet, layers, rows.x, rows.t, rows.c)
         cots = output_cotangents(out, rows, cfg.ggn, kb, cfg.seed)
         yield rec, out, rows, cots
         bar.update(len(kb))
@@ -268,12 +280,14 @@ def fit_curvature(
     progress: bool = True,
     device: str | torch.device = "cpu",
     allreduce=None,
+    cond: Cond | None = None,
 ) -> Curvature:
     """Fit K-FAC (and, for kind='ekfac', the eigenvalue correction) on `images` (N, C, H, W).
 
     `keys` identify the images for their seeded draws (default: row numbers). Under data
     parallelism each process passes its slice and `allreduce` (float64 tensor -> its sum over
-    processes), which is applied to every running sum before it is normalised.
+    processes), which is applied to every running sum before it is normalised. `cond`: the
+    images' conditions in the denoiser's terms (None for an unconditional model).
     """
     total = allreduce or (lambda x: x)
     cfg = config or CurvatureConfig()
@@ -284,7 +298,7 @@ def fit_curvature(
     n_rows, n_pos = 0, {}
     with grad_enabled_params(model.unet):
         for rec, out, rows, cots in _passes(
-            model, images, keys, cfg, batch_size, device, "curvature: K-FAC factors", progress
+            model, images, keys, cfg, batch_size, device, "curvature: K-FAC factors", progress, cond
         ):
             r = rows.t.shape[0]
             n_rows += r
@@ -318,7 +332,7 @@ def fit_curvature(
         if cfg.kind == "ekfac":
             lam: dict[str, torch.Tensor] = {}
             for rec, out, _rows, cots in _passes(
-                model, images, keys, cfg, batch_size, device, "curvature: EK-FAC eigenvalues", progress
+                model, images, keys, cfg, batch_size, device, "curvature: EK-FAC eigenvalues", progress, cond
             ):
                 for name, g in _backward_all(rec, out, cots):
                     qa, qs = tensors[f"{name}.QA"].to(g.device), tensors[f"{name}.QS"].to(g.device)

@@ -2,12 +2,19 @@
 
 Every function here is an average over K Monte-Carlo draws ("rows") of
 
-    ℓ_r = w_r · mean_pixels (ε_θ(x_r, t_r) − y_r)²
+    ℓ_r = w_r · mean_pixels (f_θ(x_r, t_r | c_r) − y_r)²
 
-and differs only in how a row (x_r, t_r, y_r, w_r) is built from an image x0 and a draw
-(t, ε): `loss` (y = ε), `square_norm` (D-TRAK, y = 0), `loss_at_t` (t restricted to a range),
-`elbo` (w = the ELBO weight of t, normalised to mean 1 over t) and `trajectory` (Journey-TRAK:
-rows are the states of the query's own sampling trajectory, y is the noise they imply). The
+with f_θ the denoiser's output in its own parameterisation (`prediction_type`: ε, v = √ᾱ ε −
+√(1−ᾱ) x0, or x0) under the example's condition c (class ids or text states, `attribution/
+conditions.py`; none for unconditional models), and differs only in how a row (x_r, t_r, y_r,
+w_r) is built from an image x0 and a draw (t, ε): `loss` (y = the target of the
+parameterisation: ε, v or x0; the loss the model was trained with), `square_norm` (D-TRAK, y = 0),
+`loss_at_t` (t restricted to a range),
+`elbo` (w = the ELBO weight of t, normalised to mean 1 over t, in ε terms: since ε̂ − ε =
+√ᾱ (v̂ − v) = −√(ᾱ/(1−ᾱ)) (x̂0 − x0), a v-model's weight is multiplied by ᾱ and an x0-model's by
+ᾱ/(1−ᾱ), so the ELBO is the same function in every parameterisation) and `trajectory`
+(Journey-TRAK: rows are the states of the query's own sampling trajectory, y is the target they
+imply given the final x0). The
 output-space Hessian of ℓ_r is therefore (2 w_r / d) I for d = pixels per image, which is what
 the GGN needs.
 
@@ -20,24 +27,49 @@ from dataclasses import dataclass
 
 import torch
 
+from attribution.conditions import Cond, denoise, select
 from attribution.seeds import DRAWS, generator
 
 MEASUREMENTS = ("loss", "square_norm", "loss_at_t", "elbo", "trajectory")
+PREDICTIONS = ("epsilon", "v_prediction", "sample")
 TRAIN_FUNCTIONS = ("loss", "square_norm")
 
 
 @dataclass
 class Rows:
-    """K rows per example, example-major: x (B*K, C, H, W), t (B*K,), y like x, w (B*K,)."""
+    """K rows per example, example-major: x (B*K, C, H, W), t (B*K,), y like x, w (B*K,), and
+    the rows' condition c (B*K examples; None for an unconditional model)."""
 
     x: torch.Tensor
     t: torch.Tensor
     y: torch.Tensor
     w: torch.Tensor
     k: int
+    c: Cond | None = None
 
     def to(self, device) -> Rows:
-        return Rows(self.x.to(device), self.t.to(device), self.y.to(device), self.w.to(device), self.k)
+        c = None if self.c is None else self.c.to(device)
+        return Rows(self.x.to(device), self.t.to(device), self.y.to(device), self.w.to(device), self.k, c)
+
+
+def target(prediction: str, x0: torch.Tensor, eps: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """The regression target of a parameterisation for x_t = √a x0 + √(1−a) ε: ε, v or x0."""
+    if prediction == "epsilon":
+        return eps
+    if prediction == "v_prediction":
+        return a.sqrt() * eps - (1 - a).sqrt() * x0
+    if prediction == "sample":
+        return x0.expand_as(eps)
+    raise ValueError(f"unknown prediction_type {prediction!r}; choose one of {', '.join(PREDICTIONS)}")
+
+
+def epsilon_weight(prediction: str, a: torch.Tensor) -> torch.Tensor:
+    """c(a) with ‖ε̂ − ε‖² = c(a) ‖f̂ − f‖² for the parameterisation f (1, ᾱ or ᾱ/(1−ᾱ))."""
+    if prediction == "v_prediction":
+        return a
+    if prediction == "sample":
+        return a / (1 - a)
+    return torch.ones_like(a)
 
 
 def draw_timesteps(k: int, g: torch.Generator, lo: int, hi: int, stratified: bool) -> torch.Tensor:
@@ -133,31 +165,30 @@ class Measurement:
         stratified: bool = True,
         antithetic: bool = False,
         trajectory: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cond: Cond | None = None,
+        prediction: str = "epsilon",
     ) -> Rows:
-        """x0 (B, C, H, W) -> Rows with K rows per image.
+        """x0 (B, C, H, W) -> Rows with K rows per image, each row under its image's `cond`.
 
         `trajectory` = (timesteps (S,), states (S, B, C, H, W)) is required for `trajectory`;
-        K of the S states are used (evenly spaced), or all S if K >= S.
+        K of the S states are used (evenly spaced), or all S if K >= S. `prediction` is the
+        denoiser's parameterisation (its scheduler's prediction_type).
         """
         b, shape = x0.shape[0], tuple(x0.shape[1:])
         acp = alphas_cumprod.to(x0.device)
         if self.name == "trajectory":
-            if trajectory is None:
-                raise ValueError(
-                    "the trajectory measurement needs the query's sampling trajectory "
-                    "(only images generated here have one)"
-                )
-            ts, states = trajectory
-            s = ts.shape[0]
-            pick = torch.linspace(0, s - 1, min(k, s)).round().long()
-            kk = pick.numel()
-            t = ts[pick].to(x0.device).long().view(1, kk).expand(b, kk)
-            x = states[pick].to(x0.device).transpose(0, 1)  # (B, K, C, H, W)
+            x, t, kk = self._trajectory_states(x0, k, trajectory)
             a = acp[t].view(b, kk, *([1] * len(shape)))
-            y = (x - a.sqrt() * x0.unsqueeze(1)) / (1 - a).sqrt()
+            eps = (x - a.sqrt() * x0.unsqueeze(1)) / (1 - a).sqrt()
+            y = target(prediction, x0.unsqueeze(1), eps, a)
             w = torch.ones(b, kk, device=x0.device)
             return Rows(
-                x.reshape(b * kk, *shape), t.reshape(-1), y.reshape(b * kk, *shape), w.reshape(-1), kk
+                x.reshape(b * kk, *shape),
+                t.reshape(-1),
+                y.reshape(b * kk, *shape),
+                w.reshape(-1),
+                kk,
+                None if cond is None else cond.repeat(kk),
             )
         t_range = self.t_range if self.name == "loss_at_t" else None
         density = self.density if t_range is None else None
@@ -165,11 +196,33 @@ class Measurement:
         t, eps = t.to(x0.device), eps.to(x0.device)
         a = acp[t].view(b, k, *([1] * len(shape)))
         x = a.sqrt() * x0.unsqueeze(1) + (1 - a).sqrt() * eps
-        y = torch.zeros_like(eps) if self.name == "square_norm" else eps
-        w = elbo_weights(acp)[t] if self.name == "elbo" else torch.ones(b, k, device=x0.device)
+        y = (
+            torch.zeros_like(eps)
+            if self.name == "square_norm"
+            else target(prediction, x0.unsqueeze(1), eps, a)
+        )
+        w = torch.ones(b, k, device=x0.device)
+        if self.name == "elbo":
+            w = elbo_weights(acp)[t] * epsilon_weight(prediction, acp[t])
         if density is not None:  # importance weights: the mean over rows stays the mean over t
             w = w / (acp.shape[0] * density.to(x0.device)[t])
-        return Rows(x.reshape(b * k, *shape), t.reshape(-1), y.reshape(b * k, *shape), w.reshape(-1), k)
+        c = None if cond is None else cond.repeat(k)
+        return Rows(x.reshape(b * k, *shape), t.reshape(-1), y.reshape(b * k, *shape), w.reshape(-1), k, c)
+
+    @staticmethod
+    def _trajectory_states(x0: torch.Tensor, k: int, trajectory) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(states (B, K', C, H, W), timesteps (B, K'), K') of K evenly spaced trajectory states."""
+        if trajectory is None:
+            raise ValueError(
+                "the trajectory measurement needs the query's sampling trajectory "
+                "(only images generated here have one)"
+            )
+        ts, states = trajectory
+        s = ts.shape[0]
+        pick = torch.linspace(0, s - 1, min(k, s)).round().long()
+        kk = pick.numel()
+        t = ts[pick].to(x0.device).long().view(1, kk).expand(x0.shape[0], kk)
+        return states[pick].to(x0.device).transpose(0, 1), t, kk
 
 
 def row_values(out: torch.Tensor, rows: Rows) -> torch.Tensor:
@@ -183,6 +236,6 @@ def evaluate(unet: torch.nn.Module, rows: Rows, batch_rows: int = 512) -> torch.
     with torch.no_grad():
         for i in range(0, rows.t.shape[0], batch_rows):
             sl = slice(i, i + batch_rows)
-            part = Rows(rows.x[sl], rows.t[sl], rows.y[sl], rows.w[sl], rows.k)
-            vals.append(row_values(unet(part.x, part.t).sample, part))
+            part = Rows(rows.x[sl], rows.t[sl], rows.y[sl], rows.w[sl], rows.k, select(rows.c, sl))
+            vals.append(row_values(denoise(unet, part.x, part.t, part.c), part))
     return torch.cat(vals).view(-1, rows.k).mean(1)

@@ -1,8 +1,10 @@
-"""Diffusion models: diffusers `UNet2DModel` + `DDPMScheduler`, from named presets or local folders.
+"""Diffusion models: a diffusers denoiser and its noise schedule (plus, for latent and text models,
+the frozen autoencoder and text encoder), from named presets or local folders.
 
-A model folder is either a `UNet2DModel.save_pretrained` folder (config.json + safetensors) or a
-pipeline folder with `unet/` and optional `scheduler/`. Without a scheduler config the scheduler
-is DDPM with linear betas and T = 1000. Weights are only ever read from safetensors.
+Presets are unconditional pixel-space `UNet2DModel`s with a DDPM linear schedule. Folders are
+read by `attribution/pipelines.py` (bare denoiser, `unet/` + `scheduler/`, or pipeline folders:
+DDPM/DDIM, latent, Stable-Diffusion-style); without a scheduler config the scheduler is DDPM with
+linear betas and T = 1000. Weights are only ever read from safetensors.
 """
 
 from __future__ import annotations
@@ -11,13 +13,16 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
+from attribution import frozen
+from attribution.conditions import Cond, Conditions
 from attribution.errors import ModelError  # noqa: F401  (re-exported)
+from attribution.pipelines import load_parts
 
 PRESETS: dict[str, dict] = {
     # The default: 28x28 grayscale MNIST, ~0.69M parameters, attention at 7x7 and in the middle.
@@ -88,33 +93,87 @@ DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "mnist-u
 
 @dataclass
 class DiffusionModel:
-    """An ε-prediction U-Net and its noise schedule."""
+    """A denoiser (`unet`), its noise schedule and, for latent or text-conditional models, the
+    frozen autoencoder and text encoder. `channels` and `size` are those of the *images* (what data
+    folders are converted to); `latent_shape` is what the denoiser works on (the same for pixel
+    models). `encode` maps images to the denoiser's space once (the autoencoder's posterior mean),
+    `decode` maps back; `condition` turns a dataset's `Conditions` into the denoiser's `Cond`."""
 
-    unet: UNet2DModel
-    scheduler: DDPMScheduler
+    unet: torch.nn.Module
+    scheduler: object
+    autoencoder: torch.nn.Module | None = None
+    text_encoder: torch.nn.Module | None = None
+    tokenizer: object | None = None
+    conditioning: dict = field(default_factory=dict)  # {"class_map": {...}, "null_class": id}
+    _text_cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        s = self.unet.config.sample_size
+        h, w = (s, s) if isinstance(s, int) else tuple(s)
+        return int(self.unet.config.in_channels), int(h), int(w)
 
     @property
     def channels(self) -> int:
-        return int(self.unet.config.in_channels)
+        if self.autoencoder is None:
+            return self.latent_shape[0]
+        return int(self.autoencoder.config.in_channels)
 
     @property
     def size(self) -> int:
-        s = self.unet.config.sample_size
-        return int(s if isinstance(s, int) else s[0])
+        return self.latent_shape[1] * frozen.downsampling(self.autoencoder)
 
     @property
     def num_timesteps(self) -> int:
         return int(self.scheduler.config.num_train_timesteps)
 
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.get("prediction_type", "epsilon")
+
+    @property
+    def condition_kind(self) -> str:
+        """ "text" (cross-attention), "class" (class embedding) or "none"."""
+        if self.text_encoder is not None:
+            return "text"
+        c = self.unet.config
+        return "class" if c.get("num_class_embeds") or c.get("class_embed_type") else "none"
+
+    @property
+    def class_map(self) -> dict[str, int] | None:
+        return self.conditioning.get("class_map")
+
     def alphas_cumprod(self, device=None) -> torch.Tensor:
         return self.scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
 
     def to(self, device) -> DiffusionModel:
-        self.unet.to(device)
+        for m in (self.unet, self.autoencoder, self.text_encoder):
+            if m is not None:
+                m.to(device)
         return self
 
     def weights_sha256(self) -> str:
-        return weights_sha256(self.unet)
+        """The denoiser's weights hash; with an autoencoder or text encoder, a hash of all three."""
+        parts = [m for m in (self.autoencoder, self.text_encoder) if m is not None]
+        if not parts:
+            return weights_sha256(self.unet)
+        return hashlib.sha256(":".join(weights_sha256(m) for m in [self.unet, *parts]).encode()).hexdigest()
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (N, C, H, W) in [-1, 1] -> the denoiser's x0 (the images themselves if pixel)."""
+        return frozen.encode(self.autoencoder, images)
+
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """The denoiser's x0 -> images in [-1, 1] (pixel models: clamped)."""
+        return frozen.decode(self.autoencoder, x0)
+
+    def condition(self, conditions: Conditions | None) -> Cond | None:
+        """A dataset's conditions -> the denoiser's (None for an unconditional model)."""
+        return frozen.condition(self, conditions)
+
+    def null_condition(self, n: int) -> Cond:
+        """The null condition of n examples: the empty prompt, or the recorded null class."""
+        return frozen.null_condition(self, n)
 
 
 def default_scheduler(num_train_timesteps: int = 1000) -> DDPMScheduler:
@@ -150,43 +209,23 @@ def weights_sha256(unet: torch.nn.Module) -> str:
 
 
 def load_model(path: str | Path | None = None, device: str | torch.device = "cpu") -> DiffusionModel:
-    """Load a local diffusers U-Net (bare or pipeline folder); `None` is the default model."""
-    path = Path(path) if path is not None else DEFAULT_MODEL_DIR
-    if not path.is_dir():
-        raise ModelError(f"{path}: model folder not found")
-    unet_dir = path / "unet" if (path / "unet" / "config.json").is_file() else path
-    if not (unet_dir / "config.json").is_file():
-        raise ModelError(
-            f"{path}: no config.json here or in unet/ (expected a diffusers "
-            "UNet2DModel folder or a pipeline folder)"
-        )
-    cfg = json.loads((unet_dir / "config.json").read_text())
-    if cfg.get("_class_name", "UNet2DModel") != "UNet2DModel":
-        raise ModelError(f"{unet_dir}: holds a {cfg['_class_name']}, only UNet2DModel is supported")
-    if not any(unet_dir.glob("*.safetensors")):
-        raise ModelError(f"{unet_dir}: no .safetensors weights (pickled .bin weights are refused)")
-    try:
-        unet = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True, local_files_only=True)
-    except Exception as e:  # diffusers raises many types; the user needs the path and the reason
-        raise ModelError(f"{unet_dir}: could not load the U-Net ({e})") from None
-    sched_dir = path / "scheduler"
-    if (sched_dir / "scheduler_config.json").is_file():
-        scheduler = DDPMScheduler.from_pretrained(sched_dir, local_files_only=True)
-    else:
-        scheduler = default_scheduler()
-    pred = scheduler.config.prediction_type
-    if pred != "epsilon":
-        raise ModelError(f"{path}: prediction_type {pred!r}; only epsilon-prediction is supported")
-    unet.eval().requires_grad_(False)
-    return DiffusionModel(unet.to(device), scheduler)
+    """Load a local diffusers model folder (`attribution/pipelines.py`); `None` is the default model."""
+    p = load_parts(Path(path) if path is not None else DEFAULT_MODEL_DIR)
+    for m in (p.unet, p.autoencoder, p.text_encoder):
+        if m is not None:
+            m.eval().requires_grad_(False)
+    model = DiffusionModel(p.unet, p.scheduler, p.autoencoder, p.text_encoder, p.tokenizer, p.conditioning)
+    return model.to(device)
 
 
 def save_model(model: DiffusionModel, path: str | Path, extra: dict | None = None) -> Path:
-    """Write a pipeline-style folder: unet/ (safetensors) and scheduler/, plus `extra` as JSON."""
+    """Write a pipeline-style folder: unet/ (safetensors) and scheduler/ (and vae/ or vqvae/,
+    text_encoder/ + tokenizer/, conditioning.json where the model has them), plus `extra` as JSON."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     model.unet.save_pretrained(tmp / "unet", safe_serialization=True)
     model.scheduler.save_pretrained(tmp / "scheduler")
+    frozen.save_parts(model, tmp)
     if extra is not None:
         (tmp / "training.json").write_text(json.dumps(extra, indent=2, sort_keys=True))
     if path.exists():
