@@ -31,7 +31,7 @@ from attribution.capture import (
 )
 from attribution.curvature import Curvature, rotate, rotated_gradient
 from attribution.measurements import Measurement, Rows
-from attribution.projection import Projection
+from attribution.projection import Projection, sketch_add
 
 PRECONDITIONERS = ("identity", "kfac", "kfac-exact", "ekfac")
 
@@ -74,13 +74,13 @@ class FeatureMap:
         self.ops: dict[str, tuple[torch.Tensor, ...]] = {}
         for name, (o, i) in layer_shapes.items():
             if self.sketched:
-                bucket, sign = projection.sketch(name)
+                r, c = projection.sketch(name)
                 if preconditioner == "identity":
-                    self.ops[name] = (bucket, sign)
+                    self.ops[name] = (r, c)
                 else:
                     _, qa, _, qs = curvature.eig(name)
                     w = eigen_weights(curvature, name, preconditioner, power)
-                    self.ops[name] = (qs, qa, w, bucket, sign)
+                    self.ops[name] = (qs, qa, w, r, c)
                 continue
             p_out, p_in = _mat(projection.p_out(name), o), _mat(projection.p_in(name), i)
             if preconditioner == "identity":
@@ -133,12 +133,12 @@ class FeatureMap:
         return f.flatten(1) * self.scale
 
     def _sketch(
-        self, x: torch.Tensor, bucket: torch.Tensor, sign: torch.Tensor, b: int, into: torch.Tensor | None
+        self, x: torch.Tensor, r: torch.Tensor, c: torch.Tensor, b: int, into: torch.Tensor | None
     ) -> torch.Tensor:
         """(B, O, I') per-example matrices -> (B, D) buckets times the scale, added into `into`."""
         if into is None:
             into = torch.zeros(b, self.projection.size, dtype=x.dtype, device=x.device)
-        return into.index_add_(1, bucket, x.flatten(1) * sign, alpha=self.scale)
+        return sketch_add(into, x, r, c, alpha=self.scale)
 
     def layer_from_input(
         self,

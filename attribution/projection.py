@@ -6,7 +6,14 @@ inner products of the (preconditioned) gradients. The random numbers are stored,
 - ``sketch``: every coordinate (layer, o, i) of every layer's gradient G (O × I') is added, with
   a random sign, to one of D shared buckets (a count sketch of the whole gradient vector). Its
   inner-product error is that of a dense Gaussian projection to D numbers, ‖x‖‖y‖/√D, whatever
-  the layer shapes; it needs G formed per example (the materialised path).
+  the layer shapes; it needs G formed per example (the materialised path). No per-parameter table
+  is kept (issue 19): each layer stores O + I' random 32-bit words r(o), c(i), and the bucket and
+  sign of (o, i) are bits of h = mix(r(o) ⊕ c(i)), computed per batch (`sketch_add`). For distinct
+  coordinates the words r(o) ⊕ c(i) are pairwise independent and uniform (o ≠ o': r(o) ⊕ r(o')
+  is uniform; o = o', i ≠ i': c(i) ⊕ c(i') is), and `mix` is a bijection of 32-bit words, so the
+  buckets collide with probability 1/D (D a power of two) and the signs are pairwise independent:
+  E[⟨Px, Py⟩] = ⟨x, y⟩ exactly. The nonlinear mix breaks the rectangle correlations a product
+  sign s₁(o)s₂(i) would have (tensor sketch), which add variance on low-rank gradients.
 - ``kronecker``: vec(P_out G P_inᵀ) with P_out (k_o × O), P_in (k_i × I') Gaussian, entries
   N(0, 1/k); where k ≥ the dimension the side is identity. G is never formed (the K-FAC fast
   path), but the error of a product of two small projections is far larger than that of one
@@ -23,6 +30,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from attribution.errors import IndexLoadError
 from attribution.seeds import KRONECKER_PROJECTION, SKETCH, generator
 
 
@@ -58,7 +66,8 @@ KINDS = ("sketch", "kronecker")
 @dataclass
 class Projection:
     """Kronecker: per-layer P_out (k_o × O), P_in (k_i × I'), a missing matrix means identity.
-    Sketch: per-layer bucket (O, I') int32 in [0, size) and sign (O, I') int8."""
+    Sketch: per-layer words r (O,) and c (I',), int64 in [0, 2³²): the bucket and sign of (o, i)
+    are bits of mix(r(o) ⊕ c(i)) (`sketch_add`); nothing per parameter is stored."""
 
     shapes: dict[str, tuple[int, int]]
     dims: dict[str, tuple[int, int]]
@@ -79,8 +88,8 @@ class Projection:
         return self.kind == "sketch" and not self.is_identity
 
     def sketch(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(bucket (O·I',) int64, sign (O·I',) float32) of a layer's flattened gradient."""
-        return self.mats[f"{name}.bucket"].flatten().long(), self.mats[f"{name}.sign"].flatten().float()
+        """The layer's words (r (O,), c (I',)) int64, for `sketch_add`."""
+        return self.mats[f"{name}.sketch_out"], self.mats[f"{name}.sketch_in"]
 
     @property
     def is_identity(self) -> bool:
@@ -111,6 +120,11 @@ class Projection:
         with safe_open(str(path), framework="pt") as f:
             md = f.metadata()
             mats = {k: f.get_tensor(k) for k in f.keys() if k != "_empty"}
+        if any(k.endswith(".bucket") for k in mats):
+            raise IndexLoadError(
+                f"{path}: a count sketch with per-parameter tables (before issue 19); this code "
+                "derives buckets from per-layer words: rebuild the index with `attribution index build … --overwrite`"
+            )
         shapes = {k: tuple(v) for k, v in json.loads(md["shapes"]).items()}
         dims = {k: tuple(v) for k, v in json.loads(md["dims"]).items()}
         return cls(shapes, dims, mats, int(md["seed"]), md.get("kind", "kronecker"), int(md.get("size", 0)))
@@ -137,12 +151,49 @@ def make_projection(
 
 
 def make_sketch(shapes: dict[str, tuple[int, int]], total: int | None, seed: int = 0) -> Projection:
-    """Count sketch of the whole gradient vector into `total` buckets shared by all layers."""
+    """Count sketch of the whole gradient vector into `total` buckets shared by all layers: per
+    layer, O + I' random 32-bit words seeded by (seed, SKETCH, layer index)."""
     if _unprojected(shapes, total):
         return Projection(dict(shapes), dict(shapes), {}, seed, "sketch", 0)
+    if total > 1 << 31:
+        raise ValueError(f"a count sketch has at most 2³¹ buckets, not {total}")
     mats = {}
     for idx, (name, (o, i)) in enumerate(shapes.items()):
         g = generator(seed, SKETCH, idx)
-        mats[f"{name}.bucket"] = torch.randint(0, total, (o, i), generator=g, dtype=torch.int32)
-        mats[f"{name}.sign"] = (torch.randint(0, 2, (o, i), generator=g) * 2 - 1).to(torch.int8)
+        mats[f"{name}.sketch_out"] = torch.randint(0, 1 << 32, (o,), generator=g, dtype=torch.int64)
+        mats[f"{name}.sketch_in"] = torch.randint(0, 1 << 32, (i,), generator=g, dtype=torch.int64)
     return Projection(dict(shapes), dict(shapes), mats, seed, "sketch", total)
+
+
+_M32 = 0xFFFFFFFF
+# multipliers below 2³¹, so that a 32-bit word times one stays below 2⁶³ (no int64 overflow)
+_MIX = (0x7FEB352D, 0x1B873593)
+
+
+def _mix(h: torch.Tensor) -> torch.Tensor:
+    """A bijection of 32-bit words held in int64 (xor-shift-multiply, after lowbias32), in place."""
+    h ^= h >> 16
+    h.mul_(_MIX[0]).bitwise_and_(_M32)
+    h ^= h >> 15
+    h.mul_(_MIX[1]).bitwise_and_(_M32)
+    h ^= h >> 16
+    return h
+
+
+CHUNK = 1 << 20  # coordinates hashed at a time: the sketch's scratch memory is O(CHUNK), not O(layer)
+
+
+def sketch_add(
+    into: torch.Tensor, x: torch.Tensor, r: torch.Tensor, c: torch.Tensor, alpha: float = 1.0
+) -> torch.Tensor:
+    """into (B, D) += alpha · count sketch of x (B, O, I'): coordinate (o, i) goes to bucket
+    h mod D with sign ± by bit 31 of h = mix(r(o) ⊕ c(i)). Hashes a block of rows of x at a time."""
+    size, (b, o, i) = into.shape[1], x.shape
+    step = max(1, CHUNK // max(i, 1))
+    for lo in range(0, o, step):
+        h = _mix(r[lo : lo + step, None] ^ c[None, :])
+        sign = (h >> 31).to(x.dtype).mul_(-2).add_(1)
+        h &= 0x7FFFFFFF
+        bucket = (h.bitwise_and_(size - 1) if size & (size - 1) == 0 else h.remainder_(size)).flatten()
+        into.index_add_(1, bucket, (x[:, lo : lo + step] * sign).reshape(b, -1), alpha=alpha)
+    return into

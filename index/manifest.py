@@ -9,8 +9,8 @@ from pathlib import Path
 from attribution.errors import IndexLoadError  # noqa: F401  (re-exported)
 from index.layout import IndexLayout
 
-FORMAT_VERSION = 2  # 2: count-sketch projection, preconditioner split over both sides
-CODE_VERSION = "0.3.0"  # 0.3: checksums of the files in the manifest
+FORMAT_VERSION = 3  # 2: count-sketch projection, split preconditioner; 3: sketch hashed per layer
+CODE_VERSION = "0.4.0"  # 0.3: checksums of the files in the manifest; 0.4: no per-parameter tables
 
 
 def settings_key(settings: dict) -> str:
