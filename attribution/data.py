@@ -2,8 +2,10 @@
 folders.
 
 Every dataset is a float32 tensor of shape (N, C, H, W) with pixels in [-1, 1], plus integer
-labels (-1 where unknown) and the source of each row. Rows of a folder are its image files in
-sorted file-name order.
+labels (-1 where unknown), the source of each row and, for conditional data, one condition per row
+(`attribution/conditions.py`). Folders come in three layouts (`attribution/layouts.py`): flat
+(unconditional), class sub-folders and Hugging Face `metadata.jsonl`; rows are the image files in
+sorted relative-path order (file-name order for a flat folder).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from attribution.conditions import Conditions
 from attribution.errors import DataError  # re-exported: `from attribution.data import DataError`
 from attribution.images import (  # noqa: F401  (re-exported: the image-file API lives in images.py)
     ACCEPTED_FORMATS,
@@ -28,6 +31,7 @@ from attribution.images import (  # noqa: F401  (re-exported: the image-file API
     load_image,
     open_image,
 )
+from attribution.layouts import class_folder, layout_of, metadata_folder
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 MNIST_SEED = 0
@@ -38,13 +42,15 @@ MNIST_ASSET_SHA256 = "246e0c30eeea57c8d0037d3f38c8e00651ec204cc61b8022563e9aeeb9
 
 @dataclass
 class ImageDataset:
-    """Images (N, C, H, W) in [-1, 1], labels (N,) int64 (-1 = unknown), one source per row."""
+    """Images (N, C, H, W) in [-1, 1], labels (N,) int64 (-1 = unknown), one source per row, and
+    the rows' conditions (None: unconditional data)."""
 
     images: torch.Tensor
     labels: torch.Tensor
     sources: list[str]
     name: str = "images"
     meta: dict = field(default_factory=dict)
+    conditions: Conditions | None = None
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -57,6 +63,7 @@ class ImageDataset:
             [self.sources[i] for i in rows.tolist()],
             name=self.name,
             meta=dict(self.meta),
+            conditions=None if self.conditions is None else self.conditions.subset(rows),
         )
 
     def fingerprint(self) -> str:
@@ -158,15 +165,28 @@ def list_images(folder: str | Path) -> list[Path]:
 
 
 def image_folder(
-    folder: str | Path, channels: int, size: int | tuple[int, int], labels_from_names: bool = True
+    folder: str | Path,
+    channels: int,
+    size: int | tuple[int, int],
+    labels_from_names: bool = True,
+    class_map: dict[str, int] | None = None,
 ) -> ImageDataset:
-    """Every file in `folder` (sorted by name) as an image; any non-image file is an error.
+    """Every image of `folder` in its layout (`attribution/layouts.py`), rows in sorted
+    relative-path order; any non-image file is an error.
 
-    Images of mixed sizes are all resized to `size`. A label is read from a leading integer in
-    the file name followed by '_' (e.g. '3_0001.png'), else -1. A source is the file's path (with
-    bytes that are not UTF-8 shown as \\xNN).
+    Images of mixed sizes are all resized to `size`. A flat folder is unconditional, as before:
+    a label is read from a leading integer in the file name followed by '_' (e.g. '3_0001.png'),
+    else -1. Class sub-folders and metadata.jsonl labels give class conditions (their ids are the
+    labels; names map through `class_map` when given: the training set's map for queries), and
+    metadata.jsonl texts give text conditions. A source is the file's path (with bytes that are
+    not UTF-8 shown as \\xNN).
     """
-    files = list_images(folder)
+    layout = layout_of(folder)
+    if layout == "flat":
+        files, conditions = list_images(folder), None
+    else:
+        reader = class_folder if layout == "classes" else metadata_folder
+        files, conditions = reader(Path(folder), class_map)
     out, labels = [], []
     for p in files:
         if p.suffix.lower() not in IMAGE_SUFFIXES:
@@ -179,12 +199,19 @@ def image_folder(
         labels.append(
             int(head) if labels_from_names and "_" in p.stem and head.isascii() and head.isdigit() else -1
         )
+    meta = {"source": _shown(Path(folder).resolve())}
+    if conditions is not None:
+        meta.update(layout=layout, condition=conditions.kind)
+        if conditions.kind == "class":
+            labels = conditions.labels.tolist()
+            meta["class_map"] = conditions.class_map
     return ImageDataset(
         torch.stack(out),
         torch.tensor(labels, dtype=torch.long),
         [_shown(p) for p in files],
         name=_shown(Path(folder).name),
-        meta={"source": _shown(Path(folder).resolve())},
+        meta=meta,
+        conditions=conditions,
     )
 
 

@@ -29,6 +29,7 @@ from attribution.capture import (
     project_inputs,
     tracked_layers,
 )
+from attribution.conditions import Cond, select
 from attribution.curvature import Curvature, rotate, rotated_gradient
 from attribution.measurements import Measurement, Rows
 from attribution.projection import Projection, sketch_add
@@ -190,7 +191,7 @@ def split_halves(rows: Rows, antithetic: bool) -> Rows:
     k = rows.k
     order = half_order(k, antithetic)
     idx = (torch.arange(rows.t.shape[0] // k).view(-1, 1) * k + order.view(1, -1)).flatten().to(rows.t.device)
-    return Rows(rows.x[idx], rows.t[idx], rows.y[idx], rows.w[idx], k // 2)
+    return Rows(rows.x[idx], rows.t[idx], rows.y[idx], rows.w[idx], k // 2, select(rows.c, idx))
 
 
 def gradient_features(
@@ -210,13 +211,15 @@ def gradient_features(
     device: str | torch.device = "cpu",
     out: torch.Tensor | None = None,
     halves: bool = False,
+    cond: Cond | None = None,
 ) -> torch.Tensor:
     """Features (N, D) of `images` (N, C, H, W) for the function `measurement`; with `halves`,
     (N, 2, D): the features of two independent halves of each image's draws (their mean is the
     N × D feature).
 
     `trajectory` = (timesteps (S,), states (S, N, C, H, W)) for the trajectory measurement.
-    Streams in batches of `batch_size` images; writes into `out` if given.
+    Streams in batches of `batch_size` images; writes into `out` if given. `cond`: the images'
+    conditions (N examples; None for an unconditional model), in the denoiser's terms.
     """
     device = torch.device(device)
     layers = tracked_layers(model.unet)
@@ -241,11 +244,13 @@ def gradient_features(
                 stratified=stratified,
                 antithetic=antithetic,
                 trajectory=traj,
+                cond=select(cond, slice(i, i + batch_size)),
+                prediction=model.prediction_type,
             )
             if halves:
                 rows = split_halves(rows, antithetic)
             b = b * parts_per
-            eps_hat, rec = forward(model.unet, layers, rows.x, rows.t)
+            eps_hat, rec = forward(model.unet, layers, rows.x, rows.t, rows.c)
             acc = torch.zeros(b, fmap.dim, device=device) if fmap.sketched else None
             parts = {
                 name: fmap.layer_from_input(name, layers[name], rec.inputs[name].detach(), g, b, acc)

@@ -139,3 +139,23 @@ def save_parts(model, folder: Path) -> None:
         model.tokenizer.save_pretrained(folder / "tokenizer")
     if model.conditioning:
         (folder / "conditioning.json").write_text(json.dumps(model.conditioning, indent=2, sort_keys=True))
+
+
+def prepare(model, dataset):
+    """A dataset in the denoiser's terms: its images encoded once (latent models; pixel models keep
+    them), its conditions checked against the model (an unconditional model ignores them)."""
+    from dataclasses import replace
+
+    from attribution.console import say
+
+    if dataset.conditions is not None and model.condition_kind == "none":
+        say(
+            f"{dataset.name}: the model is unconditional; the folder's {dataset.conditions.kind} conditions are not used"
+        )
+    elif model.condition_kind != "none":
+        condition(model, dataset.conditions)  # refuses missing or mismatched conditions now
+    if model.autoencoder is None:
+        return dataset
+    return replace(
+        dataset, images=encode(model.autoencoder, dataset.images), meta={**dataset.meta, "encoded": True}
+    )

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from attribution.conditions import Cond, as_cond, select
 from attribution.curvature import Curvature, CurvatureConfig, fit_curvature
 from attribution.data import ImageDataset
 from attribution.features import FeatureMap, gradient_features, model_layer_shapes
@@ -167,6 +168,7 @@ class Attributor:
                 batch_size=self.curvature_batch_size,
                 progress=self.progress,
                 device=self.device,
+                cond=self.train_cond(rows),
             )
         if self.config.importance:
             self.density = density if density is not None else self.fit_density()
@@ -187,8 +189,15 @@ class Attributor:
             hash_seed(self.config.seed, PROFILE_DRAWS),
             batch_size=self.config.batch_size,
             device=self.device,
+            cond=self.train_cond(rows),
         )
         return density_from_bins(sq, self.model.num_timesteps)
+
+    def train_cond(self, rows: list[int]) -> Cond | None:
+        """The denoiser's condition of training rows (from `train.conditions`; None if unconditional)."""
+        if not hasattr(self, "_train_cond"):
+            self._train_cond = as_cond(self.model, getattr(self.train, "conditions", None), self.n_train)
+        return select(self._train_cond, rows)
 
     def measurement(self, side: str) -> Measurement:
         """The training function (side "train") or the query measurement, with the density."""
@@ -259,6 +268,7 @@ class Attributor:
             desc="training features",
             device=self.device,
             halves=halves or self.spread_available,
+            cond=self.train_cond(rows),
         )
         return f if halves or not self.spread_available else split_halves(f)[0]
 
@@ -309,29 +319,30 @@ class Attributor:
         return self.finish_train_features(raw)
 
     def query_features(
-        self, images: torch.Tensor, trajectory: tuple[torch.Tensor, torch.Tensor] | None = None
+        self, images: torch.Tensor, trajectory: tuple[torch.Tensor, torch.Tensor] | None = None, cond=None
     ) -> torch.Tensor:
-        """ψ (Q, D) for query images (Q, C, H, W) in [-1, 1]."""
+        """ψ (Q, D) for query images (Q, C, H, W) in the denoiser's space (pixels in [-1, 1], or
+        latents), under `cond` (a `Cond` or `Conditions`; conditional models only)."""
         if not self.uses_model:
             psi = images.flatten(1).float()
         elif self.spread_available:  # the mean of the halves: the same numbers as with the spread
-            psi = split_halves(self._raw_query_features(images, trajectory, halves=True))[0]
+            psi = split_halves(self._raw_query_features(images, trajectory, True, cond))[0]
         else:
-            psi = self._raw_query_features(images, trajectory, halves=False)
+            psi = self._raw_query_features(images, trajectory, False, cond)
         return _normalize(psi) if self.spec.normalize else psi
 
     def query_features_with_spread(
-        self, images: torch.Tensor, trajectory=None
+        self, images: torch.Tensor, trajectory=None, cond=None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(ψ, δψ), each (Q, D): the query features and the half-difference of their draws. ψ is
         the same as `query_features` gives (up to float round-off); δψ is 0 for `pixel`."""
         if not self.uses_model or self.spec.measurement == "trajectory":
-            psi = self.query_features(images, trajectory)
+            psi = self.query_features(images, trajectory, cond)
             return psi, torch.zeros_like(psi)
-        psi, dpsi = split_halves(self._raw_query_features(images, trajectory, halves=True))
+        psi, dpsi = split_halves(self._raw_query_features(images, trajectory, True, cond))
         return _normalize_with_spread(psi, dpsi) if self.spec.normalize else (psi, dpsi)
 
-    def _raw_query_features(self, images, trajectory, halves: bool) -> torch.Tensor:
+    def _raw_query_features(self, images, trajectory, halves: bool, cond=None) -> torch.Tensor:
         return gradient_features(
             self.model,
             self.feature_map("query"),
@@ -347,15 +358,16 @@ class Attributor:
             progress=False,
             device=self.device,
             halves=halves,
+            cond=as_cond(self.model, cond, images.shape[0]),
         )
 
     # ---- scores ------------------------------------------------------------------------------
     def scores(
-        self, images: torch.Tensor, trajectory=None, train_features: torch.Tensor | None = None
+        self, images: torch.Tensor, trajectory=None, train_features: torch.Tensor | None = None, cond=None
     ) -> torch.Tensor:
         """τ (Q, N) for query images, streaming over training batches (memory O(batch × D), not
         O(N × D)); TRAK-style methods need all features at once for their inverse."""
-        psi = self.query_features(images, trajectory)
+        psi = self.query_features(images, trajectory, cond)
         if train_features is not None:
             return psi @ train_features.T
         if self.uses_model and self.spec.preconditioner != "trak":
@@ -374,15 +386,17 @@ class Attributor:
         ):
             yield list(range(i, min(self.n_train, i + bs)))
 
-    def scores_with_spread(self, images: torch.Tensor, trajectory=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def scores_with_spread(
+        self, images: torch.Tensor, trajectory=None, cond=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(τ, se), each (Q, N): the scores and each score's one-dof standard error under new
         draws on both sides, from independent halves (attribution/uncertainty.py)."""
         if self.spec.preconditioner == "trak":
             # ΦᵀΦ is refitted on every draw, and (ΦᵀΦ+λ)⁻¹ blows up half-differences outside the span
             # of Φ that a refit would absorb: no honest half-split figure exists, so none is given
-            scores = self.scores(images, trajectory)
+            scores = self.scores(images, trajectory, cond=cond)
             return scores, torch.full_like(scores, float("nan"))
-        psi, dpsi = self.query_features_with_spread(images, trajectory)
+        psi, dpsi = self.query_features_with_spread(images, trajectory, cond)
         out, se = torch.empty(psi.shape[0], self.n_train), torch.empty(psi.shape[0], self.n_train)
         for rows in self._train_batches():
             phi, delta = self.finish_with_spread(self.raw_train_features(rows, progress=False, halves=True))

@@ -171,6 +171,10 @@ class DiffusionModel:
         """A dataset's conditions -> the denoiser's (None for an unconditional model)."""
         return frozen.condition(self, conditions)
 
+    def prepare(self, dataset):
+        """A dataset in the denoiser's space: images encoded once (latent models), conditions checked."""
+        return frozen.prepare(self, dataset)
+
     def null_condition(self, n: int) -> Cond:
         """The null condition of n examples: the empty prompt, or the recorded null class."""
         return frozen.null_condition(self, n)

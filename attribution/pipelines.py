@@ -158,9 +158,9 @@ def _components(path: Path) -> dict[str, str]:
     index = read_json(path / "model_index.json")
     out = {}
     for key, val in index.items():
-        if key.startswith("_") or val is None or (isinstance(val, list) and val[-1] is None):
-            continue
-        if not (isinstance(val, list) and len(val) == 2 and all(isinstance(v, str) for v in val)):
+        if key.startswith("_") or not isinstance(val, list) or (val and val[-1] is None):
+            continue  # private keys, pipeline options (requires_safety_checker), absent components
+        if not (len(val) == 2 and all(isinstance(v, str) for v in val)):
             raise ModelError(f"{path / 'model_index.json'}: component {key!r} is not [library, class]")
         out[key] = val[1]
     return out

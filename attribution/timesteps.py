@@ -35,8 +35,10 @@ def bin_sq_norms(
     bins: int = BINS,
     batch_size: int = 32,
     device=None,
+    cond=None,
 ) -> torch.Tensor:
-    """(bins,) mean squared norm of a one-row feature with t uniform in each bin, over `images`."""
+    """(bins,) mean squared norm of a one-row feature with t uniform in each bin, over `images`
+    (under their conditions `cond`, for a conditional model)."""
     t_total = model.num_timesteps
     edges = torch.linspace(0, t_total, bins + 1).round().long()
     out = torch.empty(bins, dtype=torch.float64)
@@ -45,7 +47,17 @@ def bin_sq_norms(
         inside[edges[b] : edges[b + 1]] = 1.0
         meas = Measurement(train_fn, density=inside / inside.sum())
         f = gradient_features(
-            model, fmap, images, keys, meas, 1, seed, batch_size, progress=False, device=device or "cpu"
+            model,
+            fmap,
+            images,
+            keys,
+            meas,
+            1,
+            seed,
+            batch_size,
+            progress=False,
+            device=device or "cpu",
+            cond=cond,
         )
         out[b] = f.double().pow(2).sum(1).mean()
     return out

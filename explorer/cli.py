@@ -108,8 +108,9 @@ def _scoring_inputs(a: argparse.Namespace):
 
     device = pick_device(a.device)
     model = load_model(a.model, device=device)
-    train = image_folder(a.data, model.channels, model.size)
-    queries = image_folder(a.queries, model.channels, model.size)
+    train = model.prepare(image_folder(a.data, model.channels, model.size, class_map=model.class_map))
+    known = train.conditions.class_map if train.conditions is not None else None
+    queries = model.prepare(image_folder(a.queries, model.channels, model.size, class_map=known))
     return device, model, train, queries, _method_config(a)
 
 
@@ -146,7 +147,7 @@ def cmd_scores(a: argparse.Namespace) -> None:
     )
     t0 = time.time()
     att = Attributor(model, train, cfg, device=device).fit()
-    scores = att.scores(queries.images.to(device)).cpu().numpy().astype(np.float32)
+    scores = att.scores(queries.images.to(device), cond=queries.conditions).cpu().numpy().astype(np.float32)
     write(out, "--out", lambda path: np.save(path, scores))
     say(
         f"wrote {out}: float32 {scores.shape} (queries × training images, positive = proponent) "
