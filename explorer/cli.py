@@ -146,8 +146,9 @@ def cmd_scores(a: argparse.Namespace) -> None:
         f"(draws {cfg.draws}, D = {cfg.dim or 'unprojected'}, seed {cfg.seed}) on {device}"
     )
     t0 = time.time()
+    cond = model.null_condition(len(queries)) if a.null_condition else queries.conditions
     att = Attributor(model, train, cfg, device=device).fit()
-    scores = att.scores(queries.images.to(device), cond=queries.conditions).cpu().numpy().astype(np.float32)
+    scores = att.scores(queries.images.to(device), cond=cond).cpu().numpy().astype(np.float32)
     write(out, "--out", lambda path: np.save(path, scores))
     say(
         f"wrote {out}: float32 {scores.shape} (queries × training images, positive = proponent) "
@@ -268,6 +269,12 @@ def _add_scores(sub, methods: list[str]) -> None:
     _add_scoring_args(sc, methods)
     sc.add_argument("--out", required=True, help="scores.npy: float32 (queries, training images)")
     sc.add_argument("--seed", type=int, default=0)
+    sc.add_argument(
+        "--null-condition",
+        action="store_true",
+        help="measure queries under the null condition (empty prompt / null class): the unconditional "
+        "measurement of classifier-free-guided samples; default: each query's own condition",
+    )
     sc.set_defaults(func=cmd_scores)
 
 

@@ -223,3 +223,143 @@ def _as_model(unet, scheduler=None):
     from attribution.model import DiffusionModel, default_scheduler
 
     return DiffusionModel(unet, scheduler or default_scheduler())
+
+
+def test_sampling_through_the_folders_scheduler(tmp_path):
+    """PNDM (the folder's class) and DDPM with classifier-free guidance: latents decoded, one
+    generator per image (batching does not change a sample), conditions change the samples."""
+    model = load_model(sd_folder(tmp_path / "sd"))
+    prompts = _prompts([PROMPTS[0], PROMPTS[1], PROMPTS[0]])
+    for sampler in ("scheduler", "ddpm"):
+        kw = dict(sampler=sampler, steps=4, progress=False, conditions=prompts, guidance_scale=3.0)
+        s = sample(model, 3, seed=5, batch_size=3, **kw)
+        assert s.images.shape == (3, 3, 8, 8) and s.latents.shape == (3, 4, 4, 4)
+        torch.testing.assert_close(s.images, model.decode(s.latents))
+        single = sample(model, 3, seed=5, batch_size=1, **kw)
+        torch.testing.assert_close(single.latents, s.latents, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(s.latents[0], s.latents[1])  # another prompt (and noise)
+    other = sample(
+        model, 1, seed=5, sampler="ddpm", steps=4, progress=False, conditions=_prompts([PROMPTS[1]])
+    )
+    same = sample(
+        model, 1, seed=5, sampler="ddpm", steps=4, progress=False, conditions=_prompts([PROMPTS[0]])
+    )
+    assert not torch.allclose(other.latents, same.latents)  # same noise, another prompt
+    # a generated query is measured on its latents directly, under its prompt or the null prompt
+    texts = [PROMPTS[i % 2] for i in range(6)]
+    data = metadata_data(tmp_path / "train", _images(6, 8, "RGB", 3), "text", texts)
+    train = model.prepare(image_folder(data, 3, 8))
+    att = Attributor(model, train, AttributionConfig(draws=4, query_draws=8, dim=512), progress=False).fit()
+    cond_scores = att.scores(same.model_inputs, cond=_prompts([PROMPTS[0]]))
+    null_scores = att.scores(same.model_inputs, cond=model.null_condition(1))
+    assert torch.isfinite(cond_scores).all() and not torch.allclose(cond_scores, null_scores)
+
+
+def _prompts(texts):
+    from attribution.conditions import Conditions
+
+    return Conditions.prompts(texts)
+
+
+def test_cli_scores_class_folders(tmp_path, capsys):
+    from explorer.cli import main
+
+    folder = save_model(_as_model(class_unet(2)), tmp_path / "model")
+    names = ["ant", "bee"] * 4
+    class_data(tmp_path / "train", _images(8, 8, "L", 4), names)
+    class_data(tmp_path / "q", _images(2, 8, "L", 5), ["bee", "ant"])  # bee/000, ant/001
+    out = tmp_path / "s.npy"
+    args = [
+        "scores",
+        "--model",
+        str(folder),
+        "--data",
+        str(tmp_path / "train"),
+        "--queries",
+        str(tmp_path / "q"),
+    ]
+    args += ["--out", str(out), "--method", "kfac", "--draws", "4", "--dim", "0"]
+    assert main(args) == 0
+    s = np.load(out)
+    model = load_model(folder)
+    train = image_folder(tmp_path / "train", 1, 8)
+    q = image_folder(tmp_path / "q", 1, 8, class_map=train.conditions.class_map)
+    assert q.conditions.labels.tolist() == [0, 1]  # rows by relative path: ant/001.png, bee/000.png
+    att = Attributor(model, train, AttributionConfig(method="kfac", draws=4, dim=None), progress=False).fit()
+    np.testing.assert_allclose(s, att.scores(q.images, cond=q.conditions).numpy(), rtol=1e-4, atol=1e-8)
+    # no null class recorded: the unconditional measurement is refused with a message
+    assert main(args + ["--null-condition"]) == 2
+    assert "no null class" in capsys.readouterr().err
+
+
+def test_refusals_name_what_is_supported(tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text('{"_class_name": "UNet2DModel", "sample_size": ')
+    with pytest.raises(ModelError, match="not a readable JSON file"):
+        load_model(bad)
+    (bad / "config.json").write_text("[1, 2]")
+    with pytest.raises(ModelError, match="expected a JSON object"):
+        load_model(bad)
+    dit = tmp_path / "dit"
+    dit.mkdir()
+    (dit / "model_index.json").write_text(
+        json.dumps({"_class_name": "DiTPipeline", "transformer": ["diffusers", "DiTTransformer2DModel"]})
+    )
+    with pytest.raises(ModelError, match="'transformer'.*supported: a UNet2DModel or UNet2DConditionModel"):
+        load_model(dit)
+    folder = vpred_folder(tmp_path / "v")
+    cfg = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    (folder / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps({**cfg, "prediction_type": "flow"})
+    )
+    with pytest.raises(ModelError, match="prediction_type 'flow'; supported: epsilon, v_prediction, sample"):
+        load_model(folder)
+    (folder / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps({**cfg, "_class_name": "LCMScheduler"})
+    )
+    with pytest.raises(ModelError, match="scheduler 'LCMScheduler' is not supported"):
+        load_model(folder)
+    # a class-conditional model refuses unconditional (flat) data, naming the layouts that carry classes
+    model = _as_model(class_unet(2))
+    with pytest.raises(DataError, match="class subfolders or metadata.jsonl"):
+        model.prepare(image_folder(_flat(tmp_path / "flat"), 1, 8))
+
+
+def _flat(path: Path) -> Path:
+    path.mkdir()
+    for i, im in enumerate(_images(2, 8, "L", 6)):
+        im.save(path / f"{i}.png")
+    return path
+
+
+def _implied_eps(prediction: str, f: torch.Tensor, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """ε implied by an output f of the parameterisation at x_t (independent of measurements.py)."""
+    if prediction == "v_prediction":
+        return a.sqrt() * f + (1 - a).sqrt() * x
+    if prediction == "sample":
+        return (x - a.sqrt() * f) / (1 - a).sqrt()
+    return f
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
+def test_targets_and_elbo_in_every_parameterisation(prediction):
+    from attribution.measurements import Measurement, row_values
+
+    acp = DDPMScheduler(beta_schedule="linear").alphas_cumprod
+    x0 = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    for name in ("loss", "elbo"):
+        rows = Measurement(name).rows(x0, [3, 4], 6, 0, acp, prediction=prediction)
+        ref = Measurement(name).rows(x0, [3, 4], 6, 0, acp)  # ε-form rows with the same draws
+        a = acp[rows.t].view(-1, 1, 1, 1)
+        torch.testing.assert_close(rows.x, ref.x)
+        # the target is the output that implies the drawn noise
+        torch.testing.assert_close(_implied_eps(prediction, rows.y, rows.x, a), ref.y, rtol=1e-4, atol=1e-4)
+        if name == "elbo":  # the ELBO is one function of the model, whatever its parameterisation
+            f = torch.randn(rows.x.shape, generator=torch.Generator().manual_seed(1))
+            torch.testing.assert_close(
+                row_values(f, rows),
+                row_values(_implied_eps(prediction, f, rows.x, a), ref),
+                rtol=1e-4,
+                atol=1e-6,
+            )
