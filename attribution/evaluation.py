@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from scipy.stats import spearmanr
 
 from attribution.atomic import save_numpy
 from attribution.data import mnist
 from attribution.measurements import Measurement, evaluate
 from attribution.model import build_model, load_model, save_model
+from attribution.ranks import spearman
 from attribution.sample import sample
 from attribution.train import TrainConfig, train
 
@@ -236,7 +236,7 @@ def lds_per_query(scores: np.ndarray, masks: np.ndarray, measurements: np.ndarra
     pred = masks.astype(np.float64) @ scores.T.astype(np.float64)  # (M, Q)
     out = np.empty(scores.shape[0])
     for q in range(scores.shape[0]):
-        out[q] = spearmanr(pred[:, q], -measurements[:, q]).statistic
+        out[q] = spearman(pred[:, q], -measurements[:, q])
     return np.nan_to_num(out)
 
 
@@ -248,7 +248,7 @@ def mean_se(x: np.ndarray) -> tuple[float, float]:
 def seed_agreement(measurements: np.ndarray) -> np.ndarray:
     """Per query, Spearman over subsets between seed 0 and seed 1 losses (the retraining noise)."""
     m = measurements
-    return np.nan_to_num(np.array([spearmanr(m[:, 0, q], m[:, 1, q]).statistic for q in range(m.shape[2])]))
+    return np.nan_to_num(np.array([spearman(m[:, 0, q], m[:, 1, q]) for q in range(m.shape[2])]))
 
 
 def method_lds(

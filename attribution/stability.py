@@ -13,7 +13,8 @@ from dataclasses import replace
 
 import numpy as np
 import torch
-from scipy.stats import spearmanr
+
+from attribution.ranks import spearman
 
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
@@ -28,7 +29,7 @@ def agreement(a: np.ndarray, b: np.ndarray, k: int = 10) -> dict:
     if a.shape != b.shape:
         raise ValueError(f"score matrices differ in shape: {a.shape} vs {b.shape}")
     k = min(k, a.shape[1])
-    rho = np.array([spearmanr(a[q], b[q]).statistic for q in range(a.shape[0])])
+    rho = np.array([spearman(a[q], b[q]) for q in range(a.shape[0])])
     ta, tb = top_k(a, k), top_k(b, k)
     overlap = np.array([len(set(ta[q]) & set(tb[q])) / k for q in range(a.shape[0])])
     return {
