@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from attribution.capture import forward, grad_enabled_params, tracked_layers
+from attribution.conditions import as_cond
 from attribution.errors import ConfigError
 from attribution.features import example_cotangent, split_halves
 from attribution.influence import QUERY_KEY, Attributor, _normalize_with_spread
@@ -79,7 +80,7 @@ class BandMeasurement(Measurement):
     def rows(self, *args, **kwargs) -> Rows:
         r = super().rows(*args, **kwargs)
         inside = ((r.t >= self.lo) & (r.t < self.hi)).to(r.w.dtype)
-        return Rows(r.x, r.t, r.y, r.w * inside, r.k)
+        return Rows(r.x, r.t, r.y, r.w * inside, r.k, r.c)
 
 
 def _cells(rows: Rows, examples: int, parts: int, bands: Bands) -> list[torch.Tensor]:
@@ -115,11 +116,11 @@ def _cell_features(fmap, layers: dict, rec, eps_hat: torch.Tensor, rows: Rows, c
 
 
 def query_band_features(
-    att: Attributor, images: torch.Tensor, bands: Bands, trajectory=None
+    att: Attributor, images: torch.Tensor, bands: Bands, trajectory=None, cond=None
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """(ψ (Q, D), δψ (Q, D) or None, ψ_b (Q, bands, D)) for query images (Q, C, H, W), from one
-    pass: ψ and δψ are those of `att.query_features_with_spread` (δψ None where the method has no
-    halves), and Σ_b ψ_b = ψ."""
+    """(ψ (Q, D), δψ (Q, D) or None, ψ_b (Q, bands, D)) for query images (Q, C, H, W) under
+    `cond` (conditional models), from one pass: ψ and δψ are those of
+    `att.query_features_with_spread` (δψ None where the method has no halves), and Σ_b ψ_b = ψ."""
     if not att.uses_model:
         raise ConfigError("pixel similarity draws no timesteps, so it has no timestep bands")
     fmap, meas, cfg = att.feature_map("query"), att.measurement("query"), att.config
@@ -139,12 +140,14 @@ def query_band_features(
             stratified=cfg.stratified,
             antithetic=cfg.antithetic,
             trajectory=traj,
+            cond=as_cond(att.model, cond, q),
+            prediction=att.model.prediction_type,
         )
         if halves:
             rows = split_halves(rows, cfg.antithetic)
         parts = 2 if halves else 1
         cells = _cells(rows, q, parts, bands)
-        eps_hat, rec = forward(att.model.unet, layers, rows.x, rows.t)
+        eps_hat, rec = forward(att.model.unet, layers, rows.x, rows.t, rows.c)
         f = _cell_features(fmap, layers, rec, eps_hat, rows, cells).cpu()
     f = f.view(q, parts, len(bands), -1)
     per_part = f.sum(2)  # (Q, parts, D): the halves (or the whole)

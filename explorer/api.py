@@ -1,5 +1,7 @@
 """The app's API: the page's attribution as JSON, `/attribute` (an image file) and
-`/attribute_generated` (seed, sampler, steps), on hidden components of the same Blocks."""
+`/attribute_generated` (seed, sampler, steps), each with the scores split by timestep band;
+`/self_influence` (the memorisation audit) and `/compare` (two methods on one query); all on
+hidden components of the same Blocks."""
 
 from __future__ import annotations
 
@@ -7,10 +9,12 @@ from collections.abc import Callable
 
 import gradio as gr
 
+from attribution.bands import DEFAULT_BANDS
 from attribution.errors import AttributionError
 from attribution.sample import SAMPLERS
+from explorer import audit
 from explorer.render import plain
-from explorer.service import Busy, Explorer, Query
+from explorer.service import ALL_TIMESTEPS, Busy, Explorer, Query
 
 EXPECTED = (AttributionError, Busy)  # failures whose message is for the user (no traceback)
 
@@ -24,34 +28,89 @@ def add_api(ex: Explorer, default_label: str | None) -> gr.Dropdown:
         api_seed = gr.Number(0, precision=0, label="seed")
         api_sampler = gr.Dropdown(list(SAMPLERS), value="ddim", label="sampler")
         api_steps = gr.Number(50, precision=0, label="steps")
+        api_bands = gr.Number(DEFAULT_BANDS, precision=0, label="bands")
+        api_rank = gr.Textbox(ALL_TIMESTEPS, label="rank_by")
         api_out = gr.JSON(label="result")
         api_btn = gr.Button("attribute")
         api_gen_btn = gr.Button("attribute_generated")
 
-    def api_call(make: Callable[[], Query], method_label, kk) -> dict:
+    def api_call(make: Callable[[], Query], method_label, kk, bands, rank_by) -> dict:
         try:
             kk = ex.check_k(kk)  # refused before any sampling
-            return ex.attribute(make(), method_label or None, kk).data
+            return ex.attribute(make(), method_label or None, kk, bands, rank_by or None).data
         except EXPECTED as e:
             raise gr.Error(plain(str(e)), print_exception=False) from None
 
-    def attribute(image, k, method):
+    def attribute(image, k, method, bands=DEFAULT_BANDS, rank_by=ALL_TIMESTEPS):
         """Top-k proponents and opponents of an image file (PNG, JPEG, …), and all N scores.
 
         Returns {query, settings, index (provenance), proponents, opponents (each a list of
-        {rank, row, score, label, source}), scores (all N, by training row), timings_s}.
+        {rank, row, score, label, source, se, …, bands: the score's parts by timestep band, which
+        add up to it}), bands ({edges, names, ranked_by}), scores (all N, by training row),
+        timings_s}. `bands`: 2, 4 or 10 (0: no split); `rank_by`: a band's name or index, to rank
+        the top-k by that band's part alone ("all timesteps": the whole score).
         """
-        return api_call(lambda: ex.uploaded(image), method, k)
+        return api_call(lambda: ex.uploaded(image), method, k, bands, rank_by)
 
-    def attribute_generated(seed, sampler, steps, k, method):
+    def attribute_generated(seed, sampler, steps, k, method, bands=DEFAULT_BANDS, rank_by=ALL_TIMESTEPS):
         """Generate an image (seed, ddim|ddpm, steps) and attribute it; same JSON as /attribute."""
-        return api_call(lambda: ex.generated(seed, sampler, steps), method, k)
+        return api_call(lambda: ex.generated(seed, sampler, steps), method, k, bands, rank_by)
 
-    api_btn.click(attribute, [api_file, api_k, api_method], api_out, api_name="attribute")
+    api_btn.click(
+        attribute, [api_file, api_k, api_method, api_bands, api_rank], api_out, api_name="attribute"
+    )
     api_gen_btn.click(
         attribute_generated,
-        [api_seed, api_sampler, api_steps, api_k, api_method],
+        [api_seed, api_sampler, api_steps, api_k, api_method, api_bands, api_rank],
         api_out,
         api_name="attribute_generated",
     )
+    _add_views_api(ex, default_label)
     return api_method
+
+
+def _add_views_api(ex: Explorer, default_label: str | None) -> None:
+    """`/self_influence` and `/compare` (hidden components)."""
+    labels = ex.labels
+    with gr.Row(visible=False):
+        method = gr.Dropdown(labels, value=default_label, label="method", allow_custom_value=True)
+        m = gr.Number(20, precision=0, label="m")
+        group = gr.Checkbox(False, label="group")
+        samples = gr.Number(0, precision=0, label="samples")
+        seed = gr.Number(0, precision=0, label="seed")
+        steps = gr.Number(50, precision=0, label="steps")
+        image = gr.File(type="filepath", label="image")
+        method_b = gr.Dropdown(
+            labels, value=labels[1] if len(labels) > 1 else None, label="method_b", allow_custom_value=True
+        )
+        k = gr.Number(8, precision=0, label="k")
+        out = gr.JSON(label="result")
+        si_btn, cmp_btn = gr.Button("self_influence"), gr.Button("compare")
+
+    def self_influence(method, m=20, group=False, samples=0, seed=0, steps=50):
+        """The memorisation audit: the m training images with the highest and the m with the
+        lowest self-influence ({highest, lowest: [{rank, row, self_influence,
+        group_self_influence, label, source}], quantiles}); `group`: rank by group
+        self-influence (itself and its 5 strongest proponents: catches duplicates); `samples` > 0:
+        also generate that many samples (seed, DDIM steps) and pair each with its top proponent
+        ({pairs: {samples: [{sample, top_row, top_score, dominance, pixel_distance, nearest_row,
+        nearest_distance, …}], dominant}})."""
+        try:
+            res = ex.self_influence(method or None, m, group=bool(group))
+            if samples:
+                res["pairs"] = audit.to_json(ex.audit_samples(method or None, samples, seed, "ddim", steps))
+            return res
+        except EXPECTED as e:
+            raise gr.Error(plain(str(e)), print_exception=False) from None
+
+    def compare(image, method_a, method_b, k=8):
+        """One image file attributed by two methods: {methods, a, b (each {proponents,
+        opponents}), overlap ({proponents, opponents}: {rows, count, fraction}), spearman (of all
+        N scores), spearman_over}."""
+        try:
+            return ex.compare(ex.uploaded(image), method_a, method_b, ex.check_k(k))
+        except EXPECTED as e:
+            raise gr.Error(plain(str(e)), print_exception=False) from None
+
+    si_btn.click(self_influence, [method, m, group, samples, seed, steps], out, api_name="self_influence")
+    cmp_btn.click(compare, [image, method, method_b, k], out, api_name="compare")

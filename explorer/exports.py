@@ -103,3 +103,27 @@ def write_exports(data: dict, query_u8: np.ndarray, idx: Index, root: Path | Non
     ]
     Image.fromarray(query_u8).save(out / f"query-{stamp}.png")
     return [str(p) for p in files] + [str(out / f"query-{stamp}.png")]
+
+
+def write_audit_exports(st: dict, idx: Index, root: Path | None = None) -> list[str]:
+    """The memorisation audit `st` ({self_influence, pairs, method}): a PNG contact sheet, JSON
+    and CSV in a fresh folder (as `write_exports`); returns their paths."""
+    import json
+
+    from explorer import audit
+    from explorer.audit_report import render_audit
+
+    remove_old()
+    root = export_root() if root is None else Path(root)
+    if (why := _private_dir(root)) is not None:
+        raise ConfigError(f"export folder {root} {why}; exports need a private folder")
+    out = Path(tempfile.mkdtemp(prefix="audit-", dir=root))
+    with _lock:
+        _created[out] = time.time()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    data = {k: st[k] for k in ("self_influence", "pairs") if st.get(k)}
+    png = render_audit({**data}, idx.thumbs, out / f"audit-{stamp}.png")
+    js = out / f"audit-{stamp}.json"
+    js.write_text(json.dumps({"method": st.get("method"), **audit.to_json(data)}, indent=2))
+    csv = audit.write_csv(data, out / f"audit-{stamp}.csv")
+    return [str(png), str(js), str(csv)]

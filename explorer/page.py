@@ -9,9 +9,11 @@ from dataclasses import dataclass
 import gradio as gr
 import numpy as np
 
+from attribution.bands import BAND_COUNTS, DEFAULT_BANDS, Bands
 from attribution.sample import SAMPLERS
+from explorer import views
 from explorer.render import QUERY_PX, index_md
-from explorer.service import MAX_K, Explorer
+from explorer.service import ALL_TIMESTEPS, MAX_K, Explorer
 
 SKETCH_PX = 224
 
@@ -60,6 +62,10 @@ class Page:
     sketch: gr.Sketchpad
     sketch_btn: gr.Button
     query_col: gr.Column
+    bands: gr.Dropdown  # timestep bands of the split (2, 4, 10)
+    rank_by: gr.Dropdown  # all timesteps, or one band
+    band_plot: gr.Plot
+    band_md: gr.Markdown
 
     @property
     def outputs(self) -> list:
@@ -75,6 +81,8 @@ class Page:
             self.answer,
             self.files,
             self.stability,
+            self.band_plot,
+            self.band_md,
         ]
 
 
@@ -166,7 +174,12 @@ def _query_column(ex: Explorer, default_label: str | None, n_rows: int | None) -
     return c
 
 
-def _results_column() -> dict:
+def rank_choices(ex: Explorer, n: int) -> list[str]:
+    """The band selector's choices for `n` bands: the whole score, then each band."""
+    return [ALL_TIMESTEPS, *Bands.equal(int(n), ex.model.num_timesteps).names]
+
+
+def _results_column(ex: Explorer) -> dict:
     c = {"status": gr.Markdown("Choose a query on the left.", elem_id="status")}
     c["props"] = gr.Gallery(
         label="proponents (highest τ: make the query more likely)",
@@ -191,7 +204,26 @@ def _results_column() -> dict:
     c["stability"] = gr.Markdown("", elem_id="stability")
     with gr.Row(equal_height=False):
         c["plot"] = gr.Plot(label="all scores", elem_id="histogram", min_width=360, scale=3)
-        c["timings"] = gr.Markdown("", elem_id="timings", min_height=40)
+        c["band_plot"] = gr.Plot(label="score by timestep band", elem_id="band-chart", min_width=360, scale=3)
+    with gr.Row(equal_height=True):
+        c["bands"] = gr.Dropdown(
+            list(BAND_COUNTS),
+            value=DEFAULT_BANDS,
+            label="timestep bands",
+            elem_id="bands",
+            min_width=90,
+            scale=1,
+        )
+        c["rank_by"] = gr.Dropdown(
+            rank_choices(ex, DEFAULT_BANDS),
+            value=ALL_TIMESTEPS,
+            label="rank the top-k by",
+            elem_id="rank-by",
+            min_width=160,
+            scale=2,
+        )
+        c["band_md"] = gr.Markdown("", elem_id="band-info", min_height=40)
+    c["timings"] = gr.Markdown("", elem_id="timings", min_height=40)
     return c
 
 
@@ -204,12 +236,16 @@ def layout(ex: Explorer, default_label: str | None, n_rows: int | None) -> Page:
         elem_id="title",
     )
     banner = gr.Markdown(index_md(ex), elem_id="banner")
-    with gr.Row(equal_height=False):
-        with gr.Column(scale=1, min_width=290) as query_col:
-            left = _query_column(ex, default_label, n_rows)
-        with gr.Column(scale=3):
-            right = _results_column()
-    return Page(banner=banner, answer=answer, query_col=query_col, **left, **right)
+    with gr.Tabs(elem_id="views"):
+        with gr.Tab("Attribute", id="attribute"):
+            with gr.Row(equal_height=False):
+                with gr.Column(scale=1, min_width=290) as query_col:
+                    left = _query_column(ex, default_label, n_rows)
+                with gr.Column(scale=3):
+                    right = _results_column(ex)
+        page = Page(banner=banner, answer=answer, query_col=query_col, **left, **right)
+        views.layout(ex, page)  # the memorisation audit and methods side by side (their own tabs)
+    return page
 
 
 # ---- events ---------------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from explorer import bands_view
+
 _MPL_LOCK = threading.Lock()
 PROPONENT_COLOR = "#1a7f37"
 OPPONENT_COLOR = "#cf222e"
@@ -108,8 +110,9 @@ def payload(
     """A `QueryResult` (index.store) + context -> a JSON-able dict.
 
     Keys: query, settings, index (provenance), proponents, opponents (lists of
-    {rank, row, score, label, source, se, rank_a, rank_b, distinct}), stability (the summary, or
-    None), scores (all N scores by row, or None), timings_s.
+    {rank, row, score, label, source, se, rank_a, rank_b, distinct, bands (the score's parts by
+    timestep band, or None)}), stability (the summary, or None), bands ({edges, names, ranked_by},
+    or None), scores (all N scores by row, or None), timings_s.
     """
     scores = None
     if getattr(result, "all_scores", None) is not None:
@@ -123,6 +126,7 @@ def payload(
         "proponents": [dict(h.__dict__) for h in result.proponents],
         "opponents": [dict(h.__dict__) for h in result.opponents],
         "stability": getattr(result, "stability", None),
+        "bands": getattr(result, "bands", None),
         "scores": scores,
         "timings_s": t,
     }
@@ -139,7 +143,8 @@ def write_csv(
 ) -> Path:
     """One line per training image (all N when the payload holds all scores, else the hits),
     sorted by score, highest first: rank, row, score, label, source, proponent/opponent rank, and
-    for the shown hits their stability figures (se, rank under each half, distinguishable)."""
+    for the shown hits their stability figures (se, rank under each half, distinguishable) and their
+    score's parts by timestep band (one column per band)."""
     path = Path(path)
     prop = {h["row"]: h["rank"] for h in data["proponents"]}
     opp = {h["row"]: h["rank"] for h in data["opponents"]}
@@ -166,6 +171,7 @@ def write_csv(
                 "rank_half_a",
                 "rank_half_b",
                 "distinguishable",
+                *bands_view.csv_columns(data),
             ]
         )
         for rank, r in enumerate(order, 1):
@@ -176,8 +182,19 @@ def write_csv(
                 label = labels[r] if labels is not None else ""
                 source = sources[r] if sources is not None else ""
             stab = [("" if h.get(k) is None else h[k]) for k in ("se", "rank_a", "rank_b", "distinct")]
+            parts = [repr(v) for v in h.get("bands") or []] or [""] * len(bands_view.csv_columns(data))
             w.writerow(
-                [rank, r, repr(float(scores[r])), label, source, prop.get(r, ""), opp.get(r, ""), *stab]
+                [
+                    rank,
+                    r,
+                    repr(float(scores[r])),
+                    label,
+                    source,
+                    prop.get(r, ""),
+                    opp.get(r, ""),
+                    *stab,
+                    *parts,
+                ]
             )
     return path
 
@@ -272,7 +289,7 @@ def render_report(
     k = max(len(props), len(opps), 1)
     ncol = max(1, min(ncol, k))
     krows = (k + ncol - 1) // ncol
-    width = max(11.0, 1.3 * ncol)
+    width = max(14.0 if bands_view.has_bands(data) else 11.0, 1.3 * ncol)
     heights = [2.6, 0.25] + [1.3] * krows + [0.25] + [1.3] * krows
     with _MPL_LOCK:
         fig = Figure(figsize=(width, sum(heights) + 0.6), dpi=110)
@@ -288,7 +305,10 @@ def render_report(
             top=1 - 0.5 / (sum(heights) + 0.6),
             bottom=0.02,
         )
-        head = outer[0].subgridspec(1, 3, width_ratios=[1.0, 2.6, 2.4], wspace=0.08)
+        chart = bands_view.has_bands(data)
+        head = outer[0].subgridspec(
+            1, 4 if chart else 3, width_ratios=[1.0, 2.6, 2.4] + ([2.4] if chart else []), wspace=0.12
+        )
         _show(fig.add_subplot(head[0]), query_image, "query (as the model sees it)", fontsize=8)
         tx = fig.add_subplot(head[1])
         tx.axis("off")
@@ -304,6 +324,8 @@ def render_report(
             transform=tx.transAxes,
         )
         _histogram(fig.add_subplot(head[2]), data.get("scores"), props, opps)
+        if chart:
+            bands_view.draw(fig.add_subplot(head[3]), data)
         sides = (
             (props, "proponents (highest τ: make the query more likely)", PROPONENT_COLOR),
             (opps, "opponents (lowest τ: make it less likely)", OPPONENT_COLOR),

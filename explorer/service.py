@@ -19,17 +19,19 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from attribution.bands import BAND_COUNTS, DEFAULT_BANDS, Bands
 from attribution.data import image_to_tensor, open_image, to_uint8
 from attribution.errors import DataError
 from attribution.model import DiffusionModel
 from attribution.sample import SAMPLERS, sample
-from explorer import exports, report
+from explorer import audit, compare, exports, report
 from index.store import Index
 
 if TYPE_CHECKING:
     from explorer.build_job import BuildJob
 
 MAX_K = 64
+ALL_TIMESTEPS = "all timesteps"
 log = logging.getLogger("attribution.app")
 
 
@@ -44,9 +46,29 @@ def on_gpu(fn):
 
 
 @on_gpu
-def query_index(idx: Index, image: torch.Tensor, k: int, trajectory=None):
+def query_index(idx: Index, image: torch.Tensor, k: int, trajectory=None, bands=None, rank_by=None):
     """The query-gradient work and the search of one query (on a Space's GPU where it lends one)."""
-    return idx.query(image, k=k, trajectory=trajectory, with_all=True)
+    return idx.query(image, k=k, trajectory=trajectory, with_all=True, bands=bands, rank_by=rank_by)
+
+
+def band_settings(idx: Index, bands, rank_by) -> tuple[Bands | None, int | None]:
+    """A band count (2, 4 or 10; 0 or None: no split) and a band to rank by (its index or name;
+    None or '' or 'all timesteps': the whole score) -> (Bands or None, band index or None).
+    Indexes without timestep draws (pixel similarity) get no bands. DataError for others."""
+    n = whole(bands, "bands", 0, max(BAND_COUNTS), default=DEFAULT_BANDS)
+    if n and n not in BAND_COUNTS:
+        raise DataError(f"bands must be one of {', '.join(map(str, BAND_COUNTS))} (or 0: none), not {n}")
+    att = idx.attributor
+    if not n or att is None or not att.uses_model:
+        if rank_by not in (None, "", ALL_TIMESTEPS):
+            raise DataError("ranking by a timestep band needs a method with timestep draws and bands > 0")
+        return None, None
+    b = Bands.equal(n, att.model.num_timesteps)
+    if rank_by in (None, "", ALL_TIMESTEPS):
+        return b, None
+    if isinstance(rank_by, str) and rank_by in b.names:
+        return b, b.names.index(rank_by)
+    return b, whole(rank_by, "the band to rank by", 0, n - 1)
 
 
 def whole(value, name: str, lo: int, hi: int, default: int | None = None) -> int:
@@ -152,6 +174,7 @@ class Explorer:
         self.lock = threading.Lock()
         self.indexes: dict[str, Index] = {}
         self.build: BuildJob | None = None
+        self._group: dict[str, np.ndarray] = {}  # group self-influence by index label
         for idx in indexes:
             self.add_index(idx)
 
@@ -303,11 +326,16 @@ class Explorer:
         it before making a query, so that a refused request costs no sampling."""
         return whole(k, "k", 1, MAX_K, default=8)
 
-    def attribute(self, q: Query, label: str | None = None, k: int = 8) -> Answer:
-        """Top-k proponents and opponents of `q` with the index `label` (the default: the first)."""
+    def attribute(
+        self, q: Query, label: str | None = None, k: int = 8, bands=DEFAULT_BANDS, rank_by=None
+    ) -> Answer:
+        """Top-k proponents and opponents of `q` with the index `label` (the default: the first),
+        each score split into `bands` timestep bands; with `rank_by` (a band), the top-k by that
+        band's part alone (`band_settings`)."""
         idx = self.index(label)
         label = label or (self.labels[0] if self.labels else f"{idx.method} (partial)")
         k = self.check_k(k)
+        band, rank = band_settings(idx, bands, rank_by)
         traj = None
         if idx.attributor is not None and idx.attributor.spec.measurement == "trajectory":
             if q.trajectory is None:
@@ -320,7 +348,7 @@ class Explorer:
         with self.lock:
             t1 = time.perf_counter()
             res = query_index(
-                idx, q.image.to(next(self.model.unet.parameters()).device), min(k, len(idx)), traj
+                idx, q.image.to(next(self.model.unet.parameters()).device), min(k, len(idx)), traj, band, rank
             )
             t2 = time.perf_counter()
         timings = {"wait_for_model": t1 - t0, "all_scores": max(0.0, t2 - t1 - sum(res.timings.values()))}
@@ -331,12 +359,42 @@ class Explorer:
             idx.manifest,
             index_path=idx.path,
             query=q.to_dict(),
-            settings={"method": label, "k": k},
+            settings={"method": label, "k": k, **({"bands": len(band)} if band else {})},
             timings=timings,
         )
         if idx.manifest.get("partial"):  # answered while the index is being built
             data["partial"] = dict(idx.manifest["partial"])
         return Answer(q, label, k, data)
+
+    # ---- the audit and the comparison (explorer/audit.py, explorer/compare.py) ----------------
+    def self_influence(self, label: str | None = None, m=20, group: bool = False, progress=None) -> dict:
+        """The `m` training images with the highest and lowest self-influence (`group`: group
+        self-influence, computed once per index and kept)."""
+        idx = self.index(label)
+        m = whole(m, "m", 1, len(idx), default=20)
+        values = None
+        if group:
+            key = label or self.labels[0]
+            if key not in self._group:
+                self._group[key] = audit.group_self_influence(idx, progress=progress)
+            values = self._group[key]
+        return {"method": label or self.labels[0], **audit.self_influence(idx, m, values)}
+
+    def audit_samples(self, label=None, n=16, seed=0, sampler="ddim", steps=50, progress=None) -> dict:
+        """`n` generated samples paired with their top proponents (explorer/audit.py)."""
+        n = whole(n, "samples", 1, audit.MAX_SAMPLES)
+        seed, steps = whole(seed, "the seed", 0, 2**31 - 1), whole(steps, "steps", 1, 1000)
+        idx = self.index(label)
+        return audit.sample_pairs(idx, self.model, self.lock, n, seed, sampler, steps, progress=progress)
+
+    def compare(self, q: Query, label_a: str, label_b: str, k=8) -> dict:
+        """One query attributed by two indexes, side by side (explorer/compare.py)."""
+        if len(self.indexes) < 2:
+            raise DataError("side by side needs two indexes; start the app with two --index folders")
+        if not label_a or not label_b or label_a == label_b:
+            raise DataError("choose two different methods to compare")
+        a, b = (self.attribute(q, lab, k, bands=0) for lab in (label_a, label_b))
+        return compare.comparison(a.data, b.data, label_a, label_b)
 
     def export(self, ans: Answer) -> list[str]:
         """report.png, scores.json, scores.csv and query.png in a fresh folder (`explorer.exports`)."""

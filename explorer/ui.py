@@ -19,12 +19,12 @@ import gradio as gr
 import numpy as np
 
 from attribution.model import DiffusionModel
-from explorer import report
+from explorer import bands_view, report
 from explorer.api import EXPECTED, add_api
 from explorer.build_job import BuildJob, partial_note
-from explorer.page import Page, layout
+from explorer.page import Page, layout, rank_choices
 from explorer.render import QUERY_PX, enlarge, gallery, index_md, plain, timings_md
-from explorer.service import Answer, Explorer, Query
+from explorer.service import ALL_TIMESTEPS, Answer, Explorer, Query
 from index.store import load as load_index
 
 log = logging.getLogger("attribution.app")
@@ -44,18 +44,25 @@ class Handlers:
         self.upload_example = _sha256(EXAMPLE_UPLOAD) if EXAMPLE_UPLOAD.exists() else None
 
     def query(
-        self, make: Callable[[], Query], label, k, previous: Answer | None, example: tuple | None = None
+        self,
+        make: Callable[[], Query],
+        label,
+        k,
+        bands,
+        rank_by,
+        previous: Answer | None,
+        example: tuple | None = None,
     ) -> dict:
         """Make the query, attribute it, fill the page. Bad input: a warning, the page stays.
         `example`: the query is one of the page's examples, whose answers are kept once the
         index is finished (a partial index's answers are not)."""
         t0 = time.perf_counter()
-        key = None if example is None or not self.ex.ready else (*example, label or None, k)
+        key = None if example is None or not self.ex.ready else (*example, label or None, k, bands, rank_by)
         if key in self.cache:
             return self.cache[key]
         try:
             q = make()
-            out = self._filled(q, self.ex.attribute(q, label or None, k), t0)
+            out = self._filled(q, self.ex.attribute(q, label or None, k, bands, rank_by), t0)
             if key is not None and not out[self.page.answer].data.get("partial"):
                 self.cache[key] = out
             return out
@@ -98,39 +105,53 @@ class Handlers:
             p.answer: ans,
             p.files: gr.update(value=None, visible=False),
             p.stability: report.stability_md(data),
+            p.band_plot: bands_view.figure(data),
+            p.band_md: bands_view.summary_md(data)
+            or "No timestep split for this method (it draws no timesteps).",
         }
 
-    def on_generate(self, seed, sampler, steps, label, k, previous):
+    def on_generate(self, seed, sampler, steps, label, k, bands, rank_by, previous):
         example = ("generate", seed, sampler, steps) if seed in EXAMPLE_SEEDS and steps == 50 else None
-        return self.query(lambda: self.ex.generated(seed, sampler, steps), label, k, previous, example)
+        make = lambda: self.ex.generated(seed, sampler, steps)  # noqa: E731
+        return self.query(make, label, k, bands, rank_by, previous, example)
 
-    def on_upload(self, path, label, k, previous):
+    def on_upload(self, path, label, k, bands, rank_by, previous):
         example = (
             ("upload",) if path and self.upload_example and _sha256(path) == self.upload_example else None
         )
-        return self.query(lambda: self.ex.uploaded(path), label, k, previous, example)
+        return self.query(lambda: self.ex.uploaded(path), label, k, bands, rank_by, previous, example)
 
-    def on_row(self, row, label, k, previous):
+    def on_row(self, row, label, k, bands, rank_by, previous):
         example = ("training", row) if row in EXAMPLE_ROWS else None
-        return self.query(lambda: self.ex.training(row, label or None), label, k, previous, example)
+        make = lambda: self.ex.training(row, label or None)  # noqa: E731
+        return self.query(make, label, k, bands, rank_by, previous, example)
 
-    def on_sketch(self, value, label, k, previous):
-        return self.query(lambda: self.ex.drawn(_composite(value)), label, k, previous)
+    def on_sketch(self, value, label, k, bands, rank_by, previous):
+        return self.query(lambda: self.ex.drawn(_composite(value)), label, k, bands, rank_by, previous)
 
-    def on_rerun(self, label, k, previous):
-        """The same query with another method or k (it was sampled or decoded before)."""
+    def on_rerun(self, label, k, bands, rank_by, previous):
+        """The same query with another method, k or band setting (it was sampled or decoded before)."""
         if previous is None:
             return gr.skip()
-        return self.query(lambda: replace(previous.query, seconds=0.0), label, k, previous)
+        return self.query(lambda: replace(previous.query, seconds=0.0), label, k, bands, rank_by, previous)
+
+    def on_bands(self, label, k, bands, previous):
+        """Another band count: the band selector's choices follow (back to the whole score)."""
+        out = {self.page.rank_by: gr.update(choices=rank_choices(self.ex, bands), value=ALL_TIMESTEPS)}
+        if previous is not None:
+            make = lambda: replace(previous.query, seconds=0.0)  # noqa: E731
+            out.update(self.query(make, label, k, bands, ALL_TIMESTEPS, previous))
+        return out
 
     def on_select(self, side: str):
         """A click on a gallery item of `side` makes that training image the query."""
 
-        def pick(previous, label, k, evt: gr.SelectData):
+        def pick(previous, label, k, bands, rank_by, evt: gr.SelectData):
             if previous is None or evt.index is None:
                 return gr.skip()
             hit = previous.data[side][evt.index if isinstance(evt.index, int) else evt.index[0]]
-            return self.query(lambda: self.ex.training(hit["row"], previous.index_label), label, k, previous)
+            make = lambda: self.ex.training(hit["row"], previous.index_label)  # noqa: E731
+            return self.query(make, label, k, bands, rank_by, previous)
 
         return pick
 
@@ -174,7 +195,7 @@ def _examples(page: Page, h: Handlers) -> None:
         )
         gen.load_input_event.then(
             lambda: ("ddim", 50), None, [p.sampler, p.steps], api_visibility="private"
-        ).then(h.on_generate, [p.seed, p.sampler, p.steps, p.method, p.k, p.answer], **ui)
+        ).then(h.on_generate, [p.seed, p.sampler, p.steps, *_settings(p)], **ui)
         if EXAMPLE_UPLOAD.exists():
             up = gr.Examples(
                 [[str(EXAMPLE_UPLOAD)]],
@@ -183,7 +204,7 @@ def _examples(page: Page, h: Handlers) -> None:
                 api_visibility="private",
                 elem_id="examples-upload",
             )
-            up.load_input_event.then(h.on_upload, [p.upload, p.method, p.k, p.answer], **ui)
+            up.load_input_event.then(h.on_upload, [p.upload, *_settings(p)], **ui)
         row = gr.Examples(
             [[r] for r in EXAMPLE_ROWS],
             [p.row],
@@ -192,24 +213,36 @@ def _examples(page: Page, h: Handlers) -> None:
             example_labels=[f"training image {r}" for r in EXAMPLE_ROWS],
             elem_id="examples-row",
         )
-        row.load_input_event.then(h.on_row, [p.row, p.method, p.k, p.answer], **ui)
+        row.load_input_event.then(h.on_row, [p.row, *_settings(p)], **ui)
+
+
+def _settings(p: Page) -> list:
+    """The inputs every query reads after its own: method, k, band count, band to rank by, the last answer."""
+    return [p.method, p.k, p.bands, p.rank_by, p.answer]
 
 
 def _wire(page: Page, h: Handlers) -> None:
     p = page
     ui = {"outputs": p.outputs, "api_visibility": "undocumented"}
-    generate_in = [p.seed, p.sampler, p.steps, p.method, p.k, p.answer]
+    generate_in = [p.seed, p.sampler, p.steps, *_settings(p)]
     p.gen_btn.click(h.on_generate, generate_in, **ui)
     p.seed.submit(h.on_generate, generate_in, **ui)
     # an upload or a paste shows its preview and is attributed at once
-    p.upload.upload(h.on_upload, [p.upload, p.method, p.k, p.answer], **ui)
-    p.sketch_btn.click(h.on_sketch, [p.sketch, p.method, p.k, p.answer], **ui)
-    p.row_btn.click(h.on_row, [p.row, p.method, p.k, p.answer], **ui)
-    p.row.submit(h.on_row, [p.row, p.method, p.k, p.answer], **ui)
-    p.method.input(h.on_rerun, [p.method, p.k, p.answer], **ui)
-    p.k.release(h.on_rerun, [p.method, p.k, p.answer], **ui)
-    p.props.select(h.on_select("proponents"), [p.answer, p.method, p.k], **ui)
-    p.opps.select(h.on_select("opponents"), [p.answer, p.method, p.k], **ui)
+    p.upload.upload(h.on_upload, [p.upload, *_settings(p)], **ui)
+    p.sketch_btn.click(h.on_sketch, [p.sketch, *_settings(p)], **ui)
+    p.row_btn.click(h.on_row, [p.row, *_settings(p)], **ui)
+    p.row.submit(h.on_row, [p.row, *_settings(p)], **ui)
+    p.method.input(h.on_rerun, _settings(p), **ui)
+    p.k.release(h.on_rerun, _settings(p), **ui)
+    p.rank_by.input(h.on_rerun, _settings(p), **ui)
+    p.bands.input(
+        h.on_bands,
+        [p.method, p.k, p.bands, p.answer],
+        outputs=[*p.outputs, p.rank_by],
+        api_visibility="undocumented",
+    )
+    p.props.select(h.on_select("proponents"), [p.answer, p.method, p.k, p.bands, p.rank_by], **ui)
+    p.opps.select(h.on_select("opponents"), [p.answer, p.method, p.k, p.bands, p.rank_by], **ui)
     p.export_btn.click(h.on_export, [p.answer], [p.files], api_visibility="undocumented")
 
 

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from attribution import uncertainty as uq
+from attribution.bands import Bands, query_band_features
 from attribution.console import say
 from attribution.curvature import Curvature
 from attribution.influence import AttributionConfig, Attributor
@@ -51,6 +52,7 @@ class Hit:
     rank_a: int | None = None
     rank_b: int | None = None
     distinct: bool | None = None
+    bands: list[float] | None = None  # the score's parts by timestep band (they add up to it)
 
 
 @dataclass
@@ -60,6 +62,7 @@ class QueryResult:
     timings: dict[str, float] = field(default_factory=dict)
     all_scores: np.ndarray | None = None
     stability: dict | None = None  # pooled se, how many shown are distinguishable, how it was made
+    bands: dict | None = None  # edges, names, ranked_by (a band's name, or None: the whole score)
 
     def to_dict(self) -> dict:
         return {
@@ -67,6 +70,7 @@ class QueryResult:
             "opponents": [h.__dict__ for h in self.opponents],
             "timings_s": self.timings,
             "stability": self.stability,
+            "bands": self.bands,
         }
 
 
@@ -151,9 +155,21 @@ class Index:
     def has_spread(self) -> bool:
         return self.spread is not None and self.attributor is not None and self.attributor.spread_available
 
-    def query(self, image: torch.Tensor, k: int = 16, trajectory=None, with_all: bool = False) -> QueryResult:
+    def query(
+        self,
+        image: torch.Tensor,
+        k: int = 16,
+        trajectory=None,
+        with_all: bool = False,
+        bands: Bands | None = None,
+        rank_by: int | None = None,
+    ) -> QueryResult:
         """One query image (C, H, W) in [-1, 1] -> top-k proponents and opponents, with their
-        stability figures where the index holds half-differences."""
+        stability figures where the index holds half-differences; with `bands`, each hit's score
+        split by timestep band (attribution/bands.py) and, with `rank_by` (a band), the top-k by
+        that band's part alone (their stability figures are then not given)."""
+        if bands is not None:
+            return self._query_bands(image, k, trajectory, with_all, bands, rank_by)
         t0 = time.perf_counter()
         dpsi = None
         if self.has_spread:
@@ -178,6 +194,57 @@ class Index:
         if with_all and scores is not None:
             res.all_scores = scores[0]
         return res
+
+    def _query_bands(self, image, k, trajectory, with_all, bands: Bands, rank_by) -> QueryResult:
+        """`query` with band features from the same pass (ψ, δψ and ψ_b of every band)."""
+        if self.attributor is None:
+            raise IndexLoadError("this index was loaded without a model; pass the model to load()")
+        if rank_by is not None and not 0 <= rank_by < len(bands):
+            raise ValueError(f"rank_by must be a band between 0 and {len(bands) - 1}")
+        t0 = time.perf_counter()
+        psi, dpsi, psi_b = query_band_features(self.attributor, image.unsqueeze(0), bands, trajectory)
+        psi, psi_b = psi.numpy(), psi_b[0].numpy()
+        dpsi = dpsi.numpy() if dpsi is not None and self.has_spread else None
+        t1 = time.perf_counter()
+        scores = self.all_scores(psi) if self.exhaustive else None
+        k = min(k, len(self))
+        if rank_by is None:
+            s_top, i_top, s_bot, i_bot = self.search(psi, k) if scores is None else _ends(scores, k)
+        else:  # the top-k of one band's part; their whole scores are shown
+            _, i_top, _, i_bot = self.search(psi_b[rank_by : rank_by + 1], k)
+            s_top, s_bot = (self._totals(psi, scores, rows[0])[None] for rows in (i_top, i_bot))
+        t2 = time.perf_counter()
+        res = QueryResult(
+            self.hits(s_top[0], i_top[0]),
+            self.hits(s_bot[0], i_bot[0]),
+            {"query_gradient": t1 - t0, "search": t2 - t1},
+        )
+        shown = res.proponents + res.opponents
+        if shown:
+            parts = self.band_parts(psi_b, [h.row for h in shown])
+            for h, p in zip(shown, parts):
+                h.bands = [float(v) for v in p]
+        res.bands = {**bands.to_dict(), "ranked_by": None if rank_by is None else bands.names[rank_by]}
+        res.timings["bands"] = time.perf_counter() - t2
+        if dpsi is not None and rank_by is None:
+            t3 = time.perf_counter()
+            res.stability = stability_figures(self, psi, dpsi, scores, res)
+            res.timings["stability"] = time.perf_counter() - t3
+        if with_all and scores is not None:
+            res.all_scores = scores[0]
+        return res
+
+    def band_parts(self, psi_b: np.ndarray, rows) -> np.ndarray:
+        """(len(rows), bands) band scores ψ_b·φ of training rows (their stored features), float64."""
+        phi = np.stack([self.faiss.reconstruct(int(r)) for r in rows]).astype(np.float64)
+        return phi @ np.asarray(psi_b, dtype=np.float64).T
+
+    def _totals(self, psi: np.ndarray, scores: np.ndarray | None, rows: np.ndarray) -> np.ndarray:
+        """The whole scores of `rows` (from all scores, or from their stored features)."""
+        rows = rows[rows >= 0]
+        if scores is not None:
+            return scores[0, rows]
+        return np.stack([self.faiss.reconstruct(int(r)) for r in rows]) @ psi[0]
 
 
 def stability_figures(

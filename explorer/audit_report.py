@@ -1,0 +1,94 @@
+"""The memorisation audit as a PNG contact sheet: the training images with the highest and the
+lowest self-influence, and the sample pairs (sample | its top proponent) with their dominance and
+pixel distance. Matplotlib's object API under the report's lock (explorer/report.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from explorer.report import _MPL_LOCK, OPPONENT_COLOR, PROPONENT_COLOR, _show
+
+NCOL = 10
+
+
+def _grid(fig, spec, items: list[tuple[np.ndarray, str]], color: str) -> None:
+    rows = max(1, -(-len(items) // NCOL))
+    cells = spec.subgridspec(rows, NCOL, wspace=0.12, hspace=0.5)
+    for i in range(rows * NCOL):
+        ax = fig.add_subplot(cells[i // NCOL, i % NCOL])
+        if i >= len(items):
+            ax.axis("off")
+            continue
+        _show(ax, items[i][0], items[i][1], color=color, fontsize=5.5)
+
+
+def _si_items(rows: list[dict], thumbs, key: str) -> list:
+    return [(thumbs[r["row"]], f"id {r['row']} · {r['label']}\n{r[key]:+.3g}") for r in rows]
+
+
+def _pair_items(pairs: dict, thumbs) -> list:
+    out = []
+    for r in pairs["samples"]:
+        img = pairs["images"][r["sample"]]
+        img = img[:, :, 0] if img.shape[2] == 1 else img
+        top = thumbs[r["top_row"]].reshape(img.shape)
+        gap = np.full((img.shape[0], 2, *img.shape[2:]), 128, np.uint8)
+        out.append(
+            (
+                np.concatenate([img, gap, top], axis=1),
+                f"s{r['sample']} {r['dominance']:.2g}× id {r['top_row']}\npx {r['pixel_distance']:.2f} "
+                f"(nn {r['nearest_distance']:.2f})",
+            )
+        )
+    return out
+
+
+def render_audit(st: dict, thumbs: np.ndarray, path: str | Path, title: str = "Memorisation audit") -> Path:
+    """Write the contact sheet of the audit state `st` ({self_influence, pairs}, either may be
+    missing) to `path`."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    blocks = []
+    si = st.get("self_influence")
+    if si:
+        key = (
+            "self_influence"
+            if si["highest"][0].get("group_self_influence") is None
+            else "group_self_influence"
+        )
+        name = si["ranked_by"].split(" (")[0].replace("_", " ")
+        blocks.append(
+            (f"highest {name} ({si['method']})", _si_items(si["highest"], thumbs, key), PROPONENT_COLOR)
+        )
+        blocks.append((f"lowest {name}", _si_items(si["lowest"], thumbs, key), OPPONENT_COLOR))
+    pairs = st.get("pairs")
+    if pairs:
+        blocks.append(("samples | top proponent, by dominance", _pair_items(pairs, thumbs), "black"))
+    if not blocks:
+        raise ValueError("the audit is empty")
+    heights = []
+    for _, items, _ in blocks:
+        heights += [0.3, 1.25 * max(1, -(-len(items) // NCOL))]
+    with _MPL_LOCK:
+        fig = Figure(figsize=(11, sum(heights) + 0.5), dpi=110)
+        FigureCanvasAgg(fig)
+        fig.suptitle(title, fontsize=11, x=0.01, ha="left")
+        outer = fig.add_gridspec(
+            len(heights),
+            1,
+            height_ratios=heights,
+            left=0.02,
+            right=0.98,
+            top=1 - 0.45 / (sum(heights) + 0.5),
+            bottom=0.01,
+        )
+        for j, (label, items, color) in enumerate(blocks):
+            lab = fig.add_subplot(outer[2 * j])
+            lab.axis("off")
+            lab.text(0, 0.3, label, fontsize=9, color=color, transform=lab.transAxes)
+            _grid(fig, outer[2 * j + 1], items, color)
+        fig.savefig(path, format="png")
+    return Path(path)
