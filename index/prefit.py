@@ -3,13 +3,19 @@
 
 A shipped curvature is the very file a build writes (`curvature.safetensors`), named by a key
 that hashes everything the fit depends on: the model's weights, the training data, the curvature
-settings and rows, the batch size (the order of the sums), the index format and the torch version.
+settings and rows, the batch size (the order of the sums), the fit's source code and the torch
+version.
 A build whose key matches copies the file instead of fitting (`--fit-curvature` refuses the
 copy); any other build fits as before. A sidecar JSON records the file's SHA-256, checked before
 use: a damaged or edited file is ignored with a message, never used.
 
     python -m index.prefit ship INDEX_DIR [--to assets/curvature]   # ship a built index's curvature
     python -m index.prefit check INDEX_DIR                           # a fresh fit equals the shipped one?
+
+The default index's curvature is made by fitting it as the default build does, then shipping it:
+
+    INDEX_BUILD_KILL_AT=curvature-written attribution index build --data mnist --out /tmp/prefit
+    python -m index.prefit ship /tmp/prefit
 """
 
 from __future__ import annotations
@@ -28,10 +34,11 @@ from attribution.atomic import replace_with, save_json
 from attribution.console import say
 from attribution.curvature import Curvature
 from attribution.influence import Attributor
-from index.manifest import FORMAT_VERSION
 
 PREFIT_DIR = Path(__file__).resolve().parent.parent / "assets" / "curvature"
 KEY = "prefit_key"  # the key, in the curvature file's metadata
+ATTRIBUTION = Path(__file__).resolve().parent.parent / "attribution"
+FIT_CODE = ("capture.py", "curvature.py", "measurements.py", "conditions.py", "seeds.py")
 
 
 def _sha256(path: Path) -> str:
@@ -39,6 +46,15 @@ def _sha256(path: Path) -> str:
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
+    return h.hexdigest()
+
+
+def fit_code_sha256() -> str:
+    """A hash of the source files whose code computes the fit's numbers: any edit to them (even
+    a comment) retires every shipped curvature, so a stale one can never be used."""
+    h = hashlib.sha256()
+    for name in FIT_CODE:
+        h.update((ATTRIBUTION / name).read_bytes())
     return h.hexdigest()
 
 
@@ -54,7 +70,7 @@ def curvature_identity(settings: dict, att: Attributor) -> dict:
         "curvature": cfg,
         "rows_sha256": hashlib.sha256(rows).hexdigest(),
         "batch_size": att.curvature_batch_size,
-        "format_version": FORMAT_VERSION,
+        "fit_code_sha256": fit_code_sha256(),
         "torch": torch.__version__.split("+")[0],
     }
 
