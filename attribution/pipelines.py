@@ -71,10 +71,16 @@ def read_json(path: Path) -> dict:
     try:
         obj = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelError(f"{path}: not a readable JSON file ({e})") from None
+        raise ModelError(f"{path}: could not be loaded: not a readable JSON file ({e})") from None
     if not isinstance(obj, dict):
         raise ModelError(f"{path}: expected a JSON object, found {type(obj).__name__}")
     return obj
+
+
+def reason(e: Exception) -> str:
+    """An exception as one short line: its type and the first line of its message."""
+    first = (str(e).splitlines() or [""])[0][:200]
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 def _class_name(path: Path, default: str | None = None) -> str:
@@ -97,14 +103,14 @@ def _from_pretrained(cls, folder: Path, what: str, **kw):
     try:
         return cls.from_pretrained(folder, use_safetensors=True, local_files_only=True, **kw)
     except Exception as e:  # diffusers / transformers raise many types; the user needs the reason
-        raise ModelError(f"{folder}: could not load the {what} ({type(e).__name__}: {e})") from None
+        raise ModelError(f"{folder}: could not load the {what} ({reason(e)})") from None
 
 
 def load_denoiser(folder: Path) -> torch.nn.Module:
     name = _class_name(folder / "config.json", "UNet2DModel")
     if name not in DENOISERS:
         raise ModelError(f"{folder}: holds a {name}, which is not supported; {SUPPORTED}")
-    unet = _from_pretrained(DENOISERS[name], folder, name)
+    unet = _from_pretrained(DENOISERS[name], folder, f"U-Net ({name})")
     check_denoiser(unet, folder)
     return unet
 
@@ -146,7 +152,7 @@ def load_scheduler(folder: Path):
     try:
         sched = getattr(diffusers, name).from_config(cfg)
     except Exception as e:
-        raise ModelError(f"{cfg_path}: could not build the {name} ({type(e).__name__}: {e})") from None
+        raise ModelError(f"{cfg_path}: the {name} could not be loaded ({reason(e)})") from None
     pred = sched.config.get("prediction_type", "epsilon")
     if pred not in PREDICTION_TYPES:
         raise ModelError(f"{cfg_path}: prediction_type {pred!r}; supported: {', '.join(PREDICTION_TYPES)}")
@@ -201,9 +207,7 @@ def load_text(path: Path):
     try:
         tok = CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
     except Exception as e:
-        raise ModelError(
-            f"{path / 'tokenizer'}: could not load the tokenizer ({type(e).__name__}: {e})"
-        ) from None
+        raise ModelError(f"{path / 'tokenizer'}: could not load the tokenizer ({reason(e)})") from None
     return enc, tok
 
 
