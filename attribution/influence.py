@@ -36,6 +36,7 @@ from attribution.seeds import CURVATURE_SUBSET, PROFILE_DRAWS, PROFILE_SUBSET, g
 from attribution.uncertainty import split as split_halves
 
 QUERY_KEY = -1  # all queries share the same draws (common random numbers on the query side)
+TRAIN_COMMON_KEY = -2  # with `common_draws`, every training image gets this key's draws
 
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:
@@ -156,7 +157,7 @@ class Attributor:
             return self
         shapes = model_layer_shapes(self.model.unet)
         self.projection = projection or make_projection(
-            shapes, self.config.dim, self.config.seed, self.config.projection
+            shapes, self.config.dim, self.projection_seed, self.config.projection
         )
         if self.spec.preconditioner in ("kfac", "kfac-exact", "ekfac"):
             rows = self.curvature_rows()
@@ -253,11 +254,12 @@ class Attributor:
         if not self.uses_model:
             flat = images.flatten(1).float()
             return torch.stack([flat, flat], 1) if halves else flat
+        keys = [TRAIN_COMMON_KEY] * len(rows) if self.config.common_draws else rows
         f = gradient_features(
             self.model,
             self.feature_map("train"),
             images,
-            rows,
+            keys,
             self.measurement("train"),
             self.config.draws,
             self.config.seed,
@@ -271,6 +273,11 @@ class Attributor:
             cond=self.train_cond(rows),
         )
         return f if halves or not self.spread_available else split_halves(f)[0]
+
+    @property
+    def projection_seed(self) -> int:
+        c = self.config
+        return c.seed if c.projection_seed is None else c.projection_seed
 
     @property
     def spread_available(self) -> bool:

@@ -91,10 +91,12 @@ class AttributionConfig:
     t_range: tuple[int, int] | None = None
     normalize: bool | None = None
     seed: int = 0
+    projection_seed: int | None = None  # the sketch's seed; None: `seed`
     batch_size: int = 32
     stratified: bool = True
     antithetic: bool = True  # draw 2j+1 uses −ε of draw 2j
     importance: bool = True  # timesteps drawn by importance (attribution/timesteps.py)
+    common_draws: bool = False  # every training image gets the same (t, ε) draws (common random numbers)
     profile_images: int = 32  # training images that measure the importance density
     extra: dict = field(default_factory=dict)
 

@@ -54,6 +54,14 @@ ROWS = [  # (name, config overrides); the first is the old default, most informa
         dict(AIS, damping=1e-8, draws=16, query_draws=128),
     ),
     ("damping 0.1, antithetic, importance, K=32, Kq=256", dict(AIS, draws=32, query_draws=256)),
+    (
+        "default (K=16, Kq=128, D=16384), common training draws",
+        dict(AIS, draws=16, query_draws=128, dim=16384, common_draws=True),
+    ),
+    (
+        "default (K=16, Kq=128, D=16384), one projection for both seeds",
+        dict(AIS, draws=16, query_draws=128, dim=16384, projection_seed=0),
+    ),
 ]
 
 
