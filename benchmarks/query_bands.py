@@ -90,6 +90,7 @@ def main(argv=None) -> dict:
         "cpus": os.cpu_count(),
         "machine": platform.processor() or platform.machine(),
         "rounds": a.rounds,
+        "load_average_1min": os.getloadavg()[0],  # other processes on the machine during the run
         "median_s": med,
         "p95_s": {v: sorted(t)[max(0, round(0.95 * len(t)) - 1)] for v, t in times.items()},
         "ratio_to_plain": {v: med[v] / med["plain"] for v in VARIANTS},

@@ -157,8 +157,13 @@ def sample_pairs(
         say(0.6, desc=f"attributing {n} samples")
         u8 = to_uint8(s.images)
         images = torch.from_numpy(u8).permute(0, 3, 1, 2).float() / 127.5 - 1
-        traj = (s.timesteps, s.states) if trajectory else None
-        psi = idx.query_features(images.to(next(model.unet.parameters()).device), traj)
+        device = next(model.unet.parameters()).device
+        psi = []
+        for j in range(n):  # one at a time: a query's K draws are K rows of activations already
+            say(0.6 + 0.4 * j / n, desc=f"attributing sample {j + 1} of {n}")
+            traj = (s.timesteps, s.states[:, j : j + 1]) if trajectory else None
+            psi.append(idx.query_features(images[j : j + 1].to(device), traj))
+        psi = np.concatenate(psi)
     t2 = time.perf_counter()
     k = min(1 + NEXT, len(idx))
     top_s, top_i, _, _ = idx.search(psi, k)

@@ -92,3 +92,32 @@ def render_audit(st: dict, thumbs: np.ndarray, path: str | Path, title: str = "M
             _grid(fig, outer[2 * j + 1], items, color)
         fig.savefig(path, format="png")
     return Path(path)
+
+
+def main(argv=None) -> None:
+    """`python -m explorer.audit_report --index DIR --out PNG [--m 20] [--group]`: the contact sheet
+    of an index's highest and lowest (group) self-influence, and its JSON next to it."""
+    import argparse
+    import json
+
+    from attribution.model import load_model
+    from explorer import audit
+    from index.store import load
+
+    ap = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    ap.add_argument("--index", required=True)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--m", type=int, default=20)
+    ap.add_argument("--group", action="store_true")
+    a = ap.parse_args(argv)
+    model = load_model(a.model) if a.model else load_model()
+    idx = load(a.index, model)
+    group = audit.group_self_influence(idx) if a.group else None
+    si = {"method": idx.method, **audit.self_influence(idx, a.m, group)}
+    render_audit({"self_influence": si}, idx.thumbs, a.out, title=f"Self-influence, {Path(a.index).name}")
+    Path(a.out).with_suffix(".json").write_text(json.dumps(si, indent=2))
+
+
+if __name__ == "__main__":
+    main()

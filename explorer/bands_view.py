@@ -41,7 +41,7 @@ def draw(ax, data: dict, top: int = TOP) -> None:
     ax.set_ylabel("part of the score τ", fontsize=7)
     ranked = data["bands"].get("ranked_by")
     ax.set_title(
-        "score by timestep band, top proponents" + (f" (ranked by {ranked})" if ranked else ""), fontsize=8
+        "top proponents" + (", ranked by one band" if ranked else "") + ": score by band", fontsize=8
     )
     ax.legend(fontsize=5.5, loc="best", frameon=False)
 

@@ -49,6 +49,8 @@ def stability_caption(hit: dict) -> str:
 def stability_md(data: dict) -> str:
     """The page's stability panel: how far each shown score would move under new draws."""
     st = data.get("stability")
+    if not st and (data.get("bands") or {}).get("ranked_by"):
+        return "**Stability:** not shown while the top-k is ranked by one timestep band (rank by all timesteps to see it)."
     if not st:
         return (
             "**Stability:** not available for this index (TRAK-style methods, the trajectory "

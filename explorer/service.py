@@ -391,6 +391,7 @@ class Explorer:
         """One query attributed by two indexes, side by side (explorer/compare.py)."""
         if len(self.indexes) < 2:
             raise DataError("side by side needs two indexes; start the app with two --index folders")
+        label_a = label_a or self.labels[0]  # the first index where none is named
         if not label_a or not label_b or label_a == label_b:
             raise DataError("choose two different methods to compare")
         a, b = (self.attribute(q, lab, k, bands=0) for lab in (label_a, label_b))

@@ -109,6 +109,7 @@ def _audit_tab(ex: Explorer) -> None:
     pairs_info = gr.Markdown("", elem_id="audit-pairs-info")
     pairs = gr.Gallery(
         label="sample | top proponent",
+        object_fit="contain",
         columns=4,
         height="auto",
         allow_preview=False,
@@ -199,7 +200,7 @@ def _compare_tab(ex: Explorer, page) -> None:
                     out.append(
                         gr.Gallery(
                             label=f"{side}: {kind}",
-                            columns=8,
+                            columns=4,
                             height="auto",
                             allow_preview=False,
                             elem_id=f"compare-{side.lower()}-{kind}",
