@@ -61,20 +61,36 @@ def basis(seed: int, d: int = D) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return q1, q2, spectrum(d)[torch.randperm(d, generator=g)]
 
 
-def block(seed: int, index: int, rows: int, d: int = D) -> np.ndarray:
-    """Rows of the synthetic features, seeded by (seed, block index): (rows, d) float32."""
+def block(seed: int, index: int, rows: int, d: int = D, rotate: bool = True) -> np.ndarray:
+    """Rows of the synthetic features, seeded by (seed, block index): (rows, d) float32. Without
+    `rotate`, in the generator's own basis (the same distribution up to a fixed rotation)."""
     q1, q2, sd = basis(seed, d)
     g = torch.Generator().manual_seed(seed * 1_000_003 + index + 1)
     z = (torch.randn(rows, d, generator=g) * sd).view(rows, q1.shape[0], q2.shape[0])
-    x = (q1 @ z @ q2.T).reshape(rows, d)
+    x = (q1 @ z @ q2.T if rotate else z).reshape(rows, d)
     x /= x.norm(dim=1, keepdim=True)
     x *= torch.exp(LOG_NORM_SD * torch.randn(rows, 1, generator=g))
     return x.numpy()
 
 
-def queries(n: int) -> np.ndarray:
+def queries(n: int, rotate: bool = True) -> np.ndarray:
     """Query features: the same basis (seed 0), other draws (block indices past any data)."""
-    return block(0, 1 << 30, n)
+    return block(0, 1 << 30, n, rotate=rotate)
+
+
+def principal_coordinates(m: int) -> np.ndarray:
+    """Without rotation, the generator's m directions of largest variance are coordinates."""
+    return np.sort(np.argsort(-basis(0)[2].numpy(), kind="stable")[:m])
+
+
+def selection_transform(coords: np.ndarray, d: int = D):
+    """x ↦ x[coords] as a FAISS linear transform (the idealised principal projection)."""
+    a = np.zeros((len(coords), d), np.float32)
+    a[np.arange(len(coords)), coords] = 1
+    lt = faiss.LinearTransform(d, len(coords), False)
+    faiss.copy_array_to_vector(a.ravel(), lt.A)
+    lt.is_trained = True
+    return lt
 
 
 class Top:
@@ -94,14 +110,21 @@ class Top:
             self.s[end], self.i[end] = np.take_along_axis(s, best, 1), np.take_along_axis(i, best, 1)
 
 
-def generate(work: Path, n: int, psi: np.ndarray) -> np.ndarray:
+def generate(work: Path, n: int, psi: np.ndarray, coords: np.ndarray | None = None) -> np.ndarray:
     """Write the float16 features (resumable per block) and return the exact top/bottom-K rows
-    (2, Q, K) of every query, from float32 scores of the float16 rows as stored."""
+    (2, Q, K) of every query, from float32 scores of the float16 rows as stored. With `coords`:
+    unrotated rows, and their `coords` columns written to reduced<m>.npy as well."""
     work.mkdir(parents=True, exist_ok=True)
     path, state = work / FULL, work / "generate.npz"
     full = np.lib.format.open_memmap(
         path, mode="r+" if path.exists() else "w+", dtype=np.float16, shape=(n, D)
     )
+    red = None
+    if coords is not None:
+        rpath = work / f"reduced{len(coords)}.npy"
+        red = np.lib.format.open_memmap(
+            rpath, mode="r+" if rpath.exists() else "w+", dtype=np.float16, shape=(n, len(coords))
+        )
     top, done = Top(len(psi)), 0
     if state.exists():
         z = np.load(state)
@@ -109,15 +132,19 @@ def generate(work: Path, n: int, psi: np.ndarray) -> np.ndarray:
     t0 = time.time()
     for start in range(done, n, BLOCK):
         rows = min(BLOCK, n - start)
-        x = block(0, start // BLOCK, rows).astype(np.float16)
+        x = block(0, start // BLOCK, rows, rotate=coords is None).astype(np.float16)
         full[start : start + rows] = x
+        if red is not None:
+            red[start : start + rows] = x[:, coords]
         top.add(psi @ x.astype(np.float32).T, start)
         if (start // BLOCK) % 16 == 15 or start + rows == n:
             full.flush()
+            if red is not None:
+                red.flush()
             np.savez(work / "generate.tmp.npz", s=top.s, i=top.i, done=start + rows)
             os.replace(work / "generate.tmp.npz", state)
             print(f"  generated {start + rows}/{n} ({time.time() - t0:.0f} s)", flush=True)
-    del full
+    del full, red
     return top.i
 
 
@@ -181,20 +208,32 @@ def reduced_rows(work: Path, lt, n: int) -> Path:
 
 
 def run_size(
-    work: Path, n: int, psi: np.ndarray, firsts: list[str], reduce: int, cands: list[int], sample: int
+    work: Path, n: int, firsts: list[str], reduce: int, cands: list[int], sample: int, q: int, ideal: bool
 ):
-    work = work / str(n)
+    """One size: generate, project, build each first stage, evaluate. `ideal`: unrotated rows and
+    the generator's own principal directions instead of a fitted projection (no D × m product
+    per row, so 1M rows fit a shared CPU)."""
+    work = work / (f"{n}-ideal" if ideal else str(n))
+    psi = queries(q, rotate=not ideal)
+    coords = principal_coordinates(reduce) if ideal else None
     t0 = time.time()
-    exact = generate(work, n, psi)
+    exact = generate(work, n, psi, coords)
     res = {"n": n, "seconds_generate": time.time() - t0, "stages": {}}
+    res["principal_projection"] = (
+        "the generator's own top directions (idealised)"
+        if ideal
+        else (f"fitted: randomised SVD of the first {sample} rows")
+    )
     lt_path = work / f"pca{reduce}.vt"
     t0 = time.time()
-    if lt_path.exists():
+    if ideal:
+        lt = selection_transform(coords)
+    elif lt_path.exists():
         lt = faiss.downcast_VectorTransform(faiss.read_VectorTransform(str(lt_path)))
     else:  # the rows are i.i.d., so the first `sample` rows are a random sample
         lt = principal_transform(np.asarray(np.load(work / FULL, mmap_mode="r")[:sample], np.float32), reduce)
         faiss.write_VectorTransform(lt, str(lt_path))
-    red = reduced_rows(work, lt, n)
+    red = work / f"reduced{reduce}.npy" if ideal else reduced_rows(work, lt, n)
     res["seconds_principal_projection"] = time.time() - t0
     full = np.load(work / FULL, mmap_mode="r")
     for first in firsts:
@@ -229,10 +268,12 @@ def main() -> None:
         "--sample", type=int, default=8192, help="rows the principal projection and codes train on"
     )
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "million")
+    p.add_argument(
+        "--ideal", type=int, nargs="*", default=[1_000_000], help="sizes run with the idealised projection"
+    )
     a = p.parse_args()
     torch.set_num_threads(1)
     faiss.omp_set_num_threads(1)
-    psi = queries(a.queries)
     out_path = ROOT / "benchmarks" / "results" / "million_search.json"
     out = json.loads(out_path.read_text()) if out_path.exists() else {}
     out.update(
@@ -257,7 +298,12 @@ def main() -> None:
     )
     out.setdefault("sizes", {})
     for n in a.sizes:
-        out["sizes"][str(n)] = run_size(a.work, n, psi, a.first, a.reduce, a.candidates, a.sample)
+        ideal = n in a.ideal
+        key = f"{n}-ideal" if ideal else str(n)
+        res = run_size(a.work, n, a.first, a.reduce, a.candidates, a.sample, a.queries, ideal)
+        if out_path.exists():  # another run may have written other sizes meanwhile
+            out["sizes"] = {**json.loads(out_path.read_text()).get("sizes", {}), **out["sizes"]}
+        out["sizes"][key] = res
         out_path.write_text(json.dumps(out, indent=2))
     print(f"wrote {out_path}")
 

@@ -150,22 +150,21 @@ def faiss_from_chunks(
 ) -> faiss.Index:
     """An inner-product FAISS index over row blocks (n_i, D) float32; `chunks()` is called once
     (flat, hnsw), twice (sq8: per-dimension min/max first, so no value is clipped; a factory
-    string: a training sample first, where its index needs training) or its blocks are
-    concatenated (ivf, which trains k-means on all vectors). `n`: the number of rows, if known.
+    string or ivf: a seeded training sample of at most TRAIN_ROWS rows and TRAIN_BYTES first, then
+    the blocks are added). `n`: the number of rows, if known (else one more pass counts them).
 
     sq8 stores 1 byte per number; its inner-product error is ≈ 1% of the count sketch's own. sq4
     (half a byte) holds the half-differences behind the stability figures."""
     if is_factory(kind):
         return _from_factory(chunks, d, kind, n)
-    if kind == "ivf":
-        feats = np.ascontiguousarray(np.concatenate(list(chunks())), dtype=np.float32)
-        nlist = nlist or max(1, min(4096, int(4 * np.sqrt(feats.shape[0]))))
+    if kind == "ivf":  # k-means on a streamed sample (issue 19: never all vectors at once)
+        n = n if n is not None else sum(len(c) for c in chunks())
+        sample = _sample(chunks, n, d)
+        nlist = nlist or max(1, min(4096, int(4 * np.sqrt(n)), len(sample)))
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.train(feats)
+        index.train(sample)
         index.nprobe = max(1, nlist // 8)
-        index.add(feats)
-        return index
-    if kind == "flat":
+    elif kind == "flat":
         index = faiss.IndexFlatIP(d)
     elif kind in SCALAR_BITS:
         index = faiss.IndexScalarQuantizer(d, SCALAR_BITS[kind], faiss.METRIC_INNER_PRODUCT)

@@ -44,6 +44,30 @@ def test_factory_index_trains_on_a_streamed_sample(monkeypatch):
     np.testing.assert_array_equal(again[0], sample)
 
 
+def test_named_ivf_trains_on_a_streamed_sample_too(monkeypatch):
+    """`--faiss ivf` no longer concatenates every vector for k-means (issue 19): it trains on the
+    same seeded sample as a factory string, and every stored vector is found by itself."""
+    x = np.random.default_rng(1).standard_normal((300, 16)).astype(np.float32)
+    calls, trained = [], []
+
+    def chunks():
+        calls.append(1)
+        return (x[i : i + 50] for i in range(0, 300, 50))
+
+    monkeypatch.setattr(fb, "TRAIN_ROWS", 100)
+    real = faiss.IndexIVFFlat.train
+    monkeypatch.setattr(
+        faiss.IndexIVFFlat, "train", lambda self, s: (trained.append(s.copy()), real(self, s))[1]
+    )
+    index = fb.faiss_from_chunks(chunks, 16, "ivf", n=300)
+    assert len(calls) == 2 and index.ntotal == 300 and trained[0].shape == (100, 16)
+    index.nprobe = index.nlist
+    _, i = index.search(x / np.linalg.norm(x, axis=1, keepdims=True), 1)
+    norms = np.linalg.norm(x, axis=1)
+    best = np.argmax((x / norms[:, None]) @ x.T, axis=1)  # inner product: the best row of each query
+    np.testing.assert_array_equal(i[:, 0], best)
+
+
 @pytest.fixture(scope="module")
 def parts():
     return build_model("tiny", seed=0), load_dataset("mnist", channels=1, size=8, n=N)

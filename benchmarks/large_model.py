@@ -1,0 +1,187 @@
+"""A large-model row (issue 19): the CIFAR-10 DDPM U-Net (35.7M parameters, 32×32 RGB), randomly
+initialised, at N = 200 images (MNIST digits upscaled to 32×32 and repeated over RGB).
+
+    python benchmarks/large_model.py [--n 200] [--draws 4] [--curvature-draws 1] [--batch 8]
+
+Measures, in one run: the EK-FAC curvature fit time; per image, the default features (count
+sketch D = 16384, (G+λ)^(−½) on both sides) against a plain forward+backward of the denoiser over
+the same rows (the same K draws per image, the same batches, alternated batch by batch); where
+the feature time goes (forward, backward, per-example gradients, rotation into the eigenbasis,
+sketch); peak resident memory; the sizes of the index's parts. Few draws to fit a CPU budget
+(stated in the result). Resumable per stage (runs/large/). Writes benchmarks/results/large_model.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from attribution import features as feat  # noqa: E402
+from attribution.capture import grad_enabled_params  # noqa: E402
+from attribution.curvature import Curvature, CurvatureConfig, fit_curvature  # noqa: E402
+from attribution.data import mnist  # noqa: E402
+from attribution.measurements import Measurement  # noqa: E402
+from attribution.model import build_model  # noqa: E402
+from attribution.projection import make_sketch  # noqa: E402
+
+DIM = 16384
+
+
+def peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Timers:
+    """Wall time spent inside named functions of attribution.features (wrapped in place)."""
+
+    def __init__(self, names: list[str]):
+        self.t = dict.fromkeys(names, 0.0)
+        for name in names:
+            setattr(feat, name, self._wrap(name, getattr(feat, name)))
+
+    def _wrap(self, name, fn):
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            out = fn(*a, **k)
+            self.t[name] += time.perf_counter() - t0
+            return out
+
+        return timed
+
+
+def plain_step(model, rows) -> None:
+    """A plain forward+backward of the denoiser's loss over the rows (parameter gradients)."""
+    model.unet.zero_grad(set_to_none=True)
+    with grad_enabled_params(model.unet):
+        out = model.unet(rows.x, rows.t).sample
+        (rows.w * (out - rows.y).pow(2).flatten(1).mean(1)).mean().backward()
+    model.unet.zero_grad(set_to_none=True)
+
+
+def features_vs_plain(model, fmap, images, draws: int, batch: int, timers: Timers) -> dict:
+    meas, acp = Measurement("loss"), model.alphas_cumprod()
+    plain = feats = 0.0
+    for i in range(0, len(images), batch):
+        x0, keys = images[i : i + batch], list(range(i, min(i + batch, len(images))))
+        t0 = time.perf_counter()
+        plain_step(model, meas.rows(x0, keys, draws, 0, acp, antithetic=True))
+        t1 = time.perf_counter()
+        feat.gradient_features(model, fmap, x0, keys, meas, draws, 0, batch, antithetic=True, progress=False)
+        t2 = time.perf_counter()
+        plain, feats = plain + t1 - t0, feats + t2 - t1
+        print(f"  {i + len(keys)}/{len(images)}: plain {plain:.0f} s, features {feats:.0f} s", flush=True)
+    n = len(images)
+    inner = {k: v for k, v in timers.t.items()}
+    return {
+        "plain_forward_backward_s_per_image": plain / n,
+        "features_s_per_image": feats / n,
+        "features_over_plain": feats / plain,
+        "bar_features_at_least_half_of_plain_speed": feats / plain <= 2.0,
+        "feature_time_split_s_per_image": {
+            "forward_and_backward_rest": (feats - sum(inner.values())) / n,
+            **{k: v / n for k, v in inner.items()},
+        },
+    }
+
+
+def flops(model, shapes) -> dict:
+    """Counted (torch's FlopCounterMode) forward and forward+backward flops of one row, and the
+    flops of rotating one example's gradient into the Kronecker eigenbasis, Σ 2·O·I'(O + I')."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    c = model.unet.config
+    x = torch.randn(1, c.in_channels, c.sample_size, c.sample_size)
+    with FlopCounterMode(display=False) as f:
+        model.unet(x, torch.tensor([10])).sample.pow(2).mean().backward()
+    model.unet.zero_grad(set_to_none=True)
+    with FlopCounterMode(display=False) as g, torch.no_grad():
+        model.unet(x, torch.tensor([10]))
+    return {
+        "forward_per_row": g.get_total_flops(),
+        "forward_backward_per_row": f.get_total_flops(),
+        "eigenbasis_rotation_per_example": sum(2 * o * i * (o + i) for o, i in shapes.values()),
+    }
+
+
+def fit_or_load(model, images, a, curv_path: Path, res: dict) -> Curvature:
+    if curv_path.exists():
+        res.update(json.loads((a.work / "curvature.json").read_text()))
+        return Curvature.load(curv_path)
+    t0 = time.perf_counter()
+    cfg = CurvatureConfig(kind="ekfac", draws=a.curvature_draws)
+    curv = fit_curvature(model, images, config=cfg, batch_size=a.batch, progress=True)
+    fit = {"curvature_fit_s": time.perf_counter() - t0, "peak_rss_mib_after_curvature": peak_mib()}
+    curv.save(curv_path, factors=False)
+    (a.work / "curvature.json").write_text(json.dumps(fit))
+    res.update(fit)
+    return curv
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--n", type=int, default=200)
+    p.add_argument("--draws", type=int, default=4, help="draws per image for features (default build: 16)")
+    p.add_argument("--curvature-draws", type=int, default=1)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--work", type=Path, default=ROOT / "runs" / "large")
+    p.add_argument(
+        "--preconditioner",
+        default="ekfac",
+        choices=["ekfac", "identity"],
+        help="identity: no curvature (its eigendecompositions, ≈ 11 TFLOP here, do not fit a shared CPU)",
+    )
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    a.work.mkdir(parents=True, exist_ok=True)
+    model = build_model("cifar-ddpm", seed=0)
+    model.unet.eval()
+    images = mnist(size=32, n=a.n).images.repeat(1, 3, 1, 1)
+    shapes = feat.model_layer_shapes(model.unet)
+    res = {
+        "model": "cifar-ddpm (diffusers UNet2DModel, Ho et al. CIFAR-10 configuration), random init seed 0",
+        "parameters": sum(p.numel() for p in model.unet.parameters()),
+        "tracked_layer_parameters": sum(o * i for o, i in shapes.values()),
+        "data": f"{a.n} MNIST digits upscaled to 32x32, repeated over RGB",
+        "method": f"{a.preconditioner}, count sketch D = 16384"
+        + (
+            ", split preconditioner (the default)"
+            if a.preconditioner == "ekfac"
+            else " of the plain gradients"
+        ),
+        "flops": flops(model, shapes),
+        "draws": a.draws,
+        "curvature_draws": a.curvature_draws,
+        "batch": a.batch,
+        "threads": 1,
+        "device": "cpu (shared 2-core machine); no GPU measured",
+    }
+    curv_path = a.work / "curvature.safetensors"
+    curv = None if a.preconditioner == "identity" else fit_or_load(model, images, a, curv_path, res)
+    proj = make_sketch(shapes, DIM, seed=0)
+    proj.save(a.work / "projection.safetensors")
+    fmap = feat.FeatureMap(shapes, proj, a.preconditioner, curv, power=0.5)
+    timers = Timers(["forward", "example_gradients", "rotate", "sketch_add"])
+    res.update(features_vs_plain(model, fmap, images, a.draws, a.batch, timers))
+    res["peak_rss_mib"] = peak_mib()
+    res["store_bytes"] = {
+        "features_flat_float32": a.n * DIM * 4,
+        "features_sq8": a.n * DIM,
+        "projection_file": (a.work / "projection.safetensors").stat().st_size,
+        "curvature_file": curv_path.stat().st_size if curv is not None else None,
+    }
+    out = ROOT / "benchmarks" / "results" / "large_model.json"
+    out.write_text(json.dumps(res, indent=2))
+    print(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
