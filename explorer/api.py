@@ -33,6 +33,7 @@ def add_api(ex: Explorer, default_label: str | None) -> gr.Dropdown:
         api_out = gr.JSON(label="result")
         api_btn = gr.Button("attribute")
         api_gen_btn = gr.Button("attribute_generated")
+        api_band_btn = gr.Button("attribute_by_band")
 
     def api_call(make: Callable[[], Query], method_label, kk, bands, rank_by) -> dict:
         try:
@@ -41,29 +42,37 @@ def add_api(ex: Explorer, default_label: str | None) -> gr.Dropdown:
         except EXPECTED as e:
             raise gr.Error(plain(str(e)), print_exception=False) from None
 
-    def attribute(image, k, method, bands=DEFAULT_BANDS, rank_by=ALL_TIMESTEPS):
+    def attribute(image, k, method):
         """Top-k proponents and opponents of an image file (PNG, JPEG, …), and all N scores.
 
         Returns {query, settings, index (provenance), proponents, opponents (each a list of
         {rank, row, score, label, source, se, …, bands: the score's parts by timestep band, which
-        add up to it}), bands ({edges, names, ranked_by}), scores (all N, by training row),
-        timings_s}. `bands`: 2, 4 or 10 (0: no split); `rank_by`: a band's name or index, to rank
-        the top-k by that band's part alone ("all timesteps": the whole score).
+        add up to it}), bands ({edges, names, ranked_by}: 4 bands), scores (all N, by training
+        row), timings_s}.
         """
+        return api_call(lambda: ex.uploaded(image), method, k, DEFAULT_BANDS, None)
+
+    def attribute_generated(seed, sampler, steps, k, method):
+        """Generate an image (seed, ddim|ddpm, steps) and attribute it; same JSON as /attribute."""
+        return api_call(lambda: ex.generated(seed, sampler, steps), method, k, DEFAULT_BANDS, None)
+
+    def attribute_by_band(image, k, method, bands=DEFAULT_BANDS, rank_by=ALL_TIMESTEPS):
+        """As /attribute with `bands` timestep bands (2, 4 or 10; 0: no split) and the top-k ranked
+        by one band's part alone (`rank_by`: its name or index; "all timesteps": the whole score)."""
         return api_call(lambda: ex.uploaded(image), method, k, bands, rank_by)
 
-    def attribute_generated(seed, sampler, steps, k, method, bands=DEFAULT_BANDS, rank_by=ALL_TIMESTEPS):
-        """Generate an image (seed, ddim|ddpm, steps) and attribute it; same JSON as /attribute."""
-        return api_call(lambda: ex.generated(seed, sampler, steps), method, k, bands, rank_by)
-
-    api_btn.click(
-        attribute, [api_file, api_k, api_method, api_bands, api_rank], api_out, api_name="attribute"
-    )
+    api_btn.click(attribute, [api_file, api_k, api_method], api_out, api_name="attribute")
     api_gen_btn.click(
         attribute_generated,
-        [api_seed, api_sampler, api_steps, api_k, api_method, api_bands, api_rank],
+        [api_seed, api_sampler, api_steps, api_k, api_method],
         api_out,
         api_name="attribute_generated",
+    )
+    api_band_btn.click(
+        attribute_by_band,
+        [api_file, api_k, api_method, api_bands, api_rank],
+        api_out,
+        api_name="attribute_by_band",
     )
     _add_views_api(ex, default_label)
     return api_method

@@ -72,6 +72,18 @@ def pairs_md(pairs: dict) -> str:
     )
 
 
+def _gallery(label: str, elem_id: str, columns: int) -> gr.Gallery:
+    return gr.Gallery(
+        label=label,
+        columns=columns,
+        height="auto",
+        object_fit="contain",
+        allow_preview=False,
+        elem_id=elem_id,
+        elem_classes=["hits"],
+    )
+
+
 def _audit_tab(ex: Explorer) -> None:
     labels = [lab for lab, idx in ex.indexes.items() if idx.self_influence is not None] or ex.labels
     with gr.Row(equal_height=True):
@@ -82,22 +94,7 @@ def _audit_tab(ex: Explorer) -> None:
         m = gr.Number(20, precision=0, minimum=1, label="images per end", elem_id="audit-m", min_width=80)
         rank_btn = gr.Button("Rank training images", variant="primary", elem_id="audit-btn")
     info = gr.Markdown("", elem_id="audit-info")
-    high = gr.Gallery(
-        label="highest",
-        columns=10,
-        height="auto",
-        allow_preview=False,
-        elem_id="audit-high",
-        elem_classes=["hits"],
-    )
-    low = gr.Gallery(
-        label="lowest",
-        columns=10,
-        height="auto",
-        allow_preview=False,
-        elem_id="audit-low",
-        elem_classes=["hits"],
-    )
+    high, low = _gallery("highest", "audit-high", 10), _gallery("lowest", "audit-low", 10)
     gr.Markdown("### Generated samples whose top proponent dominates")
     with gr.Row(equal_height=True):
         n = gr.Number(
@@ -107,15 +104,7 @@ def _audit_tab(ex: Explorer) -> None:
         steps = gr.Number(50, precision=0, minimum=1, maximum=1000, label="steps", elem_id="audit-steps")
         gen_btn = gr.Button("Generate and audit", variant="primary", elem_id="audit-gen-btn")
     pairs_info = gr.Markdown("", elem_id="audit-pairs-info")
-    pairs = gr.Gallery(
-        label="sample | top proponent",
-        object_fit="contain",
-        columns=4,
-        height="auto",
-        allow_preview=False,
-        elem_id="audit-pairs",
-        elem_classes=["hits"],
-    )
+    pairs = _gallery("sample | top proponent", "audit-pairs", 4)
     state = gr.State({})
     export_btn = gr.Button("Export the audit (PNG, JSON, CSV)", size="sm", elem_id="audit-export-btn")
     files = gr.File(label="audit", file_count="multiple", visible=False, elem_id="audit-files", height=120)

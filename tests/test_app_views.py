@@ -91,7 +91,7 @@ def walk(page, url: str, client, upload: Path, method_b: str, steps: int, sample
     from gradio_client import handle_file
 
     api = client.predict(
-        handle_file(str(upload)), 8, None, 2, "t 500–999 (high noise)", api_name="/attribute"
+        handle_file(str(upload)), 8, None, 2, "t 500–999 (high noise)", api_name="/attribute_by_band"
     )
     assert api["bands"]["ranked_by"] == "t 500–999 (high noise)"
     for h in api["proponents"]:
@@ -99,6 +99,10 @@ def walk(page, url: str, client, upload: Path, method_b: str, steps: int, sample
     assert [h["bands"][1] for h in api["proponents"]] == sorted(
         (h["bands"][1] for h in api["proponents"]), reverse=True
     )
+    plain = client.predict(handle_file(str(upload)), 8, None, api_name="/attribute")  # 4 bands by default
+    assert len(plain["bands"]["names"]) == 4 and plain["bands"]["ranked_by"] is None
+    for h in plain["proponents"] + plain["opponents"]:
+        assert abs(sum(h["bands"]) - h["score"]) <= 1e-4 * abs(h["score"])
 
     # 2. the memorisation audit: both rankings, sample pairs, an export
     page.get_by_role("tab", name="Memorisation audit").click()
