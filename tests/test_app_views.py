@@ -62,7 +62,9 @@ def _choose(page, dropdown: str, option: str) -> None:
 
 def _shot(page, name: str) -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
-    page.wait_for_timeout(400)
+    page.wait_for_timeout(400)  # then every event has finished (a rerun may follow a selection)
+    page.wait_for_function("() => !document.body.innerText.includes('processing |')")
+    page.wait_for_function("() => [...document.querySelectorAll('img')].every(i => i.complete)")
     raw = ARTIFACTS / f"views-{name}-raw.png"
     page.screenshot(path=str(raw), full_page=True)
     img = Image.open(raw).convert("RGB")
@@ -83,7 +85,7 @@ def walk(page, url: str, client, upload: Path, method_b: str, steps: int, sample
     _wait_text(page, "#band-info", "By timestep")
     page.wait_for_selector("#band-chart img, #band-chart svg, #band-chart canvas")
     _choose(page, "bands", "2")
-    _wait_text(page, "#rank-by", "")
+    _wait_text(page, "#band-info", "(2 bands;")  # the rerun with 2 bands, and the selector's new choices
     _choose(page, "rank-by", "t 500–999 (high noise)")
     _wait_text(page, "#band-info", "Ranked by t 500–999 (high noise)")
     page.wait_for_selector("#band-chart img, #band-chart svg, #band-chart canvas")
