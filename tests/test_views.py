@@ -177,7 +177,7 @@ def test_exports_carry_the_band_split_and_the_audit(tiny, tmp_path):
 def test_the_audit_finds_an_image_seeded_five_times(tmp_path):
     """200 training images of the default model plus 5 exact copies of image 0 (the first, not
     picked): the group ranking puts one of its copies in its top 10. (Plain self-influence does
-    not: each copy's first-order self-influence counts only itself, measured 45–184 of 205.)"""
+    not: each copy's first-order self-influence counts only itself; measured 73rd–184th of 205.)"""
     from attribution.data import load_dataset
     from attribution.influence import AttributionConfig
     from attribution.model import load_model
