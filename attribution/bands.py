@@ -8,7 +8,9 @@ methods divide every ψ_b by the same ‖ψ‖, so the parts still add up.
 
 All band features of a query come from the one forward and backward pass that gives ψ (and the
 half-difference δψ of the stability figures): the rows are grouped into cells (example, half,
-band) and each cell's feature is formed from its own rows; halves and bands are sums of cells.
+band); the band features and δψ are sums of cells, formed (on the sketch path) from the cells'
+gradients before they are preconditioned and sketched, so a query with n bands sketches n + 1
+vectors per layer where the plain query sketches 2 (the halves).
 
 `BandMeasurement` is the reference: the measurement with the weights of rows outside one band set
 to zero, whose feature (a separate pass) is ψ_b by definition; the tests check the one-pass cells
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attribution.capture import forward, grad_enabled_params, tracked_layers
+from attribution.capture import example_gradients, forward, grad_enabled_params, layer_shape, tracked_layers
 from attribution.conditions import as_cond
 from attribution.errors import ConfigError
 from attribution.features import example_cotangent, split_halves
@@ -93,25 +95,50 @@ def _cells(rows: Rows, examples: int, parts: int, bands: Bands) -> list[torch.Te
     ]
 
 
-def _cell_features(fmap, layers: dict, rec, eps_hat: torch.Tensor, rows: Rows, cells: list) -> torch.Tensor:
-    """(cells, D): each cell's feature from its own rows of one recorded forward pass."""
-    dim = fmap.dim
-    out = torch.zeros(len(cells), dim, device=eps_hat.device)
+def _mix(examples: int, parts: int, n: int) -> torch.Tensor:
+    """(V, cells): the wanted features as sums of cells (example, part, band). Per example: its n
+    band features ψ_b (the mean over the parts of the band's cells) and, with two parts (the
+    halves), the half-difference δψ = Σ_b (cell_A,b − cell_B,b) / 2 last."""
+    per = n + (1 if parts == 2 else 0)
+    mix = torch.zeros(examples * per, examples * parts * n)
+    for e in range(examples):
+        for p in range(parts):
+            for b in range(n):
+                c = (e * parts + p) * n + b
+                mix[e * per + b, c] = 1.0 / parts
+                if parts == 2:
+                    mix[e * per + n, c] = 0.5 if p == 0 else -0.5
+    return mix
+
+
+def _mixed_features(
+    fmap, layers: dict, rec, eps_hat, rows: Rows, cells: list, mix: torch.Tensor
+) -> torch.Tensor:
+    """(V, D) = mix @ (each cell's feature from its own rows of one recorded pass). The sketch
+    path mixes the cells' gradients before preconditioning and sketching them (V sketches per
+    layer, not one per cell); the Kronecker paths form each cell's feature, then mix."""
+    out = torch.zeros(mix.shape[0], fmap.dim, device=eps_hat.device)
+    mix = mix.to(eps_hat.device)
     parts: list[list] = [[] for _ in cells]
     for name, g in rec.cotangents(eps_hat, example_cotangent(eps_hat, rows)):
-        x = rec.inputs[name].detach()
+        x, m = rec.inputs[name].detach(), layers[name]
+        if fmap.sketched:
+            o, i = layer_shape(m)
+            grads = torch.stack(
+                [
+                    example_gradients(m, x[idx], g[idx], 1)[0] if idx.numel() else x.new_zeros(o, i)
+                    for idx in cells
+                ]
+            )
+            fmap.sketch_gradients(name, (mix @ grads.flatten(1)).view(-1, o, i), out)
+            continue
         for c, idx in enumerate(cells):
-            if fmap.sketched:
-                if idx.numel():
-                    fmap.layer_from_input(name, layers[name], x[idx], g[idx], 1, out[c : c + 1])
-            else:
-                parts[c].append(
-                    fmap.layer_from_input(name, layers[name], x[idx], g[idx], 1)
-                    if idx.numel()
-                    else torch.zeros(1, fmap.projection.dims[name][0] * fmap.projection.dims[name][1])
-                )
+            ko, ki = fmap.projection.dims[name]
+            parts[c].append(
+                fmap.layer_from_input(name, m, x[idx], g[idx], 1) if idx.numel() else x.new_zeros(1, ko * ki)
+            )
     if not fmap.sketched:
-        out = torch.cat([torch.cat(p, dim=1) for p in parts]).to(out.device)
+        out = mix @ torch.cat([torch.cat(p, dim=1) for p in parts])
     return out
 
 
@@ -148,14 +175,10 @@ def query_band_features(
         parts = 2 if halves else 1
         cells = _cells(rows, q, parts, bands)
         eps_hat, rec = forward(att.model.unet, layers, rows.x, rows.t, rows.c)
-        f = _cell_features(fmap, layers, rec, eps_hat, rows, cells).cpu()
-    f = f.view(q, parts, len(bands), -1)
-    per_part = f.sum(2)  # (Q, parts, D): the halves (or the whole)
-    if halves:
-        psi, dpsi = (per_part[:, 0] + per_part[:, 1]) / 2, (per_part[:, 0] - per_part[:, 1]) / 2
-        psi_b = f.sum(1) / 2
-    else:
-        psi, dpsi, psi_b = per_part[:, 0], None, f[:, 0]
+        f = _mixed_features(fmap, layers, rec, eps_hat, rows, cells, _mix(q, parts, len(bands))).cpu()
+    f = f.view(q, len(bands) + (1 if halves else 0), -1)
+    psi_b = f[:, : len(bands)]
+    psi, dpsi = psi_b.sum(1), (f[:, -1] if halves else None)
     if att.spec.normalize:
         norm = psi.norm(dim=1, keepdim=True).clamp(min=1e-30)
         if dpsi is not None:

@@ -167,6 +167,15 @@ class FeatureMap:
         f = (g @ m_out.T).transpose(1, 2) @ ai.reshape(b, -1, ai.shape[-1])
         return f.flatten(1) * self.scale
 
+    def sketch_gradients(self, name: str, grad: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
+        """Sketch path only: per-example gradients (B, O, I') of layer `name`, as
+        `capture.example_gradients` forms them, preconditioned and added into `into` (B, D) (the
+        second half of `layer_from_input`; attribution/bands.py combines gradients first)."""
+        op = self.ops[name]
+        if len(op) == 5:
+            grad = rotate(grad, *op[:2]) * op[2]
+        return self._sketch(grad, *op[-2:], grad.shape[0], into)
+
 
 def example_cotangent(out: torch.Tensor, rows: Rows) -> torch.Tensor:
     """d/dε̂ of the per-example mean over K rows of ℓ_r: (2 w / d)(ε̂ − y) / K."""
