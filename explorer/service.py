@@ -371,7 +371,7 @@ class Explorer:
         """The `m` training images with the highest and lowest self-influence (`group`: group
         self-influence, computed once per index and kept)."""
         idx = self.index(label)
-        m = whole(m, "m", 1, len(idx), default=20)
+        m = min(whole(m, "m", 1, 100_000, default=20), len(idx))
         values = None
         if group:
             key = label or self.labels[0]
