@@ -85,3 +85,22 @@ def test_a_damaged_shipped_curvature_is_ignored_and_the_fit_runs(model, data, fi
     err = capsys.readouterr().err
     assert "checksum does not match" in err and "using the curvature shipped" not in err
     assert _bytes(out, "curvature.safetensors") == _bytes(ref, "curvature.safetensors")
+
+
+def test_the_default_index_has_a_current_shipped_curvature():
+    """`make demo` skips the fit only while assets/curvature/ holds the file for the default build
+    with today's fit code; after an edit to that code, refit and ship it (index/prefit.py)."""
+    from attribution.data import load_dataset
+    from attribution.influence import Attributor
+    from attribution.model import load_model
+    from explorer.build_job import default_build_config
+    from index.build import build_settings
+
+    model = load_model()
+    data = load_dataset("mnist", channels=model.channels, size=model.size)
+    cfg = default_build_config()
+    att = Attributor(model, data, cfg, progress=False)
+    key = prefit.curvature_key(prefit.curvature_identity(build_settings(model, data, cfg, "", "mnist"), att))
+    assert prefit.find(key) is not None, (
+        f"no shipped curvature for the default build (key {key}); refit and ship it: see index/prefit.py"
+    )
