@@ -37,6 +37,7 @@ def fidelity(
     draws: int | None = None,
     query_draws: int | None = None,
     curvature_draws: int | None = None,
+    curvature_min_rows: int | None = None,
     method: str = "ekfac",
     damping: float | None = None,
     progress: bool = False,
@@ -46,7 +47,12 @@ def fidelity(
     data = mnist()
     train = data.subset(range(n_train))
     queries = data.images[4000 : 4000 + n_queries]
-    given = dict(draws=draws, query_draws=query_draws, curvature_draws=curvature_draws)
+    given = dict(
+        draws=draws,
+        query_draws=query_draws,
+        curvature_draws=curvature_draws,
+        curvature_min_rows=curvature_min_rows,
+    )
     base = dict(method=method, damping=damping, **{k: v for k, v in given.items() if v is not None})
     t0 = time.time()
     full = Attributor(model, train, AttributionConfig(**base, dim=None), progress=progress).fit()
@@ -91,6 +97,8 @@ def main() -> None:
     p.add_argument("--damping", type=float, default=None, help="relative damping (default: the method's)")
     p.add_argument("--draws", type=int, default=None, help="default: the configuration's")
     p.add_argument("--query-draws", type=int, default=None)
+    p.add_argument("--curvature-draws", type=int, default=None)
+    p.add_argument("--curvature-min-rows", type=int, default=None, help="default: the configuration's")
     p.add_argument("--tag", default="", help="appended to the result file's name")
     a = p.parse_args()
     res = fidelity(
@@ -101,6 +109,8 @@ def main() -> None:
         a.kinds,
         draws=a.draws,
         query_draws=a.query_draws,
+        curvature_draws=a.curvature_draws,
+        curvature_min_rows=a.curvature_min_rows,
         method=a.method,
         damping=a.damping,
         progress=True,
