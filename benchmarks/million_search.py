@@ -39,6 +39,7 @@ from index.rerank import FULL, Reranked, first_stage, principal_transform  # noq
 D = 16384
 SIGNAL, SIGNAL_DECAY, SIGNAL_ENERGY, LOG_NORM_SD = 1024, 0.4, 0.5, 0.245
 BLOCK = 2048
+REFINE_FACTOR = 16  # a two-level first stage proposes this many times C rows to its refine codes
 K = 16
 
 
@@ -231,6 +232,8 @@ def run_simulated(work: Path, n: int, firsts: list[str], reduce: int, cands: lis
         inner.train(np.asarray(rows[:sample], np.float32))
         for s in range(0, n, 65536):
             inner.add(np.asarray(rows[s : s + 65536], np.float32))
+        if isinstance(inner, faiss.IndexRefine):  # e.g. PQ512x4fs,Refine(SQ8): the codes re-score
+            inner.k_factor = REFINE_FACTOR  # REFINE_FACTOR × C fast-scan candidates
         index = faiss.IndexPreTransform(lt, inner)
         ram = int(faiss.serialize_index(index).nbytes)
         print(f"N={n} simulated, first stage PCA{reduce},{first}: {ram / n:.0f} bytes per image", flush=True)
@@ -368,7 +371,11 @@ def main() -> None:
     p.add_argument(
         "--simulated", type=int, nargs="*", default=[1_000_000], help="sizes run with `simulate`d rows"
     )
+    p.add_argument("--table", action="store_true", help="print the results file as a markdown table")
     a = p.parse_args()
+    if a.table:
+        print(table())
+        return
     torch.set_num_threads(1)
     faiss.omp_set_num_threads(1)
     out_path = ROOT / "benchmarks" / "results" / "million_search.json"
@@ -401,11 +408,31 @@ def main() -> None:
             res = run_simulated(a.work, n, a.first, a.reduce, a.candidates, a.sample, a.queries)
         else:
             res = run_size(a.work, n, a.first, a.reduce, a.candidates, a.sample, a.queries, ideal)
-        if out_path.exists():  # another run may have written other sizes meanwhile
+        if out_path.exists():  # another run may have written other sizes or stages meanwhile
             out["sizes"] = {**json.loads(out_path.read_text()).get("sizes", {}), **out["sizes"]}
+        res["stages"] = {**out["sizes"].get(key, {}).get("stages", {}), **res["stages"]}
         out["sizes"][key] = res
         out_path.write_text(json.dumps(out, indent=2))
     print(f"wrote {out_path}")
+
+
+def table(path: Path = ROOT / "benchmarks" / "results" / "million_search.json") -> str:
+    """The README's markdown table of a results file: `python benchmarks/million_search.py --table`."""
+    out = [
+        "| N | rows | first stage | RAM per image | C | recall@16 (top / bottom) | first stage, CPU ms | rerank, CPU ms |"
+    ]
+    out.append("|---|---|---|---|---|---|---|---|")
+    for key, size in json.loads(path.read_text())["sizes"].items():
+        rows = "simulated" if key.endswith("simulated") else "full, on disk"
+        for name, st in size["stages"].items():
+            for c, r in st["candidates"].items():
+                rerank = f"{r['median_rerank_cpu_ms']:.1f}" if "median_rerank_cpu_ms" in r else "–"
+                out.append(
+                    f"| {size['n']:,} | {rows} | {name} | {st['ram_bytes_per_image']:,.0f} B | {c} | "
+                    f"{r['recall_at_16_top']:.3f} / {r['recall_at_16_bottom']:.3f} | "
+                    f"{r['median_first_stage_cpu_ms']:.1f} | {rerank} |"
+                )
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

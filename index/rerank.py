@@ -31,6 +31,7 @@ from index.faiss_build import _factory, _sample, write_faiss
 FIRST = "first.faiss"  # the compact first stage
 FULL = "full.npy"  # (N, D) float16 full features, memory-mapped
 META = "rerank.json"
+REFINE_FACTOR = 16  # a two-level first stage re-scores this many times the candidates it returns
 
 
 def _io_bytes(index: faiss.Index) -> int:
@@ -152,6 +153,8 @@ def first_stage(
     """The principal projection `lt`, then the FAISS factory index `first` trained on the projected
     sample and filled with the projected blocks `reduced()` (n_i, m)."""
     inner = faiss.IndexFlatIP(lt.d_out) if first == "Flat" else _factory(first, lt.d_out)
+    if isinstance(inner, faiss.IndexRefine):  # "PQ512x4fs,Refine(SQ8)": fast codes, then finer ones
+        inner.k_factor = REFINE_FACTOR
     if not inner.is_trained:
         inner.train(lt.apply(np.ascontiguousarray(sample, dtype=np.float32)))
     for c in reduced():
