@@ -3,6 +3,7 @@
 # gradio_client until proponents come back: partial while the index is built), index ready;
 # then a second start (README, "Quick start").
 #   bash benchmarks/demo_timing.sh      (needs port 7860 free; builds the default index once)
+#   FIRST_ONLY=1 bash benchmarks/demo_timing.sh   (stops at the first answer)
 set -u
 repo=$(git -C "$(dirname "$0")/.." rev-parse --show-toplevel)
 rm -rf /tmp/democlone && git clone -q "$repo" /tmp/democlone && cd /tmp/democlone
@@ -34,6 +35,7 @@ while True:
         print(f"  {time.time() - t0:.0f} s: {str(e).splitlines()[0][:150]}", flush=True)
     time.sleep(10)
 PY
+if [ -n "${FIRST_ONLY:-}" ]; then stop $pid; exit 0; fi  # FIRST_ONLY=1: stop at the first answer
 until grep -q "index ready" /tmp/demo.log; do
   sleep 5
   if grep -q "build failed\|Traceback" /tmp/demo.log; then echo FAILED; tail /tmp/demo.log; exit 1; fi
