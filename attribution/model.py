@@ -37,18 +37,6 @@ PRESETS: dict[str, dict] = {
         norm_num_groups=8,
         attention_head_dim=8,
     ),
-    # 16x16 grayscale for the LDS benchmark (same shape of network, fewer positions).
-    "mnist16": dict(
-        sample_size=16,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(16, 32, 64),
-        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-        layers_per_block=1,
-        norm_num_groups=8,
-        attention_head_dim=8,
-    ),
     # A few thousand parameters with attention: for tests against exact curvature.
     "tiny": dict(
         sample_size=8,
@@ -87,6 +75,8 @@ PRESETS: dict[str, dict] = {
         dropout=0.1,
     ),
 }
+# 16x16 grayscale for the LDS benchmark (same shape of network, fewer positions).
+PRESETS["mnist16"] = {**PRESETS["mnist"], "sample_size": 16}
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "mnist-unet"
 
