@@ -36,7 +36,7 @@ from attribution.influence import AttributionConfig, Attributor
 from attribution.model import DiffusionModel, pick_device
 from attribution.projection import Projection, make_projection
 from attribution.uncertainty import split as split_halves
-from index.checks import check_build, user_error
+from index.checks import check_build, check_model, user_error
 from index.dist import Dist
 from index.faiss_build import faiss_from_chunks, resolve_faiss_type
 from index.folder import apply_plan, plan_folder, remove_temporaries
@@ -370,6 +370,7 @@ def build_index(
     The raw feature shards exist for resuming; once the store is written they are removed unless
     `keep_shards` (they are N·D float32, four times the size of an sq8 store). A curvature shipped
     for these exact settings (index/prefit.py) is copied instead of fitted unless `fit_curvature`."""
+    check_model(model)
     check_build(cfg, len(data), shard_size)
     resolve_faiss_type(faiss_type, len(data))  # an unknown store type: refused before any work
     device = pick_device(str(device) if device else None)

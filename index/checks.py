@@ -37,6 +37,24 @@ POSITIVE = _count(1, "positive whole number")
 NON_NEGATIVE = _count(0, "non-negative whole number")
 
 
+def check_model(model) -> None:
+    """ModelError for model families the index does not handle yet: latent and conditional models
+    (their scores work through `attribution scores`; the index, app and exports follow, issue 16)."""
+    from attribution.errors import ModelError
+
+    kinds = []
+    if getattr(model, "autoencoder", None) is not None:
+        kinds.append("latent (autoencoder)")
+    if getattr(model, "condition_kind", "none") != "none":
+        kinds.append(f"{model.condition_kind}-conditional")
+    if kinds:
+        raise ModelError(
+            f"an index can be built for unconditional pixel-space models only, not this "
+            f"{' and '.join(kinds)} model yet; `attribution scores --model … --data … --queries …` "
+            "scores it"
+        )
+
+
 def check_build(cfg, n: int, shard_size: int) -> None:
     """ConfigError for settings no build can use (the command line refuses them earlier)."""
     if n < 1:
