@@ -36,7 +36,7 @@ from attribution.influence import AttributionConfig, Attributor
 from attribution.model import DiffusionModel, pick_device
 from attribution.projection import Projection, make_projection
 from attribution.uncertainty import split as split_halves
-from index.checks import check_build, check_model, user_error
+from index.checks import check_build, check_model_family, user_error
 from index.dist import Dist
 from index.faiss_build import faiss_from_chunks, resolve_faiss_type
 from index.folder import apply_plan, plan_folder, remove_temporaries
@@ -137,18 +137,18 @@ def curvature_stage(b: Build) -> Curvature | None:
     att = b.att
     if not att.spec.needs_curvature:
         return None
-    identity = curvature_identity(b.settings, att)
-    key = curvature_key(identity)
-    shipped = None if b.fit_curvature or b.lay.curvature.exists() else find(key, b.prefit_dir)
     if b.lay.curvature.exists():
         say(f"reusing the fitted curvature in {b.lay.curvature}")
-    elif shipped is not None:
+        return Curvature.load(b.lay.curvature)
+    identity = curvature_identity(b.settings, att)
+    key = curvature_key(identity)
+    shipped = None if b.fit_curvature else find(key, b.prefit_dir)
+    if shipped is not None:
         say(
             f"using the curvature shipped for these exact settings ({shipped}: the file a fit "
             "writes, checksum verified); --fit-curvature fits it afresh"
         )
         b.written_by_main(b.lay.curvature, lambda tmp: shutil.copyfile(shipped, tmp))
-        checkpoint("curvature-written")
     else:
         t = time.time()
         crows = att.curvature_rows()
@@ -175,7 +175,7 @@ def curvature_stage(b: Build) -> Curvature | None:
             b.lay.curvature, lambda tmp: canonical_safetensors(curvature.save(tmp, factors=False) or tmp)
         )
         b.log.add(seconds_curvature=time.time() - t)
-        checkpoint("curvature-written")
+    checkpoint("curvature-written")
     return Curvature.load(b.lay.curvature)
 
 
@@ -370,7 +370,7 @@ def build_index(
     The raw feature shards exist for resuming; once the store is written they are removed unless
     `keep_shards` (they are N·D float32, four times the size of an sq8 store). A curvature shipped
     for these exact settings (index/prefit.py) is copied instead of fitted unless `fit_curvature`."""
-    check_model(model)
+    check_model_family(model)
     check_build(cfg, len(data), shard_size)
     resolve_faiss_type(faiss_type, len(data))  # an unknown store type: refused before any work
     device = pick_device(str(device) if device else None)

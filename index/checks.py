@@ -13,7 +13,7 @@ import errno
 import shutil
 from pathlib import Path
 
-from attribution.errors import AttributionError, ConfigError
+from attribution.errors import AttributionError, ConfigError, ModelError
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR)
@@ -37,15 +37,13 @@ POSITIVE = _count(1, "positive whole number")
 NON_NEGATIVE = _count(0, "non-negative whole number")
 
 
-def check_model(model) -> None:
+def check_model_family(model) -> None:
     """ModelError for model families the index does not handle yet: latent and conditional models
     (their scores work through `attribution scores`; the index, app and exports follow, issue 16)."""
-    from attribution.errors import ModelError
-
     kinds = []
-    if getattr(model, "autoencoder", None) is not None:
+    if model.autoencoder is not None:
         kinds.append("latent (autoencoder)")
-    if getattr(model, "condition_kind", "none") != "none":
+    if model.condition_kind != "none":
         kinds.append(f"{model.condition_kind}-conditional")
     if kinds:
         raise ModelError(

@@ -34,19 +34,12 @@ from attribution.atomic import replace_with, save_json
 from attribution.console import say
 from attribution.curvature import Curvature
 from attribution.influence import Attributor
+from index.integrity import sha256_file
 
 PREFIT_DIR = Path(__file__).resolve().parent.parent / "assets" / "curvature"
 KEY = "prefit_key"  # the key, in the curvature file's metadata
 ATTRIBUTION = Path(__file__).resolve().parent.parent / "attribution"
 FIT_CODE = ("capture.py", "curvature.py", "measurements.py", "conditions.py", "seeds.py")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def fit_code_sha256() -> str:
@@ -90,7 +83,7 @@ def find(key: str, root: Path | None = None) -> Path | None:
     except (OSError, ValueError, KeyError, TypeError):
         say(f"ignoring the shipped curvature {path}: its record {side.name} cannot be read")
         return None
-    if _sha256(path) != want:
+    if sha256_file(path) != want:
         say(f"ignoring the shipped curvature {path}: its checksum does not match {side.name}")
         return None
     return path
@@ -109,7 +102,9 @@ def ship(index_dir: str | Path, root: Path | None = None) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     dst = root / f"{key}.safetensors"
     replace_with(dst, lambda tmp: shutil.copyfile(src, tmp))
-    save_json(root / f"{key}.json", {"sha256": _sha256(dst), "identity": identity, "from": str(index_dir)})
+    save_json(
+        root / f"{key}.json", {"sha256": sha256_file(dst), "identity": identity, "from": str(index_dir)}
+    )
     say(f"shipped {src} as {dst} ({dst.stat().st_size / 1e6:.1f} MB)")
     return dst
 
@@ -122,7 +117,7 @@ def check(index_dir: str | Path, root: Path | None = None) -> bool:
     if shipped is None:
         say(f"no shipped curvature for {src} (key {key})")
         return False
-    same = _sha256(src) == _sha256(shipped)
+    same = sha256_file(src) == sha256_file(shipped)
     say(f"{src} {'has the very bytes of' if same else 'DIFFERS from'} {shipped}")
     return same
 
