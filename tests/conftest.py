@@ -126,3 +126,27 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def small_default_index():
+    """`build(out, model, n=500) -> out`: a cheap index of the default model over the first n
+    default images (the README screenshots' settings)."""
+    from attribution.data import load_dataset
+    from attribution.influence import AttributionConfig
+    from index.build import build_index
+
+    def build(out: Path, model, n: int = 500) -> Path:
+        cfg = AttributionConfig(
+            method="ekfac",
+            draws=4,
+            curvature_draws=1,
+            query_draws=8,
+            dim=4096,
+            curvature_images=250,
+            curvature_min_rows=250,
+        )
+        data = load_dataset("mnist", 1, 28, n)
+        return build_index(model, data, out, cfg, model_path="default", data_spec="mnist", progress=False)
+
+    return build

@@ -306,7 +306,7 @@ def test_space_first_visit_builds_then_reuses_the_index(tiny_workspace, browser,
 
 @pytest.mark.browser
 @pytest.mark.slow
-def test_screenshot_of_the_app_with_the_default_model(browser, free_port, tmp_path):
+def test_screenshot_of_the_app_with_the_default_model(browser, free_port, tmp_path, small_default_index):
     """The README's screenshot: the real app, the default model, a small index of it (500 images,
     cheap settings), an example clicked. UPDATE_SCREENSHOTS=1 writes assets/screenshots/app.png."""
     from PIL import Image
@@ -314,25 +314,7 @@ def test_screenshot_of_the_app_with_the_default_model(browser, free_port, tmp_pa
     from attribution.model import load_model
 
     model = load_model()
-    cfg = AttributionConfig(
-        method="ekfac",
-        draws=4,
-        curvature_draws=1,
-        query_draws=8,
-        dim=4096,
-        curvature_images=250,
-        curvature_min_rows=250,
-    )
-    out = tmp_path / "index"
-    build_index(
-        model,
-        load_dataset("mnist", 1, 28, 500),
-        out,
-        cfg,
-        model_path="default",
-        data_spec="mnist",
-        progress=False,
-    )
+    out = small_default_index(tmp_path / "index", model)
     demo = ui.build_demo(model, [out])
     port = free_port()
     launch.serve(demo, "127.0.0.1", port, prevent_thread_lock=True, quiet=True, warmup=False)

@@ -165,7 +165,7 @@ def test_three_views_in_the_browser(tiny_workspace, browser, free_port, tmp_path
 
 @pytest.mark.browser
 @pytest.mark.slow
-def test_screenshots_of_the_views_with_the_default_model(browser, free_port, tmp_path):
+def test_screenshots_of_the_views_with_the_default_model(browser, free_port, tmp_path, small_default_index):
     """The README's screenshots: the default model with an EK-FAC index (VIEWS_INDEX, or one built
     here over 500 images at cheap settings) and a pixel-similarity index of the same images. Runs
     only when asked for (UPDATE_SCREENSHOTS or VIEWS_INDEX set): the tiny test above walks the same
@@ -180,24 +180,7 @@ def test_screenshots_of_the_views_with_the_default_model(browser, free_port, tmp
     ekfac = Path(os.environ.get("VIEWS_INDEX") or tmp_path / "ekfac")
     n = 500
     if not (ekfac / "manifest.json").exists():
-        cfg = AttributionConfig(
-            method="ekfac",
-            draws=4,
-            curvature_draws=1,
-            query_draws=8,
-            dim=4096,
-            curvature_images=250,
-            curvature_min_rows=250,
-        )
-        build_index(
-            model,
-            load_dataset("mnist", 1, 28, n),
-            ekfac,
-            cfg,
-            model_path="default",
-            data_spec="mnist",
-            progress=False,
-        )
+        small_default_index(ekfac, model, n)
     import json
 
     n = json.loads((ekfac / "manifest.json").read_text())["data"]["n"]
