@@ -1,5 +1,7 @@
 """The app's API: the page's attribution as JSON, `/attribute` (an image file) and
-`/attribute_generated` (seed, sampler, steps), each with the scores split by timestep band;
+`/attribute_generated` (seed, sampler, steps), each with the scores split by timestep band, and
+for a conditional model `/attribute_conditional` and `/attribute_generated_conditional` (the same
+with the query's class or prompt);
 `/self_influence` (the memorisation audit) and `/compare` (two methods on one query); all on
 hidden components of the same Blocks."""
 
@@ -74,8 +76,42 @@ def add_api(ex: Explorer, default_label: str | None) -> gr.Dropdown:
         api_out,
         api_name="attribute_by_band",
     )
+    _add_conditional_api(ex, default_label, api_call)
     _add_views_api(ex, default_label)
     return api_method
+
+
+def _add_conditional_api(ex: Explorer, default_label: str | None, api_call) -> None:
+    """`/attribute_conditional` and `/attribute_generated_conditional`: the same attribution for a
+    conditional model's query, with its class (name or id) or prompt (hidden components)."""
+    with gr.Row(visible=False):
+        image = gr.File(type="filepath", label="image")
+        condition = gr.Textbox("", label="condition")
+        k = gr.Number(8, precision=0, label="k")
+        method = gr.Dropdown(ex.labels, value=default_label, label="method", allow_custom_value=True)
+        seed = gr.Number(0, precision=0, label="seed")
+        sampler = gr.Dropdown(list(SAMPLERS), value="ddim", label="sampler")
+        steps = gr.Number(50, precision=0, label="steps")
+        out = gr.JSON(label="result")
+        up_btn, gen_btn = gr.Button("attribute_conditional"), gr.Button("attribute_generated_conditional")
+
+    def attribute_conditional(image, condition, k, method):
+        """As /attribute, for a conditional model: the image attributed under `condition` (a class,
+        by name or id, or a prompt); the JSON's query records it."""
+        return api_call(lambda: ex.uploaded(image, condition), method, k, DEFAULT_BANDS, None)
+
+    def attribute_generated_conditional(seed, sampler, steps, condition, k, method):
+        """As /attribute_generated, for a conditional model: generated under `condition`."""
+        make = lambda: ex.generated(seed, sampler, steps, condition)  # noqa: E731
+        return api_call(make, method, k, DEFAULT_BANDS, None)
+
+    up_btn.click(attribute_conditional, [image, condition, k, method], out, api_name="attribute_conditional")
+    gen_btn.click(
+        attribute_generated_conditional,
+        [seed, sampler, steps, condition, k, method],
+        out,
+        api_name="attribute_generated_conditional",
+    )
 
 
 def _add_views_api(ex: Explorer, default_label: str | None) -> None:

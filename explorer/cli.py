@@ -165,17 +165,21 @@ def cmd_index_build(a: argparse.Namespace) -> None:
 def cmd_query(a: argparse.Namespace) -> None:
     from attribution.data import load_image
     from attribution.model import pick_device
+    from index.conditions import manifest_family, model_input, query_condition, shown
     from index.store import load
 
     js = output(a.json, "--json") if a.json else None
     device = pick_device(a.device)
     model = load_model(a.model, device=device)
     idx = load(a.index, model, device=device)
-    image = load_image(a.image, model.channels, model.size).to(device)
+    cond = query_condition(idx.manifest, next((v for v in (a.cls, a.prompt, a.condition) if v), None))
+    image = model_input(model, load_image(a.image, model.channels, model.size).to(device))  # latent: encoded
     k = min(a.top_k, len(idx))
     if k < a.top_k:
         say(f"note: --top-k {a.top_k} is more than the {len(idx)} images in the index; showing all {k}")
-    res = idx.query(image, k=k)
+    res = idx.query(image, k=k, cond=cond)
+    if cond is not None:
+        say(f"query condition: {shown(cond)}")
     print(
         f"{'rank':>4}  {'proponent':>9}  {'label':>5}  {'score':>11}  {'± se':>8}    "
         f"{'opponent':>9}  {'label':>5}  {'score':>11}  {'± se':>8}"
@@ -198,7 +202,8 @@ def cmd_query(a: argparse.Namespace) -> None:
     t = res.timings
     say(f"query gradient {t['query_gradient'] * 1e3:.0f} ms, search {t['search'] * 1e3:.1f} ms")
     if a.json:
-        out = {"image": str(a.image), "index": str(a.index), "method": idx.method, **res.to_dict()}
+        out = {"image": str(a.image), "index": str(a.index), "method": idx.method}
+        out.update(condition=shown(cond), model_family=manifest_family(idx.manifest), **res.to_dict())
         write(js, "--json", lambda path: path.write_text(json.dumps(out, indent=2)))
         say(f"wrote {js}")
 
@@ -308,6 +313,10 @@ def _add_query(sub) -> None:
     )
     q.add_argument("--json", default=None, help="write the result as JSON here")
     q.add_argument("--device", default=None)
+    c = q.add_mutually_exclusive_group()  # a conditional model's query condition
+    c.add_argument("--class", dest="cls", default=None, help="the query's class (a name or an id)")
+    c.add_argument("--prompt", default=None, help="the query's prompt (text-conditional models)")
+    c.add_argument("--condition", default=None, help="the query's class or prompt, whichever the model takes")
     q.set_defaults(func=cmd_query)
 
 

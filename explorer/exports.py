@@ -99,6 +99,7 @@ def write_exports(data: dict, query_u8: np.ndarray, idx: Index, root: Path | Non
             out / f"scores-{stamp}.csv",
             sources=[it["source"] for it in idx.items],
             labels=[it["label"] for it in idx.items],
+            conditions=[report.condition_text(it) for it in idx.items],
         ),
     ]
     Image.fromarray(query_u8).save(out / f"query-{stamp}.png")

@@ -12,6 +12,7 @@ import numpy as np
 from attribution.bands import BAND_COUNTS, DEFAULT_BANDS, Bands
 from attribution.sample import SAMPLERS
 from explorer import views
+from explorer.conditions_view import condition_box
 from explorer.render import QUERY_PX, index_md
 from explorer.service import ALL_TIMESTEPS, MAX_K, Explorer
 
@@ -66,6 +67,8 @@ class Page:
     rank_by: gr.Dropdown  # all timesteps, or one band
     band_plot: gr.Plot
     band_md: gr.Markdown
+    gen_condition: gr.Component  # a class or prompt for generation (hidden: unconditional model)
+    upload_condition: gr.Component  # … for uploads and drawings
 
     @property
     def outputs(self) -> list:
@@ -89,7 +92,7 @@ class Page:
 # ---- layout ---------------------------------------------------------------------------------------
 
 
-def _query_tabs(n_rows: int | None) -> dict:
+def _query_tabs(ex: Explorer, n_rows: int | None) -> dict:
     with gr.Tabs():
         with gr.Tab("Generate", id="generate"):
             with gr.Row():
@@ -100,8 +103,10 @@ def _query_tabs(n_rows: int | None) -> dict:
                 steps = gr.Number(
                     50, label="steps", precision=0, minimum=1, maximum=1000, min_width=70, elem_id="steps"
                 )
+            gen_condition = condition_box(ex, "gen-condition")
             gen_btn = gr.Button("Generate and attribute", variant="primary", elem_id="generate-btn")
         with gr.Tab("Upload", id="upload"):
+            upload_condition = condition_box(ex, "upload-condition")  # set before the upload
             upload = image_file(
                 label="drop, paste or choose an image (PNG, JPEG, …): it is attributed at once",
                 type="filepath",
@@ -142,11 +147,13 @@ def _query_tabs(n_rows: int | None) -> dict:
         "row_btn": row_btn,
         "sketch": sketch,
         "sketch_btn": sketch_btn,
+        "gen_condition": gen_condition,
+        "upload_condition": upload_condition,
     }
 
 
 def _query_column(ex: Explorer, default_label: str | None, n_rows: int | None) -> dict:
-    c = _query_tabs(n_rows)
+    c = _query_tabs(ex, n_rows)
     c["query_img"] = gr.Image(
         label="query, as the model sees it",
         type="pil",

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from explorer import bands_view
+from index.conditions import describe, is_plain, manifest_family
 
 _MPL_LOCK = threading.Lock()
 PROPONENT_COLOR = "#1a7f37"
@@ -89,6 +90,7 @@ def provenance(manifest: dict, path: str | Path | None = None) -> dict:
         "model": {
             "folder": m.get("model", {}).get("path"),
             "weights_sha256": m.get("model", {}).get("weights_sha256"),
+            **manifest_family(m),  # family (pixel / latent), condition_kind, class_map
         },
         "data": {k: m.get("data", {}).get(k) for k in ("source", "n", "sha256", "channels", "size")},
         "projection_dim": m.get("projection", {}).get("total_dim"),
@@ -141,12 +143,17 @@ def write_json(data: dict, path: str | Path) -> Path:
 
 
 def write_csv(
-    data: dict, path: str | Path, sources: list[str] | None = None, labels: list[int] | None = None
+    data: dict,
+    path: str | Path,
+    sources: list[str] | None = None,
+    labels: list[int] | None = None,
+    conditions: list[str] | None = None,
 ) -> Path:
     """One line per training image (all N when the payload holds all scores, else the hits),
     sorted by score, highest first: rank, row, score, label, source, proponent/opponent rank, and
     for the shown hits their stability figures (se, rank under each half, distinguishable) and their
-    score's parts by timestep band (one column per band)."""
+    score's parts by timestep band (one column per band). A latent or conditional index's CSV ends
+    with its model family, condition kind, the query's condition and each row's (`conditions`)."""
     path = Path(path)
     prop = {h["row"]: h["rank"] for h in data["proponents"]}
     opp = {h["row"]: h["rank"] for h in data["opponents"]}
@@ -174,6 +181,7 @@ def write_csv(
                 "rank_half_b",
                 "distinguishable",
                 *bands_view.csv_columns(data),
+                *_family_columns(data),
             ]
         )
         for rank, r in enumerate(order, 1):
@@ -196,9 +204,37 @@ def write_csv(
                     opp.get(r, ""),
                     *stab,
                     *parts,
+                    *_family_values(data, conditions, r),
                 ]
             )
     return path
+
+
+def _family_columns(data: dict) -> list[str]:
+    """The CSV's last columns for a latent or conditional index (none for a pixel, unconditional one)."""
+    fam = data["index"]["model"]
+    if is_plain({"family": fam.get("family", "pixel"), "condition_kind": fam.get("condition_kind", "none")}):
+        return []
+    return ["model_family", "condition_kind", "query_condition", "condition"]
+
+
+def _family_values(data: dict, conditions: list[str] | None, row: int) -> list:
+    if not _family_columns(data):
+        return []
+    fam, q = data["index"]["model"], data["query"]
+    own = conditions[row] if conditions is not None else ""
+    return [fam["family"], fam["condition_kind"], q.get("condition") or "", own]
+
+
+def condition_text(item: dict) -> str:
+    """A training row's condition as items.jsonl records it, for a CSV cell ('' if none)."""
+    c = item.get("condition") or {}
+    if "text" in c:
+        return c["text"]
+    if "class" not in c:
+        return ""
+    name = c.get("name")
+    return f"{name} (class {c['class']})" if name not in (None, str(c["class"])) else f"class {c['class']}"
 
 
 def _histogram(ax, scores, proponents: list[dict], opponents: list[dict]) -> None:
@@ -254,6 +290,9 @@ def _settings_text(data: dict) -> str:
     q, s, p = data["query"], data["settings"], data["index"]
     mc = p.get("method_config") or {}
     lines = [f"query: {q.get('description', q.get('kind', '?'))}"]
+    fam = p["model"]
+    if "family" in fam and not is_plain(fam):
+        lines.append(f"model family: {describe(fam)}; query condition: {q.get('condition') or 'none'}")
     lines += [f"{k}: {v}" for k, v in s.items()]
     lines += [
         f"method: {p.get('method')} (draws {mc.get('draws')}, query draws {mc.get('query_draws')}, "

@@ -25,6 +25,7 @@ from attribution.errors import DataError
 from attribution.model import DiffusionModel
 from attribution.sample import SAMPLERS, sample
 from explorer import audit, compare, exports, report
+from index.conditions import model_input, query_condition, shown
 from index.store import Index
 
 if TYPE_CHECKING:
@@ -46,9 +47,25 @@ def on_gpu(fn):
 
 
 @on_gpu
-def query_index(idx: Index, image: torch.Tensor, k: int, trajectory=None, bands=None, rank_by=None):
+def query_index(
+    idx: Index, image: torch.Tensor, k: int, trajectory=None, bands=None, rank_by=None, cond=None
+):
     """The query-gradient work and the search of one query (on a Space's GPU where it lends one)."""
-    return idx.query(image, k=k, trajectory=trajectory, with_all=True, bands=bands, rank_by=rank_by)
+    return idx.query(
+        image, k=k, trajectory=trajectory, with_all=True, bands=bands, rank_by=rank_by, cond=cond
+    )
+
+
+def _under(cond) -> str:
+    """', class cat (class 0)' / ', prompt "a red cat"' for a query's description; '' if none."""
+    if cond is None:
+        return ""
+    return f", prompt {cond.texts[0]!r}" if cond.kind == "text" else f", {shown(cond)}"
+
+
+def _cond_param(cond) -> dict:
+    """The query's condition for its JSON: {"condition": shown, "condition_kind": kind} or {}."""
+    return {} if cond is None else {"condition": shown(cond), "condition_kind": cond.kind}
 
 
 def band_settings(idx: Index, bands, rank_by) -> tuple[Bands | None, int | None]:
@@ -139,6 +156,8 @@ class Query:
     trajectory: tuple[torch.Tensor, torch.Tensor] | None = None
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0  # time to make it (sampling, decoding)
+    condition: object = None  # a conditional model's condition (Conditions of one), or None
+    latent: torch.Tensor | None = None  # a generated query's latent (a latent model: used directly)
 
     @property
     def u8(self) -> np.ndarray:
@@ -230,33 +249,45 @@ class Explorer:
         return self.indexes[label]
 
     # ---- queries ------------------------------------------------------------------------------
-    def generated(self, seed: int, sampler: str = "ddim", steps: int = 50) -> Query:
-        """Sample one image; it is rounded to 8-bit levels (what you see and download is what is
-        attributed); its sampling trajectory is kept for trajectory measurements."""
+    def generated(self, seed: int, sampler: str = "ddim", steps: int = 50, condition=None) -> Query:
+        """Sample one image (under `condition`: a class or prompt, conditional models); it is rounded
+        to 8-bit levels (what you see and download is what is attributed; a latent model's query
+        is its sampled latent); its sampling trajectory is kept for trajectory measurements."""
         seed, steps = whole(seed, "the seed", 0, 2**31 - 1), whole(steps, "steps", 1, 1000)
         if sampler not in SAMPLERS:
             raise DataError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
         if not self.answering:
             raise Busy(self.build.status() if self.build else "No index is loaded.")
-        t0 = time.perf_counter()
+        cond, t0 = self.condition(condition), time.perf_counter()
         with self.lock:
             s = sample(
-                self.model, 1, seed=seed, sampler=sampler, steps=steps, keep_trajectory=True, progress=False
+                self.model, 1, seed, sampler, steps, keep_trajectory=True, progress=False, conditions=cond
             )
         image = self._from_u8(_u8(s.images[0]))
         return Query(
             image,
             "generated",
-            f"generated: seed {seed}, {sampler.upper()} {steps} steps",
-            {"seed": seed, "sampler": sampler, "steps": steps},
+            f"generated: seed {seed}, {sampler.upper()} {steps} steps" + _under(cond),
+            {"seed": seed, "sampler": sampler, "steps": steps, **_cond_param(cond)},
             trajectory=(s.timesteps, s.states[:, :1]),
             seconds=time.perf_counter() - t0,
+            condition=cond,
+            latent=None if s.latents is None else s.latents[0],
         )
 
-    def uploaded(self, path: str | Path | None) -> Query:
-        """An image file, converted by the library as the model needs it; DataError if unusable."""
+    def condition(self, value, label: str | None = None):
+        """A query's class or prompt for the index `label` (Conditions of one; None for an
+        unconditional model); DataError if a conditional model gets none."""
+        if self.model.condition_kind == "none" and (value is None or str(value).strip() == ""):
+            return None  # an unconditional model: nothing to read (no index needed)
+        return query_condition(self.index(label).manifest, value)
+
+    def uploaded(self, path: str | Path | None, condition=None) -> Query:
+        """An image file, converted by the library as the model needs it (a latent model encodes it
+        when attributing), under `condition`; DataError if unusable."""
         if path is None or str(path) == "":
             raise DataError("no file was uploaded; choose an image file first")
+        cond = self.condition(condition)
         name = Path(path).name
         t0 = time.perf_counter()
         try:
@@ -271,18 +302,20 @@ class Explorer:
         return Query(
             image,
             "upload",
-            f"upload: {name} ({img.size[0]}×{img.size[1]} {img.mode})",
-            {"file": name, "original_size": list(img.size), "original_mode": img.mode},
+            f"upload: {name} ({img.size[0]}×{img.size[1]} {img.mode})" + _under(cond),
+            {"file": name, "original_size": list(img.size), "original_mode": img.mode, **_cond_param(cond)},
             notes=notes,
             seconds=time.perf_counter() - t0,
+            condition=cond,
         )
 
-    def drawn(self, u8: np.ndarray | None) -> Query:
+    def drawn(self, u8: np.ndarray | None, condition=None) -> Query:
         """A drawing (H, W[, C]) uint8, light strokes on a dark canvas, converted as an upload is."""
         from PIL import Image
 
         if u8 is None or np.asarray(u8).max(initial=0) == 0:
             raise DataError("the drawing is empty: draw a digit first")
+        cond = self.condition(condition)
         img = Image.fromarray(np.asarray(u8, dtype=np.uint8))
         image = image_to_tensor(img, self.model.channels, self.model.size)
         notes = [
@@ -293,9 +326,10 @@ class Explorer:
         return Query(
             image,
             "drawing",
-            f"your drawing ({img.size[0]}×{img.size[1]})",
-            {"original_size": list(img.size)},
+            f"your drawing ({img.size[0]}×{img.size[1]})" + _under(cond),
+            {"original_size": list(img.size), **_cond_param(cond)},
             notes=notes,
+            condition=cond,
         )
 
     def training(self, row, label: str | None = None) -> Query:
@@ -308,11 +342,15 @@ class Explorer:
             raise DataError(f"training image id must be between 0 and {len(idx) - 1} (got {row})")
         if idx.thumbs is None:
             raise DataError("this index stores no thumbnails, so its training images cannot be shown")
+        item = idx.items[row]  # a conditional model's training image: under its own condition
+        c = item.get("condition") or {}
+        cond = query_condition(idx.manifest, c.get("text", c.get("class")))
         return Query(
             self._from_u8(idx.thumbs[row]),
             "training",
-            f"training image id {row} ({idx.items[row]['source']}, label {idx.items[row]['label']})",
-            {"row": row, "source": idx.items[row]["source"], "label": idx.items[row]["label"]},
+            f"training image id {row} ({item['source']}, label {item['label']})" + _under(cond),
+            {"row": row, "source": item["source"], "label": item["label"], **_cond_param(cond)},
+            condition=cond,
         )
 
     def _from_u8(self, u8: np.ndarray) -> torch.Tensor:
@@ -344,12 +382,12 @@ class Explorer:
                     "only generated queries have one — generate a query or pick another method"
                 )
             traj = q.trajectory
-        t0 = time.perf_counter()
+        cond, t0 = query_condition(idx.manifest, q.condition), time.perf_counter()
         with self.lock:
             t1 = time.perf_counter()
-            res = query_index(
-                idx, q.image.to(next(self.model.unet.parameters()).device), min(k, len(idx)), traj, band, rank
-            )
+            x = q.latent if q.latent is not None else model_input(self.model, q.image)  # encoded: latent
+            x = x.to(next(self.model.unet.parameters()).device)
+            res = query_index(idx, x, min(k, len(idx)), traj, band, rank, cond)
             t2 = time.perf_counter()
         timings = {"wait_for_model": t1 - t0, "all_scores": max(0.0, t2 - t1 - sum(res.timings.values()))}
         if q.seconds:

@@ -110,24 +110,30 @@ class Handlers:
             or "No timestep split for this method (it draws no timesteps).",
         }
 
-    def on_generate(self, seed, sampler, steps, label, k, bands, rank_by, previous):
-        example = ("generate", seed, sampler, steps) if seed in EXAMPLE_SEEDS and steps == 50 else None
-        make = lambda: self.ex.generated(seed, sampler, steps)  # noqa: E731
+    def on_generate(self, seed, sampler, steps, condition, label, k, bands, rank_by, previous):
+        example = (
+            ("generate", seed, sampler, steps, condition) if seed in EXAMPLE_SEEDS and steps == 50 else None
+        )
+        make = lambda: self.ex.generated(seed, sampler, steps, condition)  # noqa: E731
         return self.query(make, label, k, bands, rank_by, previous, example)
 
-    def on_upload(self, path, label, k, bands, rank_by, previous):
+    def on_upload(self, path, condition, label, k, bands, rank_by, previous):
         example = (
-            ("upload",) if path and self.upload_example and _sha256(path) == self.upload_example else None
+            ("upload", condition)
+            if path and self.upload_example and _sha256(path) == self.upload_example
+            else None
         )
-        return self.query(lambda: self.ex.uploaded(path), label, k, bands, rank_by, previous, example)
+        make = lambda: self.ex.uploaded(path, condition)  # noqa: E731
+        return self.query(make, label, k, bands, rank_by, previous, example)
 
     def on_row(self, row, label, k, bands, rank_by, previous):
         example = ("training", row) if row in EXAMPLE_ROWS else None
         make = lambda: self.ex.training(row, label or None)  # noqa: E731
         return self.query(make, label, k, bands, rank_by, previous, example)
 
-    def on_sketch(self, value, label, k, bands, rank_by, previous):
-        return self.query(lambda: self.ex.drawn(_composite(value)), label, k, bands, rank_by, previous)
+    def on_sketch(self, value, condition, label, k, bands, rank_by, previous):
+        make = lambda: self.ex.drawn(_composite(value), condition)  # noqa: E731
+        return self.query(make, label, k, bands, rank_by, previous)
 
     def on_rerun(self, label, k, bands, rank_by, previous):
         """The same query with another method, k or band setting (it was sampled or decoded before)."""
@@ -195,7 +201,7 @@ def _examples(page: Page, h: Handlers) -> None:
         )
         gen.load_input_event.then(
             lambda: ("ddim", 50), None, [p.sampler, p.steps], api_visibility="private"
-        ).then(h.on_generate, [p.seed, p.sampler, p.steps, *_settings(p)], **ui)
+        ).then(h.on_generate, [p.seed, p.sampler, p.steps, p.gen_condition, *_settings(p)], **ui)
         if EXAMPLE_UPLOAD.exists():
             up = gr.Examples(
                 [[str(EXAMPLE_UPLOAD)]],
@@ -204,7 +210,7 @@ def _examples(page: Page, h: Handlers) -> None:
                 api_visibility="private",
                 elem_id="examples-upload",
             )
-            up.load_input_event.then(h.on_upload, [p.upload, *_settings(p)], **ui)
+            up.load_input_event.then(h.on_upload, [p.upload, p.upload_condition, *_settings(p)], **ui)
         row = gr.Examples(
             [[r] for r in EXAMPLE_ROWS],
             [p.row],
@@ -224,12 +230,12 @@ def _settings(p: Page) -> list:
 def _wire(page: Page, h: Handlers) -> None:
     p = page
     ui = {"outputs": p.outputs, "api_visibility": "undocumented"}
-    generate_in = [p.seed, p.sampler, p.steps, *_settings(p)]
+    generate_in = [p.seed, p.sampler, p.steps, p.gen_condition, *_settings(p)]
     p.gen_btn.click(h.on_generate, generate_in, **ui)
     p.seed.submit(h.on_generate, generate_in, **ui)
     # an upload or a paste shows its preview and is attributed at once
-    p.upload.upload(h.on_upload, [p.upload, *_settings(p)], **ui)
-    p.sketch_btn.click(h.on_sketch, [p.sketch, *_settings(p)], **ui)
+    p.upload.upload(h.on_upload, [p.upload, p.upload_condition, *_settings(p)], **ui)
+    p.sketch_btn.click(h.on_sketch, [p.sketch, p.upload_condition, *_settings(p)], **ui)
     p.row_btn.click(h.on_row, [p.row, *_settings(p)], **ui)
     p.row.submit(h.on_row, [p.row, *_settings(p)], **ui)
     p.method.input(h.on_rerun, _settings(p), **ui)

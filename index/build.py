@@ -37,6 +37,7 @@ from attribution.model import DiffusionModel, pick_device
 from attribution.projection import Projection, make_projection
 from attribution.uncertainty import split as split_halves
 from index.checks import check_build, check_model_family, user_error
+from index.conditions import family_settings, item_conditions, training_set
 from index.dist import Dist
 from index.faiss_build import faiss_from_chunks, resolve_faiss_type
 from index.folder import apply_plan, plan_folder, remove_temporaries
@@ -54,7 +55,7 @@ SPREAD_STORE = "sq4"  # the half-differences behind the stability figures: 4 bit
 def build_settings(
     model: DiffusionModel, data: ImageDataset, cfg: AttributionConfig, model_path: str, data_spec: str
 ) -> dict:
-    return {
+    settings = {
         "model": {
             "path": str(model_path),
             "weights_sha256": model.weights_sha256(),
@@ -70,6 +71,7 @@ def build_settings(
         "method": cfg.to_dict(),
         "format_version": FORMAT_VERSION,
     }
+    return family_settings(settings, model, data)  # latent / conditional: family, conditions
 
 
 @dataclass
@@ -161,13 +163,14 @@ def curvature_stage(b: Build) -> Curvature | None:
         )
         curvature = fit_curvature(
             b.model,
-            b.data.images[rows],
+            att.train.images[rows],
             rows,
             att.curvature_config(),
             batch_size=cb,
             progress=b.chatty,
             device=b.device,
             allreduce=b.dist.allreduce,
+            cond=att.train_cond(rows),
         )
         curvature.meta.update({"n_images": len(crows), KEY: key, "prefit_identity": identity})
         checkpoint("curvature-fitted")
@@ -289,11 +292,11 @@ def store_stage(b: Build) -> faiss.Index:
 
 def items_stage(b: Build) -> None:
     """Stage 5 (rank 0): items.jsonl (row -> label, source) and thumbs.npy (uint8 thumbnails)."""
-    data = b.data
+    data, conds = b.data, item_conditions(b.model, b.data)  # a conditional model's row conditions
     save_text(
         b.lay.items,
         "".join(
-            json.dumps({"row": i, "label": int(data.labels[i]), "source": data.sources[i]}) + "\n"
+            json.dumps({"row": i, "label": int(data.labels[i]), "source": data.sources[i], **conds[i]}) + "\n"
             for i in range(b.n)
         ),
     )
@@ -399,7 +402,7 @@ def build_index(
         if not prepare_folder(b, overwrite):
             return b.lay.root
         model.to(device)
-        b.att = Attributor(model, data, cfg, device=device, progress=b.chatty)
+        b.att = Attributor(model, training_set(model, data), cfg, device=device, progress=b.chatty)
         projection_stage(b, curvature_stage(b))
         resolve_faiss_type(faiss_type, b.n, b.att.dim)  # a factory string that does not fit D
         feature_shards_stage(b)

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import index.build
 from attribution.console import say
-from attribution.data import load_dataset
 from attribution.errors import AttributionError
 from attribution.influence import DEFAULT_DIM, METHODS, TRAK_DIM, AttributionConfig, dim_arg
 from attribution.model import load_model, pick_device
 from index.build import SHARD, build_index
 from index.checks import NON_NEGATIVE, POSITIVE
+from index.conditions import training_data
 from index.faiss_build import faiss_arg
 
 
@@ -103,7 +103,7 @@ def add_build_args(p: argparse.ArgumentParser) -> None:
 def run_build(a: argparse.Namespace) -> Path:
     device = pick_device(a.device)
     model = load_model(a.model, device=device)
-    data = load_dataset(a.data, channels=model.channels, size=model.size, n=a.n)
+    data = training_data(a.data, model, a.n)  # a conditional model's classes or prompts too
     return build_index(
         model,
         data,

@@ -38,18 +38,16 @@ NON_NEGATIVE = _count(0, "non-negative whole number")
 
 
 def check_model_family(model) -> None:
-    """ModelError for model families the index does not handle yet: latent and conditional models
-    (their scores work through `attribution scores`; the index, app and exports follow, issue 16)."""
-    kinds = []
-    if model.autoencoder is not None:
-        kinds.append("latent (autoencoder)")
-    if model.condition_kind != "none":
-        kinds.append(f"{model.condition_kind}-conditional")
-    if kinds:
+    """ModelError for denoisers the index does not handle: anything but a diffusers `UNet2DModel`
+    or `UNet2DConditionModel` (pixel or latent; unconditional, class- or text-conditional). A DiT
+    (`DiTTransformer2DModel` / `Transformer2DModel`) is refused here as its folder is at load."""
+    from diffusers import UNet2DConditionModel, UNet2DModel
+
+    if not isinstance(model.unet, (UNet2DModel, UNet2DConditionModel)):
         raise ModelError(
-            f"an index can be built for unconditional pixel-space models only, not this "
-            f"{' and '.join(kinds)} model yet; `attribution scores --model … --data … --queries …` "
-            "scores it"
+            f"an index can be built for UNet2DModel and UNet2DConditionModel denoisers (pixel or "
+            f"latent; unconditional, class- or text-conditional), not {type(model.unet).__name__}; "
+            "DiT models (DiTTransformer2DModel / Transformer2DModel) are not supported yet"
         )
 
 

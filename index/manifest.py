@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from attribution.errors import IndexLoadError  # noqa: F401  (re-exported)
+from index.conditions import check_family
 from index.layout import IndexLayout
 
 FORMAT_VERSION = 3  # 2: count-sketch projection, split preconditioner; 3: sketch hashed per layer
@@ -116,12 +117,18 @@ def check_sections(m: dict, path) -> None:
         )
 
 
-def check_model(manifest: dict, weights_sha256: str, index_dir) -> None:
+def check_model(manifest: dict, model, index_dir) -> None:
+    """IndexLoadError if the index was built for another model: another family (pixel / latent),
+    condition kind or class map (index/conditions.py), or other weights. `model` is the
+    DiffusionModel (or, for callers that have only that, its weights sha256: no family check)."""
+    if not isinstance(model, str):
+        check_family(manifest, model, index_dir)
+        model = model.weights_sha256()
     want = manifest["model"]["weights_sha256"]
-    if want != weights_sha256:
+    if want != model:
         raise IndexLoadError(
             f"{index_dir}: the index was built for another model (weights sha256 "
-            f"{want[:12]}…, this model {weights_sha256[:12]}…); rebuild it for this model "
+            f"{want[:12]}…, this model {model[:12]}…); rebuild it for this model "
             f"with `attribution index build --model … --out {index_dir}`"
         )
 

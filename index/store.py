@@ -139,10 +139,10 @@ class Index:
         s_bot, i_bot = self.faiss.search(-psi, k)
         return s_top, i_top, -s_bot, i_bot
 
-    def query_features(self, images: torch.Tensor, trajectory=None) -> np.ndarray:
+    def query_features(self, images: torch.Tensor, trajectory=None, cond=None) -> np.ndarray:
         if self.attributor is None:
             raise IndexLoadError("this index was loaded without a model; pass the model to load()")
-        return self.attributor.query_features(images, trajectory).numpy()
+        return self.attributor.query_features(images, trajectory, cond).numpy()
 
     def hits(self, scores: np.ndarray, rows: np.ndarray) -> list[Hit]:
         return [
@@ -163,21 +163,24 @@ class Index:
         with_all: bool = False,
         bands: Bands | None = None,
         rank_by: int | None = None,
+        cond=None,
     ) -> QueryResult:
-        """One query image (C, H, W) in [-1, 1] -> top-k proponents and opponents, with their
+        """One query (C, H, W) in the denoiser's space (pixels in [-1, 1], or latents: index.conditions
+        `model_input`) under `cond` (`query_condition`) -> top-k proponents and opponents, with their
         stability figures where the index holds half-differences; with `bands`, each hit's score
         split by timestep band (attribution/bands.py) and, with `rank_by` (a band), the top-k by
         that band's part alone (their stability figures are then not given)."""
         if bands is not None:
-            return self._query_bands(image, k, trajectory, with_all, bands, rank_by)
+            return self._query_bands(image, k, trajectory, with_all, bands, rank_by, cond)
         t0 = time.perf_counter()
         dpsi = None
         if self.has_spread:
             psi, dpsi = (
-                f.numpy() for f in self.attributor.query_features_with_spread(image.unsqueeze(0), trajectory)
+                f.numpy()
+                for f in self.attributor.query_features_with_spread(image.unsqueeze(0), trajectory, cond)
             )
         else:
-            psi = self.query_features(image.unsqueeze(0), trajectory)
+            psi = self.query_features(image.unsqueeze(0), trajectory, cond)
         t1 = time.perf_counter()
         scores = self.all_scores(psi) if self.exhaustive else None
         k = min(k, len(self))
@@ -195,14 +198,14 @@ class Index:
             res.all_scores = scores[0]
         return res
 
-    def _query_bands(self, image, k, trajectory, with_all, bands: Bands, rank_by) -> QueryResult:
+    def _query_bands(self, image, k, trajectory, with_all, bands: Bands, rank_by, cond=None) -> QueryResult:
         """`query` with band features from the same pass (ψ, δψ and ψ_b of every band)."""
         if self.attributor is None:
             raise IndexLoadError("this index was loaded without a model; pass the model to load()")
         if rank_by is not None and not 0 <= rank_by < len(bands):
             raise ValueError(f"rank_by must be a band between 0 and {len(bands) - 1}")
         t0 = time.perf_counter()
-        psi, dpsi, psi_b = query_band_features(self.attributor, image.unsqueeze(0), bands, trajectory)
+        psi, dpsi, psi_b = query_band_features(self.attributor, image.unsqueeze(0), bands, trajectory, cond)
         psi, psi_b = psi.numpy(), psi_b[0].numpy()
         dpsi = dpsi.numpy() if dpsi is not None and self.has_spread else None
         t1 = time.perf_counter()
@@ -369,7 +372,7 @@ def load(
     lay = IndexLayout(index_dir)
     manifest = read_manifest(index_dir)
     if model is not None:
-        check_model(manifest, model.weights_sha256(), index_dir)
+        check_model(manifest, model, index_dir)  # family, condition kind, class map, weights
     if data_fingerprint is not None:
         check_data(manifest, data_fingerprint, index_dir)
     verified = verify_files(lay, manifest)
