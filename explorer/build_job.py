@@ -25,11 +25,12 @@ import torch
 
 from attribution.console import say
 from attribution.curvature import Curvature
-from attribution.data import load_dataset, to_uint8
+from attribution.data import to_uint8
 from attribution.influence import METHODS, AttributionConfig, Attributor
 from attribution.projection import Projection
 from index.build import build_index
 from index.build_cli import add_build_args, config_from_args
+from index.conditions import item_conditions, training_data
 from index.layout import IndexLayout
 from index.store import Index
 from index.store import load as load_index
@@ -103,7 +104,7 @@ class BuildJob(threading.Thread):
             with ex.lock:
                 model = copy.deepcopy(ex.model)
             torch.set_num_threads(self.threads)
-            data = load_dataset(self.data_spec, model.channels, model.size, self.n)
+            data = training_data(self.data_spec, model, self.n)  # a conditional model's conditions too
             self.data, self.n_images = data, len(data)
             say(
                 f"building the index at {self.out}: {len(data)} images, method {self.cfg.method}. Progress "
@@ -227,8 +228,9 @@ class BuildJob(threading.Thread):
             settings = json.loads(lay.build.read_text()).get("settings", {})
             thumbs = to_uint8(self.data.images)
             thumbs = thumbs.squeeze(-1) if self.data.images.shape[1] == 1 else thumbs
+            conds = item_conditions(self.explorer.model, self.data)  # as items.jsonl will hold them
             items = [
-                {"row": i, "label": int(self.data.labels[i]), "source": self.data.sources[i]}
+                {"row": i, "label": int(self.data.labels[i]), "source": self.data.sources[i], **conds[i]}
                 for i in range(n)
             ]
             p = Index(
