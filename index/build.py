@@ -376,7 +376,8 @@ def build_index(
     check_model_family(model)
     check_build(cfg, len(data), shard_size)
     resolve_faiss_type(faiss_type, len(data))  # an unknown store type: refused before any work
-    device = pick_device(str(device) if device else None)
+    dist = Dist(pick_device(str(device) if device else None))
+    device = dist.device  # cuda:LOCAL_RANK under torchrun
     settings = {
         **build_settings(model, data, cfg, model_path, data_spec),
         "faiss": faiss_type,
@@ -387,7 +388,7 @@ def build_index(
         data,
         cfg,
         IndexLayout(out),
-        Dist(device),
+        dist,
         device,
         settings,
         settings_key(settings),
