@@ -162,6 +162,12 @@ def cmd_index_build(a: argparse.Namespace) -> None:
     run_build(a)
 
 
+def cmd_index_rerank(a: argparse.Namespace) -> None:
+    from index.rerank_stage import add_rerank, rerank_options
+
+    add_rerank(a.index, rerank_options(a))
+
+
 def cmd_query(a: argparse.Namespace) -> None:
     from attribution.data import load_image
     from attribution.model import pick_device
@@ -295,12 +301,17 @@ def _add_stability(sub, methods: list[str]) -> None:
 
 def _add_index(sub) -> None:
     from index.build_cli import add_build_args
+    from index.rerank_stage import add_rerank_args
 
     ix = sub.add_parser("index", help="build the FAISS index of training features")
     ixs = ix.add_subparsers(dest="index_cmd", required=True)
     b = ixs.add_parser("build", help="build or resume an index")
     add_build_args(b)
     b.set_defaults(func=cmd_index_build)
+    rr = ixs.add_parser("rerank", help="add the retrieve-and-rerank files to a finished index")
+    rr.add_argument("index", help="index folder")
+    add_rerank_args(rr, flag=False)
+    rr.set_defaults(func=cmd_index_rerank)
 
 
 def _add_query(sub) -> None:

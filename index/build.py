@@ -45,6 +45,7 @@ from index.integrity import canonical_safetensors, file_records
 from index.layout import IndexLayout
 from index.manifest import CODE_VERSION, FORMAT_VERSION, settings_key
 from index.prefit import KEY, curvature_identity, curvature_key, find
+from index.rerank_stage import RerankOptions, add_rerank, rerank_build_stage
 from index.runlog import RunLog, checkpoint
 
 SHARD = 256  # images per shard (a multiple of every batch size used)
@@ -364,6 +365,7 @@ def build_index(
     overwrite: bool = False,
     fit_curvature: bool = False,
     prefit_dir: str | Path | None = None,
+    rerank: RerankOptions | None = None,
 ) -> Path:
     """Build (or resume) an index of `data` under `out`; returns the folder.
 
@@ -372,7 +374,8 @@ def build_index(
 
     The raw feature shards exist for resuming; once the store is written they are removed unless
     `keep_shards` (they are N·D float32, four times the size of an sq8 store). A curvature shipped
-    for these exact settings (index/prefit.py) is copied instead of fitted unless `fit_curvature`."""
+    for these exact settings (index/prefit.py) is copied instead of fitted unless `fit_curvature`.
+    `rerank`: also the retrieve-and-rerank files (index/rerank_stage.py; a finished index too)."""
     check_model_family(model)
     check_build(cfg, len(data), shard_size)
     resolve_faiss_type(faiss_type, len(data))  # an unknown store type: refused before any work
@@ -401,15 +404,18 @@ def build_index(
     )
     try:
         if not prepare_folder(b, overwrite):
-            return b.lay.root
+            return add_rerank(b.lay.root, rerank) if rerank is not None and b.dist.main else b.lay.root
         model.to(device)
         b.att = Attributor(model, training_set(model, data), cfg, device=device, progress=b.chatty)
         projection_stage(b, curvature_stage(b))
         resolve_faiss_type(faiss_type, b.n, b.att.dim)  # a factory string that does not fit D
+        if rerank is not None:
+            rerank.check(b.n, b.att.dim)
         feature_shards_stage(b)
         if b.dist.main:
             index = store_stage(b)
             spread_stage(b)
+            rerank_build_stage(b, rerank)
             items_stage(b)
             manifest_stage(b, index)
             if not keep_shards:

@@ -16,6 +16,7 @@ from index.build import SHARD, build_index
 from index.checks import NON_NEGATIVE, POSITIVE
 from index.conditions import training_data
 from index.faiss_build import faiss_arg
+from index.rerank_stage import add_rerank_args, rerank_options
 
 
 def config_from_args(a: argparse.Namespace) -> AttributionConfig:
@@ -98,6 +99,7 @@ def add_build_args(p: argparse.ArgumentParser) -> None:
         help="fit the curvature even where one is shipped for these exact settings (assets/curvature/)",
     )
     p.add_argument("--device", default=None)
+    add_rerank_args(p)
 
 
 def run_build(a: argparse.Namespace) -> Path:
@@ -117,6 +119,7 @@ def run_build(a: argparse.Namespace) -> Path:
         keep_shards=a.keep_shards,
         overwrite=getattr(a, "overwrite", False),
         fit_curvature=getattr(a, "fit_curvature", False),
+        rerank=rerank_options(a) if hasattr(a, "rerank") else None,
     )
 
 

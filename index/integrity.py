@@ -62,6 +62,8 @@ def file_records(lay: IndexLayout) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for name in lay.CHECKSUMMED:
         p = lay.path(name)
+        if name in lay.RERANK and not lay.path(lay.RERANK_META).is_file():
+            continue  # a rerank stage that has not finished (rerank.json is written last)
         if p.is_file():
             out[name] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
     ntotal, d = faiss_header(lay.features)
@@ -86,6 +88,20 @@ def _check_store(lay: IndexLayout, rec, n: int, dim: int) -> None:
         raise IndexLoadError(f"{p}: holds {ntotal}×{d} vectors, the manifest says {n}×{dim}; {REBUILD}")
 
 
+HASH_LIMIT = 1 << 31  # larger full features (rerank_full.npy) are checked by size on load
+
+
+def _size_only(p: Path, rec: dict) -> bool:
+    """For the rerank's full features: refuse another size; True (no sha256 read on load) above
+    HASH_LIMIT bytes, where reading the whole file each time would defeat its memory map."""
+    if p.stat().st_size != rec.get("bytes"):
+        raise IndexLoadError(
+            f"{p}: {p.stat().st_size} bytes, the manifest says {rec.get('bytes')} (truncated, or "
+            f"from another build); {REBUILD}"
+        )
+    return rec["bytes"] > HASH_LIMIT
+
+
 def verify_files(lay: IndexLayout, manifest: dict) -> bool:
     """Refuse (IndexLoadError) any listed file that is missing or differs from the manifest's
     record. False for an index built before checksums were recorded (nothing to verify)."""
@@ -103,6 +119,8 @@ def verify_files(lay: IndexLayout, manifest: dict) -> bool:
         p = lay.path(name)
         if not p.is_file():
             raise IndexLoadError(f"{p}: missing (the manifest lists it); {REBUILD}")
+        if name == lay.RERANK_FULL and _size_only(p, rec):
+            continue
         if sha256_file(p) != rec["sha256"]:
             raise IndexLoadError(
                 f"{p}: its sha256 differs from the one in the manifest: the file was "
@@ -111,3 +129,12 @@ def verify_files(lay: IndexLayout, manifest: dict) -> bool:
     if lay.ITEMS not in files:
         raise IndexLoadError(f"{lay.manifest}: no checksum recorded for {lay.ITEMS}; {REBUILD}")
     return True
+
+
+def with_rerank(idx, lay: IndexLayout, manifest: dict):
+    """`idx` (index/store.py's Index) with its retrieve-and-rerank files loaded where the manifest
+    lists them (index/rerank_stage.py, which imports this module: imported here when called)."""
+    from index.rerank_stage import load_rerank
+
+    idx.rerank = load_rerank(lay, manifest)
+    return idx

@@ -30,9 +30,12 @@ class IndexLayout:
     THUMBS = "thumbs.npy"
     SHARDS = "shards"
     ASIDE = ".aside"  # unfinished builds with other settings are moved here, one folder per key
+    # retrieve and rerank (--rerank, index/rerank.py): first stage, float16 full features, its record
+    RERANK_FIRST, RERANK_FULL, RERANK_META = "rerank.faiss", "rerank_full.npy", "rerank.json"
+    RERANK = (RERANK_FIRST, RERANK_FULL, RERANK_META)
     # every finished file but the store carries a sha256 in the manifest; the store (large) is
     # checked by its size and its FAISS header instead
-    CHECKSUMMED = (CURVATURE, PROJECTION, TRAK, DENSITY, SPREAD, SELF_INFLUENCE, ITEMS, THUMBS)
+    CHECKSUMMED = (CURVATURE, PROJECTION, TRAK, DENSITY, SPREAD, SELF_INFLUENCE, ITEMS, THUMBS, *RERANK)
     FILES = (
         MANIFEST,
         BUILD,
@@ -45,6 +48,7 @@ class IndexLayout:
         SELF_INFLUENCE,
         ITEMS,
         THUMBS,
+        *RERANK,
     )
 
     def __init__(self, root: str | Path):

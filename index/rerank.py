@@ -29,10 +29,12 @@ import torch
 
 from attribution.atomic import replace_with
 from index.faiss_build import _factory, _sample, write_faiss
+from index.layout import IndexLayout
+from index.runlog import checkpoint
 
-FIRST = "first.faiss"  # the compact first stage
-FULL = "full.npy"  # (N, D) float16 full features, memory-mapped
-META = "rerank.json"
+# the compact first stage; the (N, D) float16 full features, memory-mapped; the record (written
+# last: its presence marks a finished first stage). The same names in an index folder.
+FIRST, FULL, META = IndexLayout.RERANK_FIRST, IndexLayout.RERANK_FULL, IndexLayout.RERANK_META
 REFINE_FACTOR = 16  # a two-level first stage re-scores this many times the candidates it returns
 
 
@@ -96,7 +98,9 @@ class Reranked:
             bs[j, : len(s)], bi[j, : len(r)] = -s, r
         return ts, ti, bs, bi
 
-    def save(self, folder: str | Path, first: str, build_seconds: float) -> None:
+    def save(self, folder: str | Path, first: str, build_seconds: float | None = None) -> None:
+        """The first stage, then rerank.json (last; without a time when `build_seconds` is None,
+        so that an index's files have the same bytes whenever they are built)."""
         folder = Path(folder)
         write_faiss(self.first, folder / FIRST)
         meta = {
@@ -105,8 +109,9 @@ class Reranked:
             "d": self.first.d,
             "candidates": self.candidates,
             "ram_bytes": self.ram_bytes,
-            "build_seconds": build_seconds,
         }
+        if build_seconds is not None:
+            meta["build_seconds"] = build_seconds
         replace_with(folder / META, lambda t: Path(t).write_text(json.dumps(meta, indent=2)))
 
     @classmethod
@@ -174,20 +179,23 @@ def build_reranked(
     candidates: int = 256,
     full_written: bool = False,
     sample_rows: int = 8192,
+    timed: bool = True,
 ) -> Reranked:
     """The first stage (principal projection to `reduce`, then the FAISS factory string `first`,
     both trained on a streamed sample of `sample_rows`) and the float16 full features of the rows
-    `chunks()` streams; `full_written`: the full file is already there."""
+    `chunks()` streams; `full_written`: the full file is already there. `timed`: record the build
+    time in rerank.json (not in an index, whose files must not depend on the run)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if not full_written:
         write_full(chunks, n, d, folder / FULL)
+        checkpoint("rerank-full-written")
     sample = _sample(chunks, n, d)[:sample_rows]
     lt = principal_transform(sample, reduce)
     index = first_stage(
         lt, first, sample, lambda: (lt.apply(np.ascontiguousarray(c, np.float32)) for c in chunks())
     )
     rr = Reranked(index, np.load(folder / FULL, mmap_mode="r"), candidates)
-    rr.save(folder, f"PCA{reduce}(svd),{first}", time.perf_counter() - t0)
+    rr.save(folder, f"PCA{reduce}(svd),{first}", time.perf_counter() - t0 if timed else None)
     return rr

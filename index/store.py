@@ -29,7 +29,7 @@ from index.faiss_build import (  # noqa: F401  (re-exported: the store's types a
     resolve_faiss_type,
     write_faiss,
 )
-from index.integrity import verify_files
+from index.integrity import verify_files, with_rerank
 from index.layout import IndexLayout
 from index.manifest import IndexLoadError, check_data, check_model, read_manifest
 
@@ -76,6 +76,8 @@ class QueryResult:
 
 class Index:
     """A loaded index: FAISS store, items, thumbnails, and the query-side feature map."""
+
+    rerank = None  # retrieve and rerank (index/rerank_stage.py): search proposes, then scores exactly
 
     def __init__(
         self,
@@ -133,6 +135,8 @@ class Index:
         """
         psi = np.ascontiguousarray(psi, dtype=np.float32)
         k = min(k, self.faiss.ntotal)
+        if self.rerank is not None:
+            return self.rerank.search(psi, k)
         if self.exhaustive:  # one pass over the vectors serves both ends
             return _ends(self.all_scores(psi), k)
         s_top, i_top = self.faiss.search(psi, k)
@@ -182,7 +186,7 @@ class Index:
         else:
             psi = self.query_features(image.unsqueeze(0), trajectory, cond)
         t1 = time.perf_counter()
-        scores = self.all_scores(psi) if self.exhaustive else None
+        scores = self.all_scores(psi) if self.exhaustive and (self.rerank is None or with_all) else None
         k = min(k, len(self))
         s_top, i_top, s_bot, i_bot = self.search(psi, k) if scores is None else _ends(scores, k)
         t2 = time.perf_counter()
@@ -209,7 +213,7 @@ class Index:
         psi, psi_b = psi.numpy(), psi_b[0].numpy()
         dpsi = dpsi.numpy() if dpsi is not None and self.has_spread else None
         t1 = time.perf_counter()
-        scores = self.all_scores(psi) if self.exhaustive else None
+        scores = self.all_scores(psi) if self.exhaustive and (self.rerank is None or with_all) else None
         k = min(k, len(self))
         if rank_by is None:
             s_top, i_top, s_bot, i_bot = self.search(psi, k) if scores is None else _ends(scores, k)
@@ -400,7 +404,7 @@ def load(
                 f"{lay.self_influence}: shape {self_inf.shape}, expected ({n},); "
                 "rebuild it with `attribution index build … --overwrite`"
             )
-    return Index(index_dir, manifest, fx, items, thumbs, att, spread, self_inf)
+    return with_rerank(Index(index_dir, manifest, fx, items, thumbs, att, spread, self_inf), lay, manifest)
 
 
 def _read_faiss(path: Path) -> faiss.Index:
