@@ -79,6 +79,11 @@ PRESETS: dict[str, dict] = {
 PRESETS["mnist16"] = {**PRESETS["mnist"], "sample_size": 16}
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "mnist-unet"
+# The shipped models by name: `--model mnist-latent` anywhere a model folder is taken.
+SHIPPED_MODELS = {
+    "mnist-unet": DEFAULT_MODEL_DIR,  # the default: unconditional, pixel space, 28x28
+    "mnist-latent": DEFAULT_MODEL_DIR.parent / "mnist-latent",  # class-conditional, latent, 16x16
+}
 
 
 @dataclass
@@ -202,9 +207,20 @@ def weights_sha256(unet: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def model_dir(path: str | Path | None) -> Path:
+    """A model folder: `path`, or a shipped model's name (`SHIPPED_MODELS`) where no such folder
+    exists here, or the default model for None."""
+    if path is None:
+        return DEFAULT_MODEL_DIR
+    if str(path) in SHIPPED_MODELS and not Path(path).is_dir():
+        return SHIPPED_MODELS[str(path)]
+    return Path(path)
+
+
 def load_model(path: str | Path | None = None, device: str | torch.device = "cpu") -> DiffusionModel:
-    """Load a local diffusers model folder (`attribution/pipelines.py`); `None` is the default model."""
-    p = load_parts(Path(path) if path is not None else DEFAULT_MODEL_DIR)
+    """Load a local diffusers model folder (`attribution/pipelines.py`) or a shipped model by name
+    (`mnist-unet`, `mnist-latent`); `None` is the default model."""
+    p = load_parts(model_dir(path))
     for m in (p.unet, p.autoencoder, p.text_encoder):
         if m is not None:
             m.eval().requires_grad_(False)
