@@ -192,6 +192,25 @@ def limit_malloc_arenas() -> None:
         say(f"note: could not restart with MALLOC_ARENA_MAX={ARENA_MAX} ({e}); memory may grow under load")
 
 
+def default_index(model_path: str | None) -> Path:
+    """The default index of the model: indexes/mnist-latent-ekfac for the shipped latent model
+    (`--model mnist-latent` or its folder), else indexes/mnist-ekfac (the default model's)."""
+    from attribution.model import SHIPPED_MODELS, model_dir
+    from explorer.build_job import DEFAULT_INDEX
+
+    latent = SHIPPED_MODELS["mnist-latent"].resolve()
+    if model_path is not None and model_dir(model_path).resolve() == latent:
+        return DEFAULT_INDEX.with_name("mnist-latent-ekfac")
+    return DEFAULT_INDEX
+
+
+def _is_shipped(model_path: str | None) -> bool:
+    from attribution.model import SHIPPED_MODELS, model_dir
+
+    shipped = {p.resolve() for p in SHIPPED_MODELS.values()}
+    return model_path is None or model_dir(model_path).resolve() in shipped
+
+
 def _load_indexes(index_dirs: list[Path], model, model_path: str | None, device, build_missing=()):
     """The indexes that load, and the build of a missing index (None: nothing to build): the
     default index, or a folder in `build_missing` (those named by ATTRIBUTION_INDEX, e.g. a Space's
@@ -199,8 +218,7 @@ def _load_indexes(index_dirs: list[Path], model, model_path: str | None, device,
     with the default settings plus ATTRIBUTION_BUILD_ARGS (`attribution index build` options), and
     loaded from there on later starts. Raises IndexLoadError for any other index that does not load."""
     from attribution.errors import IndexLoadError
-    from attribution.model import DEFAULT_MODEL_DIR
-    from explorer.build_job import DEFAULT_INDEX, build_spec
+    from explorer.build_job import build_spec
     from index.layout import IndexLayout
     from index.store import load as load_index
 
@@ -209,10 +227,7 @@ def _load_indexes(index_dirs: list[Path], model, model_path: str | None, device,
         try:
             indexes.append(load_index(d, model, device=device))
         except IndexLoadError as e:
-            is_default = d.resolve() == DEFAULT_INDEX.resolve() and model_path in (
-                None,
-                str(DEFAULT_MODEL_DIR),
-            )
+            is_default = d.resolve() == default_index(model_path).resolve() and _is_shipped(model_path)
             buildable = d in build_missing and not IndexLayout(d).is_finished and build is None
             if not (is_default or buildable):
                 raise IndexLoadError(
@@ -233,7 +248,6 @@ def main(args: argparse.Namespace | None = None) -> int:
 
     from attribution.errors import ConfigError, IndexLoadError, ModelError
     from attribution.model import pick_device
-    from explorer.build_job import DEFAULT_INDEX
     from explorer.cli_args import load_model  # a ModelError for invalid config files, too
     from explorer.service import Explorer
     from explorer.ui import build_demo
@@ -243,7 +257,7 @@ def main(args: argparse.Namespace | None = None) -> int:
         limit_malloc_arenas()
     model_path = getattr(args, "model", None) or os.environ.get("ATTRIBUTION_MODEL") or None
     index_arg = getattr(args, "index", None) or os.environ.get("ATTRIBUTION_INDEX") or ""
-    index_dirs = [Path(s.strip()) for s in index_arg.split(",") if s.strip()] or [DEFAULT_INDEX]
+    index_dirs = [Path(s.strip()) for s in index_arg.split(",") if s.strip()] or [default_index(model_path)]
     try:
         host, port = _address(args)
     except ConfigError as e:
