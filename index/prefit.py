@@ -56,7 +56,9 @@ def curvature_identity(settings: dict, att: Attributor) -> dict:
     cfg = asdict(att.curvature_config())
     cfg.pop("damping")
     rows = json.dumps(att.curvature_rows()).encode()
+    conditions = settings["data"].get("conditions")  # conditional models only: the rows' labels
     return {
+        **({"conditions": conditions} if conditions else {}),
         "weights_sha256": settings["model"]["weights_sha256"],
         "data_sha256": settings["data"]["sha256"],
         "n": settings["data"]["n"],

@@ -71,6 +71,24 @@ def test_other_settings_fit_their_own_curvature(model, data, fitted, tmp_path, c
     assert not prefit.check(other, shipped)
 
 
+def test_the_rows_conditions_are_part_of_the_key(model, data):
+    """Same images, other labels: another key (a conditional build never takes another's fit)."""
+    from attribution.influence import Attributor
+
+    att = Attributor(model, data, AttributionConfig(method="ekfac", dim=64, draws=4, curvature_draws=1))
+    settings = {"model": {"weights_sha256": "w"}, "data": {"sha256": "d", "n": N}}
+    plain = prefit.curvature_identity(settings, att)
+    assert "conditions" not in plain  # unconditional: the key the shipped default was made with
+    a, b = (
+        {**settings, "data": {**settings["data"], "conditions": {"kind": "class", "sha256": h}}} for h in "ab"
+    )
+    keys = {
+        prefit.curvature_key(x)
+        for x in (plain, prefit.curvature_identity(a, att), prefit.curvature_identity(b, att))
+    }
+    assert len(keys) == 3
+
+
 def test_a_damaged_shipped_curvature_is_ignored_and_the_fit_runs(model, data, fitted, tmp_path, capsys):
     ref, shipped = fitted
     bad = tmp_path / "bad"
