@@ -13,7 +13,9 @@ each query the first stage proposes `candidates` rows at each end (top by ψ, to
 those rows alone are read and scored exactly, ⟨ψ, φ⟩ in float32. Recall against the exact top-k
 is measured by `benchmarks/million_search.py`: the default first stage (1,024 principal
 components; 4-bit fast-scan PQ proposes 16 × C rows, 8-bit codes keep C = 256; ≈ 1.3 KB per
-image) reaches recall@16 ≈ 0.98 at 1M rows in ≈ 23 ms of one thread.
+image) reaches recall@16 ≈ 0.98 at 1M rows in ≈ 23 ms of one thread. In an index folder (the same
+file names) it is written by `attribution index build --rerank` or `attribution index rerank` and
+used by `Index.search` (index/rerank_stage.py).
 """
 
 from __future__ import annotations

@@ -139,6 +139,21 @@ def test_a_damaged_rerank_file_is_refused(built, tmp_path, name):
         load(copy)
 
 
+def test_large_full_features_are_checked_by_size_on_load(built, tmp_path, monkeypatch):
+    import index.integrity
+
+    monkeypatch.setattr(index.integrity, "HASH_LIMIT", 0)  # as for a file over 2 GiB
+    copy = shutil.copytree(built["rerank"], tmp_path / "copy")
+    p = copy / IndexLayout.RERANK_FULL
+    raw = bytearray(p.read_bytes())
+    raw[-1] ^= 0xFF
+    p.write_bytes(bytes(raw))
+    assert load(copy).rerank is not None  # same size: not re-hashed on load (documented)
+    p.write_bytes(bytes(raw[:-2]))
+    with pytest.raises(IndexLoadError, match="rerank_full.npy: .* bytes, the manifest says"):
+        load(copy)
+
+
 def test_damaged_file_through_the_cli_is_one_line(built, tmp_path):
     copy = shutil.copytree(built["rerank"], tmp_path / "copy")
     (copy / IndexLayout.RERANK_FIRST).write_bytes(b"FAISS?")
