@@ -136,7 +136,9 @@ def self_attribution(model_arg: str, model, n: int, queries: int, index_dir: Pat
         ranks.append(int((res.all_scores > res.all_scores[r]).sum()) + 1)
     top1 = sum(k == 1 for k in ranks)
     return {
-        "index": str(index_dir),
+        "index": str(index_dir.resolve().relative_to(ROOT))
+        if index_dir.resolve().is_relative_to(ROOT)
+        else str(index_dir),
         "n": n,
         "queries": queries,
         "rows": rows,
@@ -145,7 +147,7 @@ def self_attribution(model_arg: str, model, n: int, queries: int, index_dir: Pat
         "top1_fraction": round(top1 / queries, 4),
         "build_seconds_this_run": round(build_s, 1),
         "query_seconds": round((time.time() - t1) / queries, 3),
-        "settings": idx.manifest.get("settings", {}).get("method"),
+        "index_settings": "attribution index build defaults (EK-FAC, count sketch D = 16384, 16 draws, 128 per query)",
     }
 
 
@@ -192,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     info["round_trip_accuracy"] = round_trip_accuracy(model, clf, holdout)
     log(f"classifier: hold-out {info['holdout_accuracy']:.2%}, round trip {info['round_trip_accuracy']:.2%}")
     res = {"model": {"path": a.model, "weights_sha256": model.weights_sha256()}, "classifier": info}
+    res["command"] = "python benchmarks/latent_quality.py " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
     res["sampling"] = {"scheduler": type(model.scheduler).__name__, "steps": a.steps, "seed": a.seed}
     res["agreement"] = []
     for i, g in enumerate(a.guidance):
