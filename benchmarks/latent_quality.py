@@ -194,9 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     info["round_trip_accuracy"] = round_trip_accuracy(model, clf, holdout)
     log(f"classifier: hold-out {info['holdout_accuracy']:.2%}, round trip {info['round_trip_accuracy']:.2%}")
     res = {"model": {"path": a.model, "weights_sha256": model.weights_sha256()}, "classifier": info}
-    res["command"] = "python benchmarks/latent_quality.py " + " ".join(
-        argv if argv is not None else sys.argv[1:]
-    )
+    args = argv if argv is not None else sys.argv[1:]
+    res["command"] = " ".join(["python benchmarks/latent_quality.py", *args])
     res["sampling"] = {"scheduler": type(model.scheduler).__name__, "steps": a.steps, "seed": a.seed}
     res["agreement"] = []
     for i, g in enumerate(a.guidance):
