@@ -78,14 +78,47 @@ def cmd_sample(a: argparse.Namespace) -> None:
     from attribution.sample import sample
 
     model = load_model(a.model, device=pick_device(a.device))
+    conds = _sample_conditions(model, a.condition, a.n)
     say(f"sampling {a.n} images with {a.sampler.upper()} ({a.steps} steps, seed {a.seed})")
-    s = sample(model, a.n, seed=a.seed, sampler=a.sampler, steps=a.steps)
+    s = sample(
+        model, a.n, seed=a.seed, sampler=a.sampler, steps=a.steps, conditions=conds, guidance_scale=a.guidance
+    )
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     grid(s.images, nrow=a.nrow).save(out / "grid.png")
     if not a.grid_only:
         save_images(s.images, out, prefix="sample_")
     say(f"wrote {out / 'grid.png'}" + ("" if a.grid_only else f" and {a.n} PNGs in {out}"))
+
+
+def _sample_conditions(model, value: str | None, n: int):
+    """`sample --condition`: a class (name or id) or a prompt for every image; a class-conditional
+    model without one cycles through its classes (the null class left out)."""
+    from attribution.conditions import Conditions
+    from attribution.errors import DataError
+
+    kind = model.condition_kind
+    if kind == "none":
+        if value:
+            raise DataError("the model is unconditional: it takes no --condition")
+        return None
+    if kind == "text":
+        if not value:
+            raise DataError("the model is text-conditional: give --condition PROMPT")
+        return Conditions.prompts([value] * n)
+    cmap, null = model.class_map or {}, model.conditioning.get("null_class")
+    if value is None:
+        ids = sorted(set(cmap.values()) or range(model.unet.config.get("num_class_embeds") or 1))
+        ids = [c for c in ids if c != null] or [0]
+        return Conditions.classes([ids[i % len(ids)] for i in range(n)], model.class_map)
+    if value in cmap:
+        label = cmap[value]
+    elif value.lstrip("-").isdigit():
+        label = int(value)
+    else:
+        known = f": one of {', '.join(sorted(cmap))}" if cmap else " (a class id)"
+        raise DataError(f"unknown class {value[:40]!r}{known}")
+    return Conditions.classes([label] * n, model.class_map)
 
 
 def _method_config(a: argparse.Namespace):
@@ -246,6 +279,12 @@ def _add_sample(sub) -> None:
     s.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
     s.add_argument("--steps", type=POSITIVE, default=50)
     s.add_argument("--nrow", type=POSITIVE, default=8)
+    s.add_argument(
+        "--condition",
+        default=None,
+        help="a class (name or id) or prompt; a class model cycles its classes without",
+    )
+    s.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
     s.add_argument("--grid-only", action="store_true")
     s.add_argument("--out", default="out/samples")
     s.add_argument("--device", default=None)

@@ -103,3 +103,26 @@ def test_it_has_its_own_default_index():
         == DEFAULT_INDEX.with_name("mnist-latent-ekfac")
     )
     assert default_index(None) == default_index("mnist-unet") == DEFAULT_INDEX
+
+
+def test_the_cli_samples_it_by_name_under_a_class(tmp_path, capsys):
+    from explorer.cli import main
+
+    out = tmp_path / "samples"
+    args = [
+        "sample",
+        "--model",
+        "mnist-latent",
+        "--n",
+        "2",
+        "--steps",
+        "4",
+        "--guidance",
+        "2",
+        "--out",
+        str(out),
+    ]
+    assert main([*args, "--condition", "7"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "sample_00000.png", "sample_00001.png"]
+    assert main([*args, "--condition", "seven"]) == 2
+    assert "error: unknown class 'seven': one of 0, 1, 2" in capsys.readouterr().err
