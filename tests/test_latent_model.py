@@ -65,6 +65,7 @@ def _classifier():
     return load_classifier(CACHE, cache_key(train_ds, holdout, EPOCHS))
 
 
+@pytest.mark.slow  # ≈ 11 s: an EK-FAC fit on 20 images
 def test_a_copy_of_a_training_image_is_among_its_top_proponents(model):
     ds = mnist(size=16, n=N_TRAIN)
     ds.conditions = Conditions.classes(ds.labels, model.class_map)
