@@ -32,6 +32,8 @@ SUITES = [
     ("bad build settings, read-only and full disks", "tests/test_index_errors.py", False, False),
     ("build into a folder holding an index", "tests/test_index_folder.py", True, False),
     ("SIGKILL at each build stage, then resume", "tests/test_index_resume.py", True, True),
+    ("retrieve-and-rerank files: damaged, killed, resumed", "tests/test_index_rerank.py", True, True),
+    ("an index of another model family or class map", "tests/test_index_conditional.py", False, False),
     ("bad CLI arguments, model folders, outputs", "tests/test_cli_errors.py", False, True),
     ("export clean-up with planted links", "tests/test_exports.py", True, False),
     ("launcher: flags, environment, decoders", "tests/test_launch.py", False, False),
