@@ -373,7 +373,10 @@ def _add_query(sub) -> None:
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     """The options of the app: `attribution serve`, `attribution demo` and `python app.py`."""
     p.add_argument(
-        "--model", default=None, help="model folder (env ATTRIBUTION_MODEL; default assets/mnist-unet)"
+        "--model",
+        default=None,
+        help="model folder or shipped name (env ATTRIBUTION_MODEL; default assets/mnist-unet); "
+        "several, comma-separated (mnist-unet,mnist-latent): a model selector, each with its default index",
     )
     p.add_argument(
         "--index",

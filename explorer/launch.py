@@ -55,14 +55,24 @@ def serve(
         state_session_capacity=500,
         **kwargs,
     )  # a session's state is ~0.3 MB
-    ex = getattr(demo, "explorer", None)
-    if ex is not None and warmup and ex.ready:
-        threading.Thread(target=ex.warmup, daemon=True, name="warm-up").start()
-    if ex is not None:
-        ex.start_build()
+    explorers = getattr(demo, "explorers", None) or [e for e in [getattr(demo, "explorer", None)] if e]
+    for ex in explorers:
+        if warmup and ex.ready:
+            threading.Thread(target=ex.warmup, daemon=True, name="warm-up").start()
+    if len(explorers) == 1:
+        explorers[0].start_build()
+    elif any(ex.build is not None for ex in explorers):  # several models: their builds in turn
+        threading.Thread(target=_builds_in_turn, args=(explorers,), daemon=True, name="builds").start()
     if not prevent_thread_lock:
         demo.block_thread()
     return out
+
+
+def _builds_in_turn(explorers) -> None:
+    for ex in explorers:
+        ex.start_build()
+        if ex.build is not None and ex.build.is_alive():
+            ex.build.join()
 
 
 URL_REFUSED = "a file given as a URL is refused (it is never fetched): send the file itself"
@@ -242,9 +252,62 @@ def _load_indexes(index_dirs: list[Path], model, model_path: str | None, device,
     return indexes, build
 
 
+def model_tabs(names: list[str], demos: list):
+    """The model selector: one tab per model, each holding that model's whole page."""
+    import gradio as gr
+
+    with gr.Blocks(title="Training-data attribution explorer", delete_cache=(3600, 7200)) as outer:
+        with gr.Tabs():
+            for name, d in zip(names, demos):
+                with gr.Tab(name):
+                    d.render()
+    outer.explorers = [d.explorer for d in demos]
+    return outer
+
+
+def _several_models(args, names: list[str], index_arg: str, host: str, port: int) -> int:
+    """`--model a,b`: the model selector (`model_tabs`); each model answers from its own default
+    index (`default_index`), built in the background when missing, one build after another. The
+    second model's API names take a suffix (`/attribute_generated_conditional_1`)."""
+    from attribution.errors import ConfigError, IndexLoadError, ModelError
+    from attribution.model import pick_device
+    from explorer.cli_args import load_model
+    from explorer.service import Explorer
+    from explorer.ui import build_demo
+
+    if index_arg:
+        say(
+            "error: with several models (--model a,b) each uses its own default index; --index is for one model"
+        )
+        return 2
+    device, t0, demos = pick_device(getattr(args, "device", None)), time.time(), []
+    try:
+        for name in names:
+            model = load_model(name, device=device)
+            indexes, build = _load_indexes([default_index(name)], model, name, device)
+            demos.append(build_demo(model, explorer=Explorer(model, indexes), build=build))
+    except (ModelError, IndexLoadError, ConfigError) as e:
+        say(f"error: {e}")
+        return 2
+    restrict_image_decoders()
+    _one_thread(device)
+    say(f"{len(names)} models loaded in {time.time() - t0:.1f} s; open http://{host}:{port} (Ctrl+C to stop)")
+    serve(model_tabs(names, demos), host, port, concurrency=getattr(args, "concurrency", None) or 1)
+    return 0
+
+
+def _one_thread(device) -> None:
+    import torch
+
+    if device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
+        # One query is many small ops: on a shared 2-core machine two OpenMP threads made it
+        # 4-10x slower than one (0.6-2.5 s vs 0.13-0.19 s per query, default model); an index
+        # build still uses every core. Set OMP_NUM_THREADS to choose.
+        torch.set_num_threads(1)
+
+
 def main(args: argparse.Namespace | None = None) -> int:
     """Start the app (`args` from `parse_args` or the CLI's serve/demo: model, index, host, port)."""
-    import torch
 
     from attribution.errors import ConfigError, IndexLoadError, ModelError
     from attribution.model import pick_device
@@ -257,13 +320,16 @@ def main(args: argparse.Namespace | None = None) -> int:
         limit_malloc_arenas()
     model_path = getattr(args, "model", None) or os.environ.get("ATTRIBUTION_MODEL") or None
     index_arg = getattr(args, "index", None) or os.environ.get("ATTRIBUTION_INDEX") or ""
-    index_dirs = [Path(s.strip()) for s in index_arg.split(",") if s.strip()] or [default_index(model_path)]
     try:
         host, port = _address(args)
     except ConfigError as e:
         say(f"error: {e}")
         return 2
     warn_if_exposed(host)
+    if model_path and "," in model_path:  # the model selector
+        names = [m.strip() for m in model_path.split(",") if m.strip()]
+        return _several_models(args, names, index_arg if getattr(args, "index", None) else "", host, port)
+    index_dirs = [Path(s.strip()) for s in index_arg.split(",") if s.strip()] or [default_index(model_path)]
     device = pick_device(getattr(args, "device", None))
     t0 = time.time()
     try:
@@ -284,11 +350,7 @@ def main(args: argparse.Namespace | None = None) -> int:
         return 2
     restrict_image_decoders()
     demo = build_demo(model, explorer=Explorer(model, indexes), build=build)
-    if device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
-        # One query is many small ops: on a shared 2-core machine two OpenMP threads made it
-        # 4-10x slower than one (0.6-2.5 s vs 0.13-0.19 s per query, default model); an index
-        # build still uses every core. Set OMP_NUM_THREADS to choose.
-        torch.set_num_threads(1)
+    _one_thread(device)
     say(
         f"model and {len(indexes)} index(es) loaded in {time.time() - t0:.1f} s; "
         f"open http://{host}:{port} (Ctrl+C to stop)"

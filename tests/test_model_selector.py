@@ -1,0 +1,58 @@
+"""The model selector (issue 16 item 5): `serve --model A,B` gives one tab per model, each answering
+from its own default index; the second model's API names take a suffix. A tiny pixel model and the
+shipped class-conditional latent model (`mnist-latent`), over small indexes built here."""
+
+from __future__ import annotations
+
+import pytest
+
+from explorer import launch
+
+
+@pytest.fixture(scope="module")
+def latent_index(tmp_path_factory):
+    from attribution.influence import AttributionConfig
+    from attribution.model import load_model
+    from index.build import build_index
+    from index.conditions import training_data
+
+    model = load_model("mnist-latent")
+    cfg = AttributionConfig(
+        method="ekfac", draws=4, curvature_draws=1, query_draws=8, dim=1024, curvature_min_rows=80
+    )
+    out = tmp_path_factory.mktemp("latent") / "index"
+    data = training_data("mnist", model, 40)
+    return build_index(model, data, out, cfg, model_path="mnist-latent", data_spec="mnist", progress=False)
+
+
+@pytest.mark.slow  # two models, a small latent index, a server
+def test_two_models_two_tabs_and_both_apis(monkeypatch, tiny_workspace, latent_index, free_port):
+    from gradio_client import Client
+
+    pixel = str(tiny_workspace.model_dir)
+    where = {pixel: tiny_workspace.index("ekfac"), "mnist-latent": latent_index}
+    monkeypatch.setattr(launch, "default_index", lambda name: where[name])
+    monkeypatch.setattr(launch, "restrict_image_decoders", lambda: None)  # process-wide; tested elsewhere
+    served = []
+    monkeypatch.setattr(launch, "serve", lambda demo, host, port, **kw: served.append((demo, port)))
+    port = free_port()
+    assert launch.main(launch.parse_args(["--model", f"{pixel},mnist-latent", "--port", str(port)])) == 0
+    demo = served[-1][0]
+    assert [ex.model.condition_kind for ex in demo.explorers] == ["none", "class"]
+    monkeypatch.undo()
+    launch.serve(demo, "127.0.0.1", port, prevent_thread_lock=True, warmup=False)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        a = client.predict(0, "ddim", 4, 3, None, api_name="/attribute_generated")
+        assert a["index"]["model"]["condition_kind"] == "none" and len(a["proponents"]) == 3
+        b = client.predict(0, "ddim", 10, "3", 3, None, api_name="/attribute_generated_conditional_1")
+        assert b["query"]["condition"] == "class 3" and b["index"]["model"]["family"] == "latent"
+        assert len(b["proponents"]) == 3
+    finally:
+        demo.close()
+
+
+def test_several_models_take_no_index_flag(capsys):
+    args = launch.parse_args(["--model", "mnist-unet,mnist-latent", "--index", "indexes/x"])
+    assert launch.main(args) == 2
+    assert "each uses its own default index" in capsys.readouterr().err
