@@ -25,31 +25,63 @@ def latent_index(tmp_path_factory):
     return build_index(model, data, out, cfg, model_path="mnist-latent", data_spec="mnist", progress=False)
 
 
-@pytest.mark.slow  # two models, a small latent index, a server
-def test_two_models_two_tabs_and_both_apis(monkeypatch, tiny_workspace, latent_index, free_port):
-    from gradio_client import Client
-
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory, tiny_workspace, latent_index, free_port):
+    """`serve --model TINY,mnist-latent` (each model's default index pointed at a small one), live."""
+    mp = pytest.MonkeyPatch()
     pixel = str(tiny_workspace.model_dir)
     where = {pixel: tiny_workspace.index("ekfac"), "mnist-latent": latent_index}
-    monkeypatch.setattr(launch, "default_index", lambda name: where[name])
-    monkeypatch.setattr(launch, "restrict_image_decoders", lambda: None)  # process-wide; tested elsewhere
+    mp.setattr(launch, "default_index", lambda name: where[name])
+    mp.setattr(launch, "restrict_image_decoders", lambda: None)  # process-wide; tested elsewhere
     served = []
-    monkeypatch.setattr(launch, "serve", lambda demo, host, port, **kw: served.append((demo, port)))
+    mp.setattr(launch, "serve", lambda demo, host, port, **kw: served.append(demo))
     port = free_port()
-    assert launch.main(launch.parse_args(["--model", f"{pixel},mnist-latent", "--port", str(port)])) == 0
-    demo = served[-1][0]
-    assert [ex.model.condition_kind for ex in demo.explorers] == ["none", "class"]
-    monkeypatch.undo()
-    launch.serve(demo, "127.0.0.1", port, prevent_thread_lock=True, warmup=False)
     try:
-        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-        a = client.predict(0, "ddim", 4, 3, None, api_name="/attribute_generated")
-        assert a["index"]["model"]["condition_kind"] == "none" and len(a["proponents"]) == 3
-        b = client.predict(0, "ddim", 10, "3", 3, None, api_name="/attribute_generated_conditional_1")
-        assert b["query"]["condition"] == "class 3" and b["index"]["model"]["family"] == "latent"
-        assert len(b["proponents"]) == 3
+        assert launch.main(launch.parse_args(["--model", f"{pixel},mnist-latent", "--port", str(port)])) == 0
     finally:
-        demo.close()
+        mp.undo()
+    demo = served[-1]
+    launch.serve(demo, "127.0.0.1", port, prevent_thread_lock=True, warmup=False)
+    yield demo, f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+@pytest.mark.slow  # two models, a small latent index, a server
+def test_two_models_two_tabs_and_both_apis(two_models):
+    from gradio_client import Client
+
+    demo, url = two_models
+    assert [ex.model.condition_kind for ex in demo.explorers] == ["none", "class"]
+    client = Client(url, verbose=False)
+    a = client.predict(0, "ddim", 4, 3, None, api_name="/attribute_generated")
+    assert a["index"]["model"]["condition_kind"] == "none" and len(a["proponents"]) == 3
+    b = client.predict(0, "ddim", 10, "3", 3, None, api_name="/attribute_generated_conditional_1")
+    assert b["query"]["condition"] == "class 3" and b["index"]["model"]["family"] == "latent"
+    assert len(b["proponents"]) == 3
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_the_browser_picks_the_latent_model_and_generates_a_class(two_models, browser):
+    _, url = two_models
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.set_default_timeout(120_000)
+    try:
+        page.goto(url)
+        page.get_by_role("tab", name="mnist-latent").click()
+        page.locator("#gen-condition input >> visible=true").click()
+        page.get_by_role("option", name="3", exact=True).click()
+        page.locator("#steps input >> visible=true").fill("10")
+        page.locator("#generate-btn >> visible=true").click()
+        status = page.locator("#status >> visible=true")
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('#status')].some(e => e.offsetParent && e.innerText.includes('Top proponent'))"
+        )
+        assert "Top proponent" in status.inner_text()
+        assert "class 3" in page.locator("#query-info >> visible=true").inner_text()
+        assert page.locator("#proponents >> visible=true").locator("img").count() >= 1
+    finally:
+        page.close()
 
 
 def test_several_models_take_no_index_flag(capsys):
