@@ -143,6 +143,24 @@ def _bar(start: int, total: int, desc: str, progress: bool):
     return tqdm(range(start, total), initial=start, total=total, desc=desc, unit="step", disable=not progress)
 
 
+def _optimizer_step(opt, loss: torch.Tensor, net: torch.nn.Module, step: int, sc) -> None:
+    """One AdamW step at the schedule's learning rate, gradients clipped to `sc.grad_clip`."""
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, sc)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), sc.grad_clip)
+    opt.step()
+
+
+def _checkpoint(ckpt: Path, cfg, parts: dict, done: int, start: int, sc, stop_after: int | None) -> bool:
+    """Saves every `checkpoint_every` steps, at the end and when `stop_after` steps ran; True to stop."""
+    stop = bool(stop_after) and done - start >= stop_after
+    if done % sc.checkpoint_every == 0 or done == sc.steps or stop:
+        _save_checkpoint(ckpt, cfg, parts, done)
+    return stop
+
+
 def train_vae(
     images: torch.Tensor,
     cfg: LatentConfig,
@@ -167,18 +185,10 @@ def train_vae(
         rec = (recon - x).abs().mean() + (recon - x).pow(2).mean()
         kl = post.kl().mean() / post.mean[0].numel()
         loss = rec + cfg.vae_kl_weight * kl
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, sc)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), sc.grad_clip)
-        opt.step()
+        _optimizer_step(opt, loss, vae, step, sc)
         bar.set_postfix(rec=f"{rec.item():.4f}", kl=f"{kl.item():.2f}")
-        done = step + 1
-        if done % sc.checkpoint_every == 0 or done == sc.steps or (stop_after and done - start >= stop_after):
-            _save_checkpoint(ckpt, cfg, parts, done)
-            if stop_after and done - start >= stop_after:
-                break
+        if _checkpoint(ckpt, cfg, parts, step + 1, start, sc, stop_after):
+            break
     bar.close()
     return vae.eval().requires_grad_(False)
 
@@ -226,21 +236,13 @@ def train_unet(
         xt = a.sqrt() * latents[rows] + (1 - a).sqrt() * eps
         cond = Cond(labels=dropped_labels(step, labels[rows], cfg))
         loss = (denoise(unet, xt, t, cond) - eps).pow(2).mean()
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, sc)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), sc.grad_clip)
-        opt.step()
+        _optimizer_step(opt, loss, unet, step, sc)
         decay = min(sc.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             torch._foreach_lerp_(ema_params, list(unet.parameters()), 1 - decay)
         bar.set_postfix(loss=f"{loss.item():.4f}")
-        done = step + 1
-        if done % sc.checkpoint_every == 0 or done == sc.steps or (stop_after and done - start >= stop_after):
-            _save_checkpoint(ckpt, cfg, parts, done)
-            if stop_after and done - start >= stop_after:
-                break
+        if _checkpoint(ckpt, cfg, parts, step + 1, start, sc, stop_after):
+            break
     bar.close()
     return ema.eval().requires_grad_(False)
 
