@@ -37,6 +37,10 @@ NEW_ROWS = [
     (f"D-TRAK, D={DT}, new draws", dict(method="dtrak", **NEW)),
     ("EK-FAC, new default at D=8192", dict(method="ekfac", damping=0.1, dim=8192, **NEW)),
     (f"EK-FAC, damping 1e-8, new draws, D={D}", dict(method="ekfac", damping=1e-8, dim=D, **NEW)),
+    # the same defaults after issue 19's table-free count sketch (a new hash: another projection)
+    ("EK-FAC, default, table-free sketch", dict(method="ekfac", **NEW)),
+    (f"TRAK, D={DT}, new draws, table-free sketch", dict(method="trak", **NEW)),
+    (f"D-TRAK, D={DT}, new draws, table-free sketch", dict(method="dtrak", **NEW)),
 ]
 ROWS = [  # (row label, config overrides), most important first (the run is resumable by row)
     (f"EK-FAC (expand, GGN_model), D={D}", dict(method="ekfac")),
