@@ -203,6 +203,16 @@ def split_halves(rows: Rows, antithetic: bool) -> Rows:
     return Rows(rows.x[idx], rows.t[idx], rows.y[idx], rows.w[idx], k // 2, select(rows.c, idx))
 
 
+MAX_ROWS = 512  # rows in one forward + backward: 32 images × the default 16 draws
+
+
+def images_per_batch(batch_size: int, draws: int) -> int:
+    """Images per forward: `batch_size`, fewer where their draws would pass `MAX_ROWS` rows (the
+    activations of 2,048 rows took 14 GB); every image's draws are seeded by its key, so the
+    features do not depend on the batching."""
+    return max(1, min(batch_size, MAX_ROWS // max(draws, 1)))
+
+
 def gradient_features(
     model,
     fmap: FeatureMap,
@@ -227,13 +237,15 @@ def gradient_features(
     N × D feature).
 
     `trajectory` = (timesteps (S,), states (S, N, C, H, W)) for the trajectory measurement.
-    Streams in batches of `batch_size` images; writes into `out` if given. `cond`: the images'
+    Streams in batches of `batch_size` images (fewer for many draws: `images_per_batch`); writes
+    into `out` if given. `cond`: the images'
     conditions (N examples; None for an unconditional model), in the denoiser's terms.
     """
     device = torch.device(device)
     layers = tracked_layers(model.unet)
     acp = model.alphas_cumprod(device)
     n = images.shape[0]
+    batch_size = images_per_batch(batch_size, draws)
     parts_per = 2 if halves else 1
     if out is None:
         out = torch.empty(n, 2, fmap.dim) if halves else torch.empty(n, fmap.dim)

@@ -98,6 +98,26 @@ def test_unprojected_features_are_autograd_gradients(model, shapes, measurement)
     print(f"{measurement}: worst per-layer relative error {worst:.1e}, Gram {rel(gram, gram_ref):.1e}")
 
 
+def test_many_draws_batch_fewer_images_and_give_the_same_features(model, shapes):
+    """Draws × images per forward are capped (`images_per_batch`): 5 images × 256 draws run 2 at a
+    time, and give each image the features it gets alone (draws are seeded by the image's key)."""
+    from attribution.features import MAX_ROWS, images_per_batch
+
+    assert images_per_batch(32, 16) == 32 and images_per_batch(32, 256) == MAX_ROWS // 256 == 2
+    assert images_per_batch(32, 4096) == 1
+    images = mnist(size=8, n=5).images
+    keys, meas = [3, 1, 4, 1, 5], Measurement("loss")
+    fmap = FeatureMap(shapes, make_projection(shapes, None), "identity")
+    together = gradient_features(model, fmap, images, keys, meas, 256, 0, batch_size=32, progress=False)
+    alone = torch.cat(
+        [
+            gradient_features(model, fmap, images[i : i + 1], keys[i : i + 1], meas, 256, 0, progress=False)
+            for i in range(5)
+        ]
+    )
+    assert rel(together, alone) < 1e-5
+
+
 # ------------------------------------------------------------------ K-FAC fast path
 
 DIM = 4096  # of 11,301 numbers: some layers unprojected, some on one side, some on both
