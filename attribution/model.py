@@ -138,6 +138,11 @@ class DiffusionModel:
     def class_map(self) -> dict[str, int] | None:
         return self.conditioning.get("class_map")
 
+    @property
+    def guidance_scale(self) -> float:
+        """The classifier-free guidance scale the model recommends (conditioning.json), 1 = none."""
+        return float(self.conditioning.get("guidance_scale", 1.0))
+
     def alphas_cumprod(self, device=None) -> torch.Tensor:
         return self.scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
 

@@ -259,16 +259,17 @@ class Explorer:
         if not self.answering:
             raise Busy(self.build.status() if self.build else "No index is loaded.")
         cond, t0 = self.condition(condition), time.perf_counter()
+        g = self.model.guidance_scale if cond is not None else 1.0  # the model's own (conditioning.json)
+        cfg, how = ({"guidance_scale": g}, f", guidance {g:g}") if g != 1.0 else ({}, "")
+        kw = dict(keep_trajectory=True, progress=False, conditions=cond, **cfg)
         with self.lock:
-            s = sample(
-                self.model, 1, seed, sampler, steps, keep_trajectory=True, progress=False, conditions=cond
-            )
+            s = sample(self.model, 1, seed, sampler, steps, **kw)
         image = self._from_u8(_u8(s.images[0]))
         return Query(
             image,
             "generated",
-            f"generated: seed {seed}, {sampler.upper()} {steps} steps" + _under(cond),
-            {"seed": seed, "sampler": sampler, "steps": steps, **_cond_param(cond)},
+            f"generated: seed {seed}, {sampler.upper()} {steps} steps{how}" + _under(cond),
+            {"seed": seed, "sampler": sampler, "steps": steps, **cfg, **_cond_param(cond)},
             trajectory=(s.timesteps, s.states[:, :1]),
             seconds=time.perf_counter() - t0,
             condition=cond,

@@ -57,6 +57,8 @@ def test_two_models_two_tabs_and_both_apis(two_models):
     assert a["index"]["model"]["condition_kind"] == "none" and len(a["proponents"]) == 3
     b = client.predict(0, "ddim", 10, "3", 3, None, api_name="/attribute_generated_conditional_1")
     assert b["query"]["condition"] == "class 3" and b["index"]["model"]["family"] == "latent"
+    assert "guidance_scale" not in a["query"]  # an unconditional model samples unguided
+    assert b["query"]["guidance_scale"] == 2.0 and "guidance 2" in b["query"]["description"]  # its own
     assert len(b["proponents"]) == 3
 
 
