@@ -238,8 +238,8 @@ def gradient_features(
 
     `trajectory` = (timesteps (S,), states (S, N, C, H, W)) for the trajectory measurement.
     Streams in batches of `batch_size` images (fewer for many draws: `images_per_batch`); writes
-    into `out` if given. `cond`: the images'
-    conditions (N examples; None for an unconditional model), in the denoiser's terms.
+    into `out` if given. `cond`: the images' conditions (N examples; None for an unconditional
+    model), in the denoiser's terms.
     """
     device = torch.device(device)
     layers = tracked_layers(model.unet)

@@ -33,6 +33,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DModel
 from tqdm.auto import tqdm
 
+from attribution import frozen
 from attribution.atomic import save_json, save_torch
 from attribution.conditions import Cond, denoise
 from attribution.console import say
@@ -168,8 +169,9 @@ def train_vae(
     workdir: Path,
     progress: bool = True,
     stop_after: int | None = None,
-) -> AutoencoderKL:
-    """Stage 1 (resumable): the autoencoder on `images` (N, 1, 16, 16) in [-1, 1]; scaling_factor 1."""
+) -> tuple[AutoencoderKL, bool]:
+    """Stage 1 (resumable): the autoencoder on `images` (N, 1, 16, 16) in [-1, 1], scaling_factor 1;
+    and whether the stage ran to its last step (not stopped by `stop_after`)."""
     sc = cfg.stage("vae")
     vae = _seeded(AutoencoderKL, VAE_CONFIG, cfg.seed).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=sc.lr, weight_decay=0.0)
@@ -177,7 +179,7 @@ def train_vae(
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     parts = {"vae": vae, "opt": opt}
     start = _load_checkpoint(ckpt, cfg, parts)
-    bar = _bar(start, sc.steps, "autoencoder", progress)
+    bar, done = _bar(start, sc.steps, "autoencoder", progress), start
     for step in bar:
         x = images[batch_rows(step, len(images), sc)]
         post = vae.encode(x).latent_dist
@@ -188,10 +190,11 @@ def train_vae(
         loss = rec + cfg.vae_kl_weight * kl
         _optimizer_step(opt, loss, vae, step, sc)
         bar.set_postfix(rec=f"{rec.item():.4f}", kl=f"{kl.item():.2f}")
-        if _checkpoint(ckpt, cfg, parts, step + 1, start, sc, stop_after):
+        done = step + 1
+        if _checkpoint(ckpt, cfg, parts, done, start, sc, stop_after):
             break
     bar.close()
-    return vae.eval().requires_grad_(False)
+    return vae.eval().requires_grad_(False), done >= sc.steps
 
 
 @torch.no_grad()
@@ -216,8 +219,9 @@ def train_unet(
     workdir: Path,
     progress: bool = True,
     stop_after: int | None = None,
-) -> UNet2DModel:
-    """Stage 2 (resumable): the class-conditional denoiser on scaled latents; returns the EMA weights."""
+) -> tuple[UNet2DModel, bool]:
+    """Stage 2 (resumable): the class-conditional denoiser on scaled latents: the EMA weights, and
+    whether the stage ran to its last step."""
     sc = cfg.stage("unet")
     unet = _seeded(UNet2DModel, UNET_CONFIG, cfg.seed + 1).train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
@@ -228,7 +232,7 @@ def train_unet(
     parts = {"unet": unet, "ema": ema, "opt": opt}
     start = _load_checkpoint(ckpt, cfg, parts)
     shape = tuple(latents.shape[1:])
-    bar = _bar(start, sc.steps, "denoiser", progress)
+    bar, done = _bar(start, sc.steps, "denoiser", progress), start
     ema_params = list(ema.parameters())
     for step in bar:
         rows = batch_rows(step, len(latents), sc)
@@ -242,16 +246,11 @@ def train_unet(
         with torch.no_grad():
             torch._foreach_lerp_(ema_params, list(unet.parameters()), 1 - decay)
         bar.set_postfix(loss=f"{loss.item():.4f}")
-        if _checkpoint(ckpt, cfg, parts, step + 1, start, sc, stop_after):
+        done = step + 1
+        if _checkpoint(ckpt, cfg, parts, done, start, sc, stop_after):
             break
     bar.close()
-    return ema.eval().requires_grad_(False)
-
-
-def _stage_done(workdir: Path, stage: str, cfg: LatentConfig) -> bool:
-    ckpt = workdir / stage / "checkpoint.pt"
-    steps = cfg.vae_steps if stage == "vae" else cfg.unet_steps
-    return ckpt.exists() and int(torch.load(ckpt, weights_only=True)["step"]) >= steps
+    return ema.eval().requires_grad_(False), done >= sc.steps
 
 
 def write_pipeline(model: DiffusionModel, out: Path, info: dict) -> Path:
@@ -284,21 +283,21 @@ def train_latent_model(
     ds = mnist(size=IMAGE_SIZE, n=n)
     t0 = time.time()
     say(f"autoencoder: {cfg.vae_steps} steps on {len(ds)} images ({workdir / 'vae'})")
-    vae = train_vae(ds.images, cfg, workdir, progress, stop_after)
-    if not _stage_done(workdir, "vae", cfg):
+    vae, finished = train_vae(ds.images, cfg, workdir, progress, stop_after)
+    if not finished:
         return None
     scale = set_scaling(vae, ds.images)
+    latents = frozen.encode(vae, ds.images)  # as the engine encodes training images
+    say(f"denoiser: {cfg.unet_steps} steps on {tuple(latents.shape)} latents (scaling_factor {scale:.4f})")
+    unet, finished = train_unet(latents, ds.labels, cfg, workdir, progress, stop_after)
+    if not finished:
+        return None
     model = DiffusionModel(
-        _seeded(UNet2DModel, UNET_CONFIG, 0),
+        unet,
         scheduler(),
         autoencoder=vae,
         conditioning={"class_map": CLASS_MAP, "null_class": NULL_CLASS, "guidance_scale": GUIDANCE},
     )
-    latents = model.encode(ds.images)
-    say(f"denoiser: {cfg.unet_steps} steps on {tuple(latents.shape)} latents (scaling_factor {scale:.4f})")
-    model.unet = train_unet(latents, ds.labels, cfg, workdir, progress, stop_after)
-    if not _stage_done(workdir, "unet", cfg):
-        return None
     info = {
         "recipe": "attribution/train_latent.py",
         "config": asdict(cfg),
