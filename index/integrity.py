@@ -129,12 +129,3 @@ def verify_files(lay: IndexLayout, manifest: dict) -> bool:
     if lay.ITEMS not in files:
         raise IndexLoadError(f"{lay.manifest}: no checksum recorded for {lay.ITEMS}; {REBUILD}")
     return True
-
-
-def with_rerank(idx, lay: IndexLayout, manifest: dict):
-    """`idx` (index/store.py's Index) with its retrieve-and-rerank files loaded where the manifest
-    lists them (index/rerank_stage.py, which imports this module: imported here when called)."""
-    from index.rerank_stage import load_rerank
-
-    idx.rerank = load_rerank(lay, manifest)
-    return idx

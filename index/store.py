@@ -29,9 +29,10 @@ from index.faiss_build import (  # noqa: F401  (re-exported: the store's types a
     resolve_faiss_type,
     write_faiss,
 )
-from index.integrity import verify_files, with_rerank
+from index.integrity import verify_files
 from index.layout import IndexLayout
 from index.manifest import IndexLoadError, check_data, check_model, read_manifest
+from index.rerank_stage import load_rerank
 
 EXHAUSTIVE = (faiss.IndexFlat, faiss.IndexScalarQuantizer)  # every vector scored on every search
 
@@ -77,8 +78,6 @@ class QueryResult:
 class Index:
     """A loaded index: FAISS store, items, thumbnails, and the query-side feature map."""
 
-    rerank = None  # retrieve and rerank (index/rerank_stage.py): search proposes, then scores exactly
-
     def __init__(
         self,
         path: Path,
@@ -89,6 +88,7 @@ class Index:
         attributor: Attributor | None,
         spread: faiss.Index | None = None,
         self_influence: np.ndarray | None = None,
+        rerank=None,
     ):
         self.path = path
         self.manifest = manifest
@@ -98,6 +98,7 @@ class Index:
         self.attributor = attributor
         self.spread = spread  # half-differences of the features (sq4), for the stability figures
         self.self_influence = self_influence  # (N,) τ(i, i), where the index has it
+        self.rerank = rerank  # retrieve and rerank (index/rerank_stage.py): proposes, then scores exactly
 
     def __len__(self) -> int:
         return self.faiss.ntotal
@@ -178,13 +179,11 @@ class Index:
             return self._query_bands(image, k, trajectory, with_all, bands, rank_by, cond)
         t0 = time.perf_counter()
         dpsi = None
+        q = image.unsqueeze(0)
         if self.has_spread:
-            psi, dpsi = (
-                f.numpy()
-                for f in self.attributor.query_features_with_spread(image.unsqueeze(0), trajectory, cond)
-            )
+            psi, dpsi = (f.numpy() for f in self.attributor.query_features_with_spread(q, trajectory, cond))
         else:
-            psi = self.query_features(image.unsqueeze(0), trajectory, cond)
+            psi = self.query_features(q, trajectory, cond)
         t1 = time.perf_counter()
         scores = self.all_scores(psi) if self.exhaustive and (self.rerank is None or with_all) else None
         k = min(k, len(self))
@@ -404,7 +403,7 @@ def load(
                 f"{lay.self_influence}: shape {self_inf.shape}, expected ({n},); "
                 "rebuild it with `attribution index build … --overwrite`"
             )
-    return with_rerank(Index(index_dir, manifest, fx, items, thumbs, att, spread, self_inf), lay, manifest)
+    return Index(index_dir, manifest, fx, items, thumbs, att, spread, self_inf, load_rerank(lay, manifest))
 
 
 def _read_faiss(path: Path) -> faiss.Index:
