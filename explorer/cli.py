@@ -96,6 +96,7 @@ def _sample_conditions(model, value: str | None, n: int):
     model without one cycles through its classes (the null class left out)."""
     from attribution.conditions import Conditions
     from attribution.errors import DataError
+    from index.conditions import class_id
 
     kind = model.condition_kind
     if kind == "none":
@@ -111,14 +112,7 @@ def _sample_conditions(model, value: str | None, n: int):
         ids = sorted(set(cmap.values()) or range(model.unet.config.get("num_class_embeds") or 1))
         ids = [c for c in ids if c != null] or [0]
         return Conditions.classes([ids[i % len(ids)] for i in range(n)], model.class_map)
-    if value in cmap:
-        label = cmap[value]
-    elif value.lstrip("-").isdigit():
-        label = int(value)
-    else:
-        known = f": one of {', '.join(sorted(cmap))}" if cmap else " (a class id)"
-        raise DataError(f"unknown class {value[:40]!r}{known}")
-    return Conditions.classes([label] * n, model.class_map)
+    return Conditions.classes([class_id(value, cmap)] * n, model.class_map)
 
 
 def _method_config(a: argparse.Namespace):

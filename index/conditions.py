@@ -149,7 +149,8 @@ def check_family(manifest: dict, model, index_dir) -> None:
         )
 
 
-def _class_id(value, class_map: dict | None) -> int:
+def class_id(value, class_map: dict | None) -> int:
+    """A class given by its name in `class_map` or by its id; DataError naming the known ones."""
     text = str(value).strip()
     if class_map and text in class_map:
         return int(class_map[text])
@@ -157,8 +158,8 @@ def _class_id(value, class_map: dict | None) -> int:
         return value
     if text.isascii() and text.isdigit():
         return int(text)
-    known = f" (one of {', '.join(sorted(class_map))}, or an id)" if class_map else " (a class id)"
-    raise DataError(f"unknown class {text[:40]!r}; give a class{known}")
+    known = f": one of {', '.join(sorted(class_map))}, or an id" if class_map else " (give a class id)"
+    raise DataError(f"unknown class {text[:40]!r}{known}")
 
 
 def query_condition(manifest: dict, value) -> Conditions | None:
@@ -179,7 +180,7 @@ def query_condition(manifest: dict, value) -> Conditions | None:
         raise DataError(f"this index's model is {kind}-conditional: give the query {what}")
     if kind == "text":
         return Conditions.prompts([str(value)])
-    return Conditions.classes([_class_id(value, fam["class_map"])], fam["class_map"])
+    return Conditions.classes([class_id(value, fam["class_map"])], fam["class_map"])
 
 
 def shown(cond: Conditions | None) -> str | None:
@@ -189,7 +190,5 @@ def shown(cond: Conditions | None) -> str | None:
 
 def model_input(model, image: torch.Tensor) -> torch.Tensor:
     """An image (C, H, W) in [-1, 1] in the denoiser's space: a latent model's encoding (the
-    posterior mean, as for training rows), a pixel model's image itself."""
-    if model.autoencoder is None:
-        return image
+    posterior mean, as for training rows), a pixel model's image itself (`DiffusionModel.encode`)."""
     return model.encode(image.unsqueeze(0))[0]
