@@ -19,7 +19,8 @@ import copy
 import pytest
 import torch
 from curvlinops import KFACLinearOperator
-from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers import DDPMScheduler
+from tiny_families import tiny_cond_unet
 from torch import nn
 
 from attribution.capture import tracked_layers
@@ -59,19 +60,8 @@ class FixedRows(nn.Module):
 @pytest.fixture(scope="module")
 def conditional():
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=4,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        layers_per_block=1,
-        cross_attention_dim=WIDTH,
-        attention_head_dim=4,
-        norm_num_groups=4,
-        num_class_embeds=CLASSES,
-    ).double()
+    unet = tiny_cond_unet(num_class_embeds=CLASSES).double()
+    assert unet.config.cross_attention_dim == WIDTH  # the text states below are WIDTH wide
     model = DiffusionModel(unet.eval().requires_grad_(False), DDPMScheduler(prediction_type="v_prediction"))
     g = torch.Generator().manual_seed(1)
     images = torch.randn(N_IMAGES, 4, 4, 4, generator=g, dtype=torch.float64)
