@@ -33,11 +33,14 @@ N = 20  # top 10% = the top 2
 CFG = dict(method="ekfac", draws=32, query_draws=128, curvature_min_rows=400, dim=None)
 
 
-def _build(model, data_dir: Path, out: Path) -> Path:
+def _indexed(root: Path, folder: Path) -> dict:
+    """The model saved in `folder` and its index of root/train (built in root/idx)."""
     from index.conditions import training_data
 
-    data = training_data(str(data_dir), model)
-    return build_index(model, data, out, AttributionConfig(**CFG), progress=False, shard_size=16)
+    model = load_model(folder)
+    data = training_data(str(root / "train"), model)
+    index = build_index(model, data, root / "idx", AttributionConfig(**CFG), progress=False, shard_size=16)
+    return {"root": root, "folder": folder, "model": model, "index": index}
 
 
 @pytest.fixture(scope="module")
@@ -46,13 +49,7 @@ def class_index(tmp_path_factory):
     folder = save_model(as_model(class_unet(3)), root / "model")
     names = [("cat", "dog", "emu")[i % 3] for i in range(N)]
     class_data(root / "train", random_images(N, 8, "L", 1), names)
-    model = load_model(folder)
-    return {
-        "root": root,
-        "folder": folder,
-        "model": model,
-        "index": _build(model, root / "train", root / "idx"),
-    }
+    return _indexed(root, folder)
 
 
 @pytest.fixture(scope="module")
@@ -61,13 +58,7 @@ def latent_index(tmp_path_factory):
     folder = sd_folder(root / "sd")
     texts = [PROMPTS[i % 2] for i in range(N)]
     metadata_data(root / "train", random_images(N, 8, "RGB", 0), "text", texts)
-    model = load_model(folder)
-    return {
-        "root": root,
-        "folder": folder,
-        "model": model,
-        "index": _build(model, root / "train", root / "idx"),
-    }
+    return _indexed(root, folder)
 
 
 def _rank(scores: np.ndarray, row: int) -> int:
