@@ -34,12 +34,11 @@ sys.path.insert(0, str(ROOT))
 
 import faiss  # noqa: E402
 
-from index.rerank import FULL, Reranked, first_stage, principal_transform  # noqa: E402
+from index.rerank import FULL, Reranked, coded_stage, first_stage, principal_transform  # noqa: E402
 
 D = 16384
 SIGNAL, SIGNAL_DECAY, SIGNAL_ENERGY, LOG_NORM_SD = 1024, 0.4, 0.5, 0.245
 BLOCK = 2048
-REFINE_FACTOR = 16  # a two-level first stage proposes this many times C rows to its refine codes
 K = 16
 
 
@@ -228,12 +227,9 @@ def run_simulated(work: Path, n: int, firsts: list[str], reduce: int, cands: lis
     lt, rows = selection_transform(coords), np.load(red, mmap_mode="r")
     for first in firsts:
         t0 = time.time()
-        inner = faiss.index_factory(reduce, first, faiss.METRIC_INNER_PRODUCT)
-        inner.train(np.asarray(rows[:sample], np.float32))
-        for s in range(0, n, 65536):
-            inner.add(np.asarray(rows[s : s + 65536], np.float32))
-        if isinstance(inner, faiss.IndexRefine):  # e.g. PQ512x4fs,Refine(SQ8): the codes re-score
-            inner.k_factor = REFINE_FACTOR  # REFINE_FACTOR × C fast-scan candidates
+        inner = coded_stage(
+            first, reduce, rows[:sample], lambda: (rows[s : s + 65536] for s in range(0, n, 65536))
+        )
         index = faiss.IndexPreTransform(lt, inner)
         ram = int(faiss.serialize_index(index).nbytes)
         print(f"N={n} simulated, first stage PCA{reduce},{first}: {ram / n:.0f} bytes per image", flush=True)

@@ -161,14 +161,23 @@ def first_stage(
 ) -> faiss.IndexPreTransform:
     """The principal projection `lt`, then the FAISS factory index `first` trained on the projected
     sample and filled with the projected blocks `reduced()` (n_i, m)."""
-    inner = faiss.IndexFlatIP(lt.d_out) if first == "Flat" else _factory(first, lt.d_out)
+    projected = lt.apply(np.ascontiguousarray(sample, dtype=np.float32))
+    return faiss.IndexPreTransform(lt, coded_stage(first, lt.d_out, projected, reduced))
+
+
+def coded_stage(
+    first: str, m: int, projected_sample: np.ndarray, reduced: Callable[[], Iterable[np.ndarray]]
+) -> faiss.Index:
+    """The FAISS factory index `first` over m principal coordinates: trained on the projected
+    sample (rows, m), filled with the blocks `reduced()` (n_i, m)."""
+    inner = faiss.IndexFlatIP(m) if first == "Flat" else _factory(first, m)
     if isinstance(inner, faiss.IndexRefine):  # "PQ512x4fs,Refine(SQ8)": fast codes, then finer ones
         inner.k_factor = REFINE_FACTOR
     if not inner.is_trained:
-        inner.train(lt.apply(np.ascontiguousarray(sample, dtype=np.float32)))
+        inner.train(np.ascontiguousarray(projected_sample, dtype=np.float32))
     for c in reduced():
         inner.add(np.ascontiguousarray(c, dtype=np.float32))
-    return faiss.IndexPreTransform(lt, inner)
+    return inner
 
 
 def build_reranked(
