@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from attribution.atomic import save_numpy
+from attribution.conditions import Conditions
 from attribution.data import mnist
 from attribution.measurements import Measurement, evaluate
 from attribution.model import build_model, load_model, save_model
@@ -209,11 +210,18 @@ class GroundTruth:
     train_images: torch.Tensor
     model_dir: Path
     config: GroundTruthConfig
+    train_conditions: Conditions | None = None  # conditional models (attribution/groundtruth_latent.py)
+    query_conditions: Conditions | None = None
 
 
 def load_groundtruth(path: str | Path) -> GroundTruth:
     path = Path(path)
-    cfg = GroundTruthConfig(**json.loads((path / "config.json").read_text()))
+    raw = json.loads((path / "config.json").read_text())
+    if raw.get("kind") == "latent":
+        from attribution import groundtruth_latent
+
+        return groundtruth_latent.load(path)
+    cfg = GroundTruthConfig(**raw)
     q = load_file(str(path / "queries.safetensors"))
     data = mnist(size=cfg.size)
     return GroundTruth(
@@ -263,18 +271,21 @@ def method_lds(
 
     model = load_model(gt.model_dir, device=device or "cpu")
     n = gt.train_images.shape[0]
-    train_ds = ImageDataset(gt.train_images, torch.full((n,), -1), [str(i) for i in range(n)])
+    train_ds = ImageDataset(
+        gt.train_images, torch.full((n,), -1), [str(i) for i in range(n)], conditions=gt.train_conditions
+    )
     t0 = time.time()
     att = Attributor(model, train_ds, cfg, progress=progress)
     key = repr(att.curvature_config())
     att.fit(curvature=(curvature_cache or {}).get(key))
     if curvature_cache is not None and att.curvature is not None:
         curvature_cache[key] = att.curvature
-    queries = gt.queries
+    queries, cond = gt.queries, gt.query_conditions
     traj = None
     if att.spec.measurement == "trajectory":  # only generated queries have a trajectory
         queries, traj = gt.queries[: gt.n_generated], gt.trajectory
-    scores = att.scores(queries, trajectory=traj).numpy()
+        cond = None if cond is None else cond.subset(list(range(gt.n_generated)))
+    scores = att.scores(queries, trajectory=traj, cond=cond).numpy()
     seconds = time.time() - t0
     target = gt.measurements.mean(axis=1)[:, : queries.shape[0]]
     per_q = lds_per_query(scores, gt.masks, target)

@@ -1,0 +1,198 @@
+"""The LDS ground truth of the class-conditional latent model (`mnist-latent`).
+
+Built like the pixel ground truth (`attribution/evaluation.py`), with what differs for a latent,
+conditional model:
+
+- the shipped model's autoencoder is frozen and shared by every retrained model: each of the first
+  N embedded MNIST digits (16×16) is encoded once (the scaled posterior mean, as the engine encodes
+  it, `attribution/frozen.py`); only the denoiser is retrained, by the shipped recipe's denoiser
+  stage (`attribution.train_latent.train_unet`: class labels, 10% label dropout to the null class,
+  EMA), on all N latents (the full model) and on M random halves × S seeds;
+- queries: `n_generated` latents sampled by the full model (DDIM, classifier-free guidance at the
+  shipped scale) under classes i mod 10, used as latents (no decode/encode round trip), then
+  `n_real` held-out digits, encoded, with their true class;
+- the measurement is the conditional diffusion loss m(q | c_q), with the same fixed draws for
+  every model (common random numbers, as for the pixel model).
+
+    attribution evaluate groundtruth --model mnist-latent --out benchmarks/groundtruth-latent
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from attribution.atomic import save_numpy
+from attribution.conditions import Conditions
+from attribution.data import mnist
+from attribution.measurements import Measurement, evaluate
+from attribution.model import DiffusionModel, load_model
+from attribution.sample import sample
+
+KIND = "latent"
+
+
+@dataclass
+class LatentGroundTruthConfig:
+    kind: str = KIND
+    model: str = "mnist-latent"  # whose autoencoder, class map and recipe are used
+    n_train: int = 1000
+    n_generated: int = 50
+    n_real: int = 10
+    subsets: int = 32
+    seeds: int = 2
+    fraction: float = 0.5
+    steps: int = 600
+    full_steps: int = 1200
+    batch_size: int = 64
+    lr: float = 2e-3
+    measure_draws: int = 256
+    sample_steps: int = 50
+    seed: int = 0
+
+
+def measure(
+    model: DiffusionModel, latents: torch.Tensor, cond: Conditions, draws: int, seed: int
+) -> np.ndarray:
+    """Each query's conditional diffusion loss (Q,) under `model`, draws fixed by (seed, index)."""
+    rows = Measurement("loss").rows(
+        latents,
+        list(range(latents.shape[0])),
+        draws,
+        seed,
+        model.alphas_cumprod(),
+        cond=model.condition(cond),
+        prediction=model.prediction_type,
+    )
+    return evaluate(model.unet, rows).numpy()
+
+
+def _train(base: DiffusionModel, latents, labels, cfg: LatentGroundTruthConfig, seed: int, steps: int):
+    """A denoiser trained by the shipped recipe's denoiser stage, around `base`'s frozen parts."""
+    from attribution.train_latent import LatentConfig, train_unet
+
+    lc = LatentConfig(
+        seed=seed,
+        unet_steps=steps,
+        unet_batch_size=cfg.batch_size,
+        unet_lr=cfg.lr,
+        checkpoint_every=10**9,
+    )
+    with tempfile.TemporaryDirectory() as work:
+        unet, _ = train_unet(latents, labels, lc, Path(work), progress=False)
+    return DiffusionModel(unet, base.scheduler, autoencoder=base.autoencoder, conditioning=base.conditioning)
+
+
+def _data(cfg: LatentGroundTruthConfig, base: DiffusionModel):
+    """(train latents (N, 2, 8, 8), train conditions, held-out real latents, their conditions)."""
+    data = mnist(size=base.size)
+    cmap = base.class_map
+    lo, hi = cfg.n_train, cfg.n_train + cfg.n_real
+    return (
+        base.encode(data.images[:lo]),
+        Conditions.classes(data.labels[:lo], cmap),
+        base.encode(data.images[lo:hi]),
+        Conditions.classes(data.labels[lo:hi], cmap),
+    )
+
+
+def build(out: str | Path, cfg: LatentGroundTruthConfig | None = None, log=print, worker=(0, 1)) -> Path:
+    """Build (or resume) the latent ground truth under `out`; `worker` as in `build_groundtruth`."""
+    from attribution.evaluation import _masks, _missing
+    from attribution.train_latent import write_pipeline
+
+    cfg = cfg or LatentGroundTruthConfig()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_path = out / "config.json"
+    if cfg_path.exists() and json.loads(cfg_path.read_text()) != asdict(cfg):
+        raise ValueError(f"{out}: holds a ground truth with another config; use another folder")
+    cfg_path.write_text(json.dumps(asdict(cfg), indent=2))
+    base = load_model(cfg.model)
+    train_lat, train_cond, real_lat, real_cond = _data(cfg, base)
+    if not (out / "full-model" / "unet").exists():
+        log(f"training the full-data denoiser on {cfg.n_train} latents ({cfg.full_steps} steps)")
+        full = _train(base, train_lat, train_cond.labels, cfg, cfg.seed, cfg.full_steps)
+        write_pipeline(full, out / "full-model", {"groundtruth": asdict(cfg)})
+    full = load_model(out / "full-model")
+    queries, qcond = _queries(out / "queries.safetensors", cfg, full, real_lat, real_cond, log)
+    masks = _masks(out / "masks.npy", cfg)
+    if not (out / "full_measurements.npy").exists():
+        save_numpy(
+            out / "full_measurements.npy", measure(full, queries, qcond, cfg.measure_draws, cfg.seed + 3)
+        )
+    mdir = out / "measurements"
+    mdir.mkdir(exist_ok=True)
+    missing = _missing(mdir, cfg)
+    todo = missing[worker[0] :: worker[1]]
+    log(f"{cfg.subsets * cfg.seeds - len(missing)} subset models done; this worker trains {len(todo)}")
+    t0 = time.time()
+    for n_done, (j, s) in enumerate(todo):
+        rows = torch.from_numpy(np.flatnonzero(masks[j]))
+        model = _train(base, train_lat[rows], train_cond.labels[rows], cfg, cfg.seed + 100 + s, cfg.steps)
+        save_numpy(mdir / f"{j:03d}-{s}.npy", measure(model, queries, qcond, cfg.measure_draws, cfg.seed + 3))
+        left = (time.time() - t0) / (n_done + 1) * (len(todo) - n_done - 1)
+        log(f"model {n_done + 1}/{len(todo)} (subset {j}, seed {s}) done; {left / 60:.0f} min left")
+    if _missing(mdir, cfg):
+        log("other workers are still training subset models")
+        return out
+    meas = np.stack(
+        [np.stack([np.load(mdir / f"{j:03d}-{s}.npy") for s in range(cfg.seeds)]) for j in range(cfg.subsets)]
+    )  # (M, S, Q)
+    save_numpy(out / "measurements.npy", meas.astype(np.float32))
+    return out
+
+
+def _queries(q_path: Path, cfg, full: DiffusionModel, real_lat, real_cond: Conditions, log):
+    """(latents (Q, 2, 8, 8), their Conditions): guided samples of the full model, then real digits."""
+    gen_labels = torch.arange(cfg.n_generated) % 10
+    if not q_path.exists():
+        log(
+            f"generating {cfg.n_generated} queries (DDIM {cfg.sample_steps} steps, guidance {full.guidance_scale})"
+        )
+        s = sample(
+            full,
+            cfg.n_generated,
+            seed=cfg.seed + 1,
+            steps=cfg.sample_steps,
+            keep_trajectory=True,
+            progress=False,
+            conditions=Conditions.classes(gen_labels, full.class_map),
+            guidance_scale=full.guidance_scale,
+        )
+        tensors = {"generated": s.latents, "real": real_lat, "timesteps": s.timesteps, "states": s.states}
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(q_path))
+    q = load_file(str(q_path))
+    labels = torch.cat([gen_labels, real_cond.labels])
+    return torch.cat([q["generated"], q["real"]]), Conditions.classes(labels, full.class_map)
+
+
+def load(path: str | Path):
+    """The latent ground truth as an `evaluation.GroundTruth`: latents and conditions on both sides."""
+    from attribution.evaluation import GroundTruth
+
+    path = Path(path)
+    cfg = LatentGroundTruthConfig(**json.loads((path / "config.json").read_text()))
+    full = load_model(path / "full-model")
+    train_lat, train_cond, real_lat, real_cond = _data(cfg, full)
+    q = load_file(str(path / "queries.safetensors"))
+    labels = torch.cat([torch.arange(cfg.n_generated) % 10, real_cond.labels])
+    return GroundTruth(
+        np.load(path / "masks.npy"),
+        np.load(path / "measurements.npy"),
+        torch.cat([q["generated"], q["real"]]),
+        (q["timesteps"], q["states"]),
+        q["generated"].shape[0],
+        train_lat,
+        path / "full-model",
+        cfg,
+        train_conditions=train_cond,
+        query_conditions=Conditions.classes(labels, full.class_map),
+    )
