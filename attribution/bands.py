@@ -85,14 +85,35 @@ class BandMeasurement(Measurement):
         return Rows(r.x, r.t, r.y, r.w * inside, r.k, r.c)
 
 
-def _cells(rows: Rows, examples: int, parts: int, bands: Bands) -> list[torch.Tensor]:
-    """Row indices of each cell (example, part, band), example-major; rows are part-major per
-    example (`parts` consecutive groups of `rows.k` rows each)."""
+def _cells(rows: Rows, examples: int, parts: int, bands: Bands) -> list[torch.Tensor | slice]:
+    """Rows of each cell (example, part, band), example-major; rows are part-major per example
+    (`parts` consecutive groups of `rows.k` rows each). A cell whose rows are consecutive (sorted
+    draws: stratified timesteps, a trajectory) is a slice, so its activations are views, not copies."""
     band = bands.of(rows.t).view(examples, parts, rows.k)
     base = torch.arange(examples * parts * rows.k, device=rows.t.device).view(examples, parts, rows.k)
-    return [
+    cells = [
         base[e, p][band[e, p] == b] for e in range(examples) for p in range(parts) for b in range(len(bands))
     ]
+    return [_as_slice(c) for c in cells]
+
+
+def _as_slice(idx: torch.Tensor) -> torch.Tensor | slice:
+    """`idx` as a slice if it is a run of consecutive rows (an empty cell stays an empty tensor)."""
+    if idx.numel() and int(idx[-1]) - int(idx[0]) + 1 == idx.numel() and bool((idx.diff() == 1).all()):
+        return slice(int(idx[0]), int(idx[-1]) + 1)
+    return idx
+
+
+def _size(cell: torch.Tensor | slice) -> int:
+    return cell.stop - cell.start if isinstance(cell, slice) else cell.numel()
+
+
+def _equal_runs(cells: list, n_rows: int) -> bool:
+    """Whether the cells are consecutive slices of one size that tile all `n_rows` rows in order."""
+    size = _size(cells[0])
+    return all(
+        isinstance(c, slice) and c.start == i * size and _size(c) == size for i, c in enumerate(cells)
+    ) and (size * len(cells) == n_rows)
 
 
 def _mix(examples: int, parts: int, n: int) -> torch.Tensor:
@@ -120,22 +141,27 @@ def _mixed_features(
     out = torch.zeros(mix.shape[0], fmap.dim, device=eps_hat.device)
     mix = mix.to(eps_hat.device)
     parts: list[list] = [[] for _ in cells]
+    tiled = _equal_runs(cells, rows.t.shape[0])
     for name, g in rec.cotangents(eps_hat, example_cotangent(eps_hat, rows)):
         x, m = rec.inputs[name].detach(), layers[name]
         if fmap.sketched:
             o, i = layer_shape(m)
-            grads = torch.stack(
-                [
-                    example_gradients(m, x[idx], g[idx], 1)[0] if idx.numel() else x.new_zeros(o, i)
-                    for idx in cells
-                ]
+            grads = (
+                example_gradients(m, x, g, len(cells))
+                if tiled
+                else torch.stack(
+                    [
+                        example_gradients(m, x[idx], g[idx], 1)[0] if _size(idx) else x.new_zeros(o, i)
+                        for idx in cells
+                    ]
+                )
             )
             fmap.sketch_gradients(name, (mix @ grads.flatten(1)).view(-1, o, i), out)
             continue
         for c, idx in enumerate(cells):
             ko, ki = fmap.projection.dims[name]
             parts[c].append(
-                fmap.layer_from_input(name, m, x[idx], g[idx], 1) if idx.numel() else x.new_zeros(1, ko * ki)
+                fmap.layer_from_input(name, m, x[idx], g[idx], 1) if _size(idx) else x.new_zeros(1, ko * ki)
             )
     if not fmap.sketched:
         out = mix @ torch.cat([torch.cat(p, dim=1) for p in parts])

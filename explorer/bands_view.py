@@ -43,7 +43,7 @@ def draw(ax, data: dict, top: int = TOP) -> None:
     ax.set_title(
         "top proponents" + (", ranked by one band" if ranked else "") + ": score by band", fontsize=8
     )
-    ax.legend(fontsize=5.5, loc="best", frameon=False)
+    ax.legend(fontsize=5.5, loc="upper right", frameon=False)  # "best" searches the bars: slow
 
 
 def figure(data: dict, figsize=(5.0, 2.2)):
@@ -52,9 +52,12 @@ def figure(data: dict, figsize=(5.0, 2.2)):
         return None
     from matplotlib.figure import Figure
 
+    from explorer.report import fixed_margins
+
     with _LOCK:
-        fig = Figure(figsize=figsize, dpi=100, layout="constrained")
+        fig = Figure(figsize=figsize, dpi=100)
         draw(fig.add_subplot(), data)
+        fixed_margins(fig)
     return fig
 
 

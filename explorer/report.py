@@ -240,7 +240,10 @@ def condition_text(item: dict) -> str:
 def _histogram(ax, scores, proponents: list[dict], opponents: list[dict]) -> None:
     if scores is not None and len(scores):
         s = np.asarray(scores, dtype=np.float64)
-        ax.hist(s, bins=min(60, max(10, len(s) // 20)), color="#8c959f", log=True)
+        counts, edges = np.histogram(s, bins=min(60, max(10, len(s) // 20)))
+        ax.stairs(counts, edges, fill=True, color="#8c959f", baseline=0.5)  # one artist, not 60 bars
+        ax.set_yscale("log")
+        ax.set_ylim(0.5, max(1.0, counts.max()) * 1.5)
         ax.set_ylabel("images (log)", fontsize=7)
         title = f"all {len(s)} scores; shown ones marked"
     else:
@@ -267,9 +270,16 @@ def score_histogram(data: dict, figsize=(5.0, 2.2)):
     from matplotlib.figure import Figure
 
     with _MPL_LOCK:
-        fig = Figure(figsize=figsize, dpi=100, layout="constrained")
+        fig = Figure(figsize=figsize, dpi=100)
         _histogram(fig.add_subplot(), data.get("scores"), data["proponents"], data["opponents"])
+        fixed_margins(fig)
     return fig
+
+
+def fixed_margins(fig) -> None:
+    """Margins for a one-panel 5 × 2.2 in figure with small labels, set once: a constrained
+    layout re-solves them on every draw (it was half of the app's time to render the chart)."""
+    fig.subplots_adjust(left=0.11, right=0.97, bottom=0.2, top=0.9)
 
 
 def _show(ax, img: np.ndarray, title: str | None = None, color: str = "black", fontsize: float = 6) -> None:
