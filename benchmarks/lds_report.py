@@ -1,9 +1,11 @@
 """The LDS table (issue 6): every method side by side on the committed ground truth.
 
     python benchmarks/lds_report.py [--groundtruth benchmarks/groundtruth] [--quick]
+    python benchmarks/lds_report.py --set latent     # the shipped latent model (issue 16)
 
 Writes benchmarks/results/lds.json (per-query LDS of every row, paired differences to EK-FAC)
-and benchmarks/results/lds.png, and prints the markdown table kept in the README.
+and benchmarks/results/lds.png (`--set latent`: lds_latent.json and .png, on
+benchmarks/groundtruth-latent), and prints the markdown table kept in the README.
 Damping is never tuned here: every method runs at its a-priori default.
 """
 
@@ -65,23 +67,38 @@ ROWS = [  # (row label, config overrides), most important first (the run is resu
     (f"K-FAC expand, exact damping, D={D}", dict(method="kfac-exact-damping")),
     (f"EK-FAC, damping 1e-3 (ablation, not the default), D={D}", dict(method="ekfac", damping=1e-3)),
 ] + NEW_ROWS
+# the shipped latent model (issue 16): the defaults, against the TRAK-style baselines
+LATENT_ROWS = [
+    ("EK-FAC, default (K=16, Kq=128, D=16384)", dict(method="ekfac", **NEW)),
+    (f"TRAK, D={DT}", dict(method="trak", **NEW)),
+    (f"D-TRAK, D={DT}", dict(method="dtrak", **NEW)),
+    ("EK-FAC, unprojected", dict(method="ekfac", dim=None, **NEW)),
+    (f"gradient cosine, D={D}", dict(method="gradcos", **NEW)),
+    ("pixel cosine (on latents)", dict(method="pixel")),
+]
+SETS = {"pixel": (ROWS, "lds"), "latent": (LATENT_ROWS, "lds_latent")}
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--groundtruth", default=str(ROOT / "benchmarks" / "groundtruth"))
+    p.add_argument("--groundtruth", default=None, help="default: benchmarks/groundtruth[-latent]")
+    p.add_argument(
+        "--set", default="pixel", choices=sorted(SETS), help="latent: the shipped latent model's rows"
+    )
     p.add_argument("--quick", action="store_true", help="only the first rows, K=2 (smoke test)")
     p.add_argument("--only", nargs="*", default=None, help="row labels (prefix match) to run")
     a = p.parse_args()
-    gt = ev.load_groundtruth(a.groundtruth)
-    out_json = ROOT / "benchmarks" / "results" / ("lds_quick.json" if a.quick else "lds.json")
+    table, name = SETS[a.set]
+    default_gt = "groundtruth" if a.set == "pixel" else f"groundtruth-{a.set}"
+    gt = ev.load_groundtruth(a.groundtruth or ROOT / "benchmarks" / default_gt)
+    out_json = ROOT / "benchmarks" / "results" / (f"{name}_quick.json" if a.quick else f"{name}.json")
     done = (
         {r["label"]: r for r in json.loads(out_json.read_text())["rows"]}
         if out_json.exists() and not a.quick
         else {}
     )
     cache: dict = {}
-    rows = ROWS[:3] if a.quick else ROWS
+    rows = table[:3] if a.quick else table
     for label, over in rows:
         if label in done or (a.only and not any(label.startswith(o) for o in a.only)):
             continue
@@ -97,15 +114,15 @@ def main() -> None:
         done[label] = r
         print(f"{label}: {r['lds']:.3f} ± {r['se']:.3f} ({time.time() - t0:.0f} s)", flush=True)
         if not a.quick:
-            _write(out_json, gt, done)
-    order = [label for label, _ in ROWS]
+            _write(out_json, gt, done, table)
+    order = [label for label, _ in table]
     done = dict(sorted(done.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
-    _write(out_json, gt, done, final=True)
+    _write(out_json, gt, done, table, final=True)
 
 
-def _write(out_json: Path, gt, done: dict, final: bool = False) -> None:
+def _write(out_json: Path, gt, done: dict, table: list, final: bool = False) -> None:
     noise = ev.seed_agreement(gt.measurements) if gt.measurements.shape[1] > 1 else None
-    ref = done.get(ROWS[0][0])
+    ref = done.get(table[0][0])
     for r in done.values():
         if ref is not None and r is not ref:
             n = min(len(r["per_query"]), len(ref["per_query"]))
@@ -114,6 +131,7 @@ def _write(out_json: Path, gt, done: dict, final: bool = False) -> None:
     res = {
         "rows": list(done.values()),
         "groundtruth": vars(gt.config) if hasattr(gt.config, "__dict__") else {},
+        "n_queries": int(gt.queries.shape[0]),
         "models": int(gt.measurements.shape[0] * gt.measurements.shape[1]),
     }
     if noise is not None:
