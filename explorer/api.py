@@ -2,8 +2,9 @@
 `/attribute_generated` (seed, sampler, steps), each with the scores split by timestep band, and
 for a conditional model `/attribute_conditional` and `/attribute_generated_conditional` (the same
 with the query's class or prompt);
-`/self_influence` (the memorisation audit) and `/compare` (two methods on one query); all on
-hidden components of the same Blocks."""
+`/self_influence` (the memorisation audit) and `/compare` (two methods on one query), each with
+an optional `condition` for a conditional model (a class or prompt; refused by an unconditional
+one); all on hidden components of the same Blocks."""
 
 from __future__ import annotations
 
@@ -129,33 +130,41 @@ def _add_views_api(ex: Explorer, default_label: str | None) -> None:
             labels, value=labels[1] if len(labels) > 1 else None, label="method_b", allow_custom_value=True
         )
         k = gr.Number(8, precision=0, label="k")
+        condition = gr.Textbox("", label="condition")
         out = gr.JSON(label="result")
         si_btn, cmp_btn = gr.Button("self_influence"), gr.Button("compare")
 
-    def self_influence(method, m=20, group=False, samples=0, seed=0, steps=50):
+    def self_influence(method, m=20, group=False, samples=0, seed=0, steps=50, condition=""):
         """The memorisation audit: the m training images with the highest and the m with the
         lowest self-influence ({highest, lowest: [{rank, row, self_influence,
         group_self_influence, label, source}], quantiles}); `group`: rank by group
         self-influence (itself and its 5 strongest proponents: catches duplicates); `samples` > 0:
         also generate that many samples (seed, DDIM steps) and pair each with its top proponent
         ({pairs: {samples: [{sample, top_row, top_score, dominance, pixel_distance, nearest_row,
-        nearest_distance, …}], dominant}})."""
+        nearest_distance, …}], dominant}}); a conditional model's samples are generated and
+        attributed under `condition` (a class, by name or id, or a prompt; empty: each class in
+        turn), recorded in each sample's `condition`."""
         try:
             res = ex.self_influence(method or None, m, group=bool(group))
             if samples:
-                res["pairs"] = audit.to_json(ex.audit_samples(method or None, samples, seed, "ddim", steps))
+                pairs = ex.audit_samples(method or None, samples, seed, "ddim", steps, condition=condition)
+                res["pairs"] = audit.to_json(pairs)
             return res
         except EXPECTED as e:
             raise gr.Error(plain(str(e)), print_exception=False) from None
 
-    def compare(image, method_a, method_b, k=8):
-        """One image file attributed by two methods: {methods, a, b (each {proponents,
+    def compare(image, method_a, method_b, k=8, condition=""):
+        """One image file attributed by two methods: {query, methods, a, b (each {proponents,
         opponents}), overlap ({proponents, opponents}: {rows, count, fraction}), spearman (of all
-        N scores), spearman_over}."""
+        N scores), spearman_over}; a conditional model's image under `condition` (a class, by
+        name or id, or a prompt; required there, refused by an unconditional model), which the
+        JSON records (`condition`)."""
         try:
-            return ex.compare(ex.uploaded(image), method_a, method_b, ex.check_k(k))
+            return ex.compare(ex.uploaded(image, condition), method_a, method_b, ex.check_k(k))
         except EXPECTED as e:
             raise gr.Error(plain(str(e)), print_exception=False) from None
 
-    si_btn.click(self_influence, [method, m, group, samples, seed, steps], out, api_name="self_influence")
-    cmp_btn.click(compare, [image, method, method_b, k], out, api_name="compare")
+    si_btn.click(
+        self_influence, [method, m, group, samples, seed, steps, condition], out, api_name="self_influence"
+    )
+    cmp_btn.click(compare, [image, method, method_b, k, condition], out, api_name="compare")

@@ -8,6 +8,10 @@ it were removed: large for images the model fits by leaning on them alone (unusu
 images, and copies: a duplicated image's copies raise each other's loss when one is removed, but
 the first-order score of each copy counts only itself, so duplicates are also shown through the
 samples, whose top proponent is a copy when the model reproduces it).
+
+A conditional model's samples are drawn under conditions (a class or prompt given, or each class
+in turn) with its guidance scale, and each is attributed under its own condition; a latent
+model's sample is measured on its sampled latents, as a generated query on the Attribute tab is.
 """
 
 from __future__ import annotations
@@ -20,9 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from attribution.conditions import Conditions
 from attribution.data import to_uint8
 from attribution.errors import DataError
 from attribution.sample import SAMPLERS, sample
+from index.conditions import manifest_family
 from index.manifest import IndexLoadError
 from index.store import Index
 
@@ -123,6 +129,67 @@ def dominance(top: np.ndarray) -> float:
     return float(top[0] / rest) if rest > 0 else math.inf
 
 
+def sample_conditions(idx: Index, n: int, condition: Conditions | None = None) -> Conditions | None:
+    """The conditions of `n` audit samples on a conditional index: `condition` (Conditions of one,
+    a class or prompt the user gave) for each, else (class models) sample j gets the j-th class,
+    mod the number of classes, of the index's class map (by id; without a map, the classes of its
+    training rows). None for an unconditional index. DataError: a condition for an unconditional
+    index, or a text-conditional one without a prompt."""
+    fam = manifest_family(idx.manifest)
+    kind = fam["condition_kind"]
+    if kind == "none":
+        if condition is not None:
+            raise DataError("this index's model is unconditional: its samples take no class or prompt")
+        return None
+    if condition is not None:
+        return condition.subset([0] * n)
+    if kind == "text":
+        raise DataError("this index's model is text-conditional: give the samples a prompt")
+    cmap = fam["class_map"] or {}
+    ids = sorted(set(cmap.values())) or sorted(
+        {int(it["condition"]["class"]) for it in idx.items if "condition" in it}
+    )
+    return Conditions.classes([ids[j % len(ids)] for j in range(n)], fam["class_map"])
+
+
+def _sample_features(idx: Index, model, s, u8: np.ndarray, conds, trajectory: bool, say) -> np.ndarray:
+    """ψ (n, D) of the samples `s`, each under its own condition: a latent model's sampled latents
+    (no decode/encode round trip), a pixel model's images rounded to 8-bit levels (what is shown)."""
+    n = len(u8)
+    if s.latents is not None:
+        queries = s.latents
+    else:
+        queries = torch.from_numpy(u8).permute(0, 3, 1, 2).float() / 127.5 - 1
+    device = next(model.unet.parameters()).device
+    psi = []
+    for j in range(n):  # one at a time: a query's K draws are K rows of activations already
+        say(0.6 + 0.4 * j / n, desc=f"attributing sample {j + 1} of {n}")
+        traj = (s.timesteps, s.states[:, j : j + 1]) if trajectory else None
+        cond = None if conds is None else conds.subset([j])
+        psi.append(idx.query_features(queries[j : j + 1].to(device), traj, cond))
+    return np.concatenate(psi)
+
+
+def _pair(idx: Index, flat: np.ndarray, img: np.ndarray, j: int, top_s, top_i) -> dict:
+    """Sample j's row: its top proponent, dominance, pixel distances and pixel-nearest image."""
+    row = int(top_i[0])
+    d_all = np.sqrt(np.mean((flat - img.reshape(-1).astype(np.float32) / 255) ** 2, axis=1))
+    near = int(np.argmin(d_all))
+    return {
+        "sample": j,
+        "top_row": row,
+        "top_score": float(top_s[0]),
+        "next_scores": [float(x) for x in top_s[1:]],
+        "dominance": dominance(top_s),
+        "pixel_distance": pixel_distance(img, idx.thumbs[row].reshape(img.shape)),
+        "pixel_rank_of_top": int((d_all < d_all[row]).sum()) + 1,
+        "nearest_row": near,
+        "nearest_distance": float(d_all[near]),
+        "label": int(idx.items[row]["label"]),
+        "source": idx.items[row]["source"],
+    }
+
+
 def sample_pairs(
     idx: Index,
     model,
@@ -133,66 +200,52 @@ def sample_pairs(
     steps: int = 50,
     threshold: float = DOMINANCE,
     progress=None,
+    condition: Conditions | None = None,
 ) -> dict:
     """Generate `n` samples, attribute each, pair it with its top proponent: its dominance (score
     over the mean of the next ones), the pixel distance of the pair, and the pixel-nearest training
     image (row, distance) as the independent check. Samples sorted by dominance, highest first;
-    `dominant` = those at or above `threshold`. `lock` guards the shared model."""
+    `dominant` = those at or above `threshold`. `lock` guards the shared model. A conditional
+    model samples under `sample_conditions` (each row records its `condition`) at the guidance
+    scale the model records (`DiffusionModel.guidance_scale`) and attributes each sample under
+    its own condition."""
     if not 1 <= n <= MAX_SAMPLES:
         raise DataError(f"samples must be between 1 and {MAX_SAMPLES} (got {n})")
     if sampler not in SAMPLERS:
         raise DataError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if idx.thumbs is None:
         raise DataError("this index stores no thumbnails, so its training images cannot be paired")
+    conds = sample_conditions(idx, n, condition)
+    cfg = {} if conds is None or model.guidance_scale == 1.0 else {"guidance_scale": model.guidance_scale}
     att = idx.attributor
     trajectory = att is not None and att.spec.measurement == "trajectory"
     t0 = time.perf_counter()
     say = progress or (lambda *_a, **_k: None)
     say(0.05, desc=f"sampling {n} images ({sampler}, {steps} steps)")
     with lock:
-        s = sample(
-            model, n, seed=seed, sampler=sampler, steps=steps, keep_trajectory=trajectory, progress=False
-        )
+        kw = dict(keep_trajectory=trajectory, progress=False, conditions=conds, **cfg)
+        s = sample(model, n, seed=seed, sampler=sampler, steps=steps, **kw)
         t1 = time.perf_counter()
         say(0.6, desc=f"attributing {n} samples")
         u8 = to_uint8(s.images)
-        images = torch.from_numpy(u8).permute(0, 3, 1, 2).float() / 127.5 - 1
-        device = next(model.unet.parameters()).device
-        psi = []
-        for j in range(n):  # one at a time: a query's K draws are K rows of activations already
-            say(0.6 + 0.4 * j / n, desc=f"attributing sample {j + 1} of {n}")
-            traj = (s.timesteps, s.states[:, j : j + 1]) if trajectory else None
-            psi.append(idx.query_features(images[j : j + 1].to(device), traj))
-        psi = np.concatenate(psi)
+        psi = _sample_features(idx, model, s, u8, conds, trajectory, say)
     t2 = time.perf_counter()
-    k = min(1 + NEXT, len(idx))
-    top_s, top_i, _, _ = idx.search(psi, k)
+    top_s, top_i, _, _ = idx.search(psi, min(1 + NEXT, len(idx)))
     flat = idx.thumbs.reshape(len(idx), -1).astype(np.float32) / 255
     out = []
     for j in range(n):
         img = u8[j, :, :, 0] if u8.shape[3] == 1 else u8[j]
-        row = int(top_i[j, 0])
-        d_all = np.sqrt(np.mean((flat - img.reshape(-1).astype(np.float32) / 255) ** 2, axis=1))
-        near = int(np.argmin(d_all))
-        out.append(
-            {
-                "sample": j,
-                "top_row": row,
-                "top_score": float(top_s[j, 0]),
-                "next_scores": [float(x) for x in top_s[j, 1:]],
-                "dominance": dominance(top_s[j]),
-                "pixel_distance": pixel_distance(img, idx.thumbs[row].reshape(img.shape)),
-                "pixel_rank_of_top": int((d_all < d_all[row]).sum()) + 1,
-                "nearest_row": near,
-                "nearest_distance": float(d_all[near]),
-                "label": int(idx.items[row]["label"]),
-                "source": idx.items[row]["source"],
-            }
-        )
+        out.append(_pair(idx, flat, img, j, top_s[j], top_i[j]))
+        if conds is not None:
+            out[-1]["condition"] = conds.shown(j)
     out.sort(key=lambda r: -r["dominance"])
     say(1.0, desc="done")
+    settings = {"n": n, "seed": seed, "sampler": sampler, "steps": steps, "threshold": threshold}
+    if conds is not None:
+        given = "each class in turn" if condition is None else conds.shown(0)
+        settings.update(condition=given, condition_kind=conds.kind, **cfg)
     return {
-        "settings": {"n": n, "seed": seed, "sampler": sampler, "steps": steps, "threshold": threshold},
+        "settings": settings,
         "samples": out,
         "dominant": [r["sample"] for r in out if r["dominance"] >= threshold],
         "images": u8,  # (n, H, W, C) uint8 by sample index (not JSON: dropped by `to_json`)
@@ -206,7 +259,8 @@ def to_json(audit: dict) -> dict:
 
 
 def write_csv(audit: dict, path: str | Path) -> Path:
-    """Self-influence rankings (both ends) and the sample pairs, one table each, in one CSV."""
+    """Self-influence rankings (both ends) and the sample pairs, one table each, in one CSV (the
+    pairs of a conditional model with each sample's condition)."""
     path = Path(path)
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
@@ -230,6 +284,7 @@ def write_csv(audit: dict, path: str | Path) -> Path:
         if pairs:
             cols = ["sample", "top_row", "top_score", "dominance", "pixel_distance", "pixel_rank_of_top"]
             cols += ["nearest_row", "nearest_distance", "label", "source"]
+            cols += ["condition"] if any("condition" in r for r in pairs["samples"]) else []
             w.writerow(["table", "dominant", *cols])
             dom = set(pairs["dominant"])
             for r in pairs["samples"]:

@@ -1,6 +1,7 @@
 """The memorisation audit as a PNG contact sheet: the training images with the highest and the
 lowest self-influence, and the sample pairs (sample | its top proponent) with their dominance and
-pixel distance. Matplotlib's object API under the report's lock (explorer/report.py)."""
+pixel distance (and a conditional model's sample, its condition). Matplotlib's object API under
+the report's lock (explorer/report.py)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,13 @@ def _si_items(rows: list[dict], thumbs, key: str) -> list:
     return [(thumbs[r["row"]], f"id {r['row']} · {r['label']}\n{r[key]:+.3g}") for r in rows]
 
 
+def _short(condition: str | None, width: int = 16) -> str:
+    """' [class 3]' (a long prompt cut to `width` characters) for a caption; '' without one."""
+    if not condition:
+        return ""
+    return f" [{condition if len(condition) <= width else condition[: width - 1] + '…'}]"
+
+
 def _pair_items(pairs: dict, thumbs) -> list:
     out = []
     for r in pairs["samples"]:
@@ -38,7 +46,8 @@ def _pair_items(pairs: dict, thumbs) -> list:
         out.append(
             (
                 np.concatenate([img, gap, top], axis=1),
-                f"s{r['sample']} {r['dominance']:.2g}× id {r['top_row']}\npx {r['pixel_distance']:.2f} "
+                f"s{r['sample']}{_short(r.get('condition'))} {r['dominance']:.2g}× id {r['top_row']}\n"
+                f"px {r['pixel_distance']:.2f} "
                 f"(nn {r['nearest_distance']:.2f})",
             )
         )
@@ -66,7 +75,9 @@ def render_audit(st: dict, thumbs: np.ndarray, path: str | Path, title: str = "M
         blocks.append((f"lowest {name}", _si_items(si["lowest"], thumbs, key), OPPONENT_COLOR))
     pairs = st.get("pairs")
     if pairs:
-        blocks.append(("samples | top proponent, by dominance", _pair_items(pairs, thumbs), "black"))
+        under = pairs.get("settings", {}).get("condition")
+        name = "samples | top proponent, by dominance" + (f"; samples under {under}" if under else "")
+        blocks.append((name, _pair_items(pairs, thumbs), "black"))
     if not blocks:
         raise ValueError("the audit is empty")
     heights = []

@@ -1,13 +1,37 @@
 """Methods side by side: two answers to one query (two indexes over the same training images),
-their top-k lists, the overlap of those lists and the Spearman correlation of their scores.
+their top-k lists, the overlap of those lists and the Spearman correlation of their scores; a
+conditional model's query under its condition, which the comparison records.
 No Gradio here; `explorer.views` puts it on the page, `explorer.api` serves it."""
 
 from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from attribution.errors import DataError
 from attribution.ranks import spearman as rank_correlation
+from index.conditions import shown
+
+if TYPE_CHECKING:
+    from attribution.conditions import Conditions
+    from explorer.service import Query
+
+
+def under(q: Query, cond: Conditions | None) -> Query:
+    """The query `q` (e.g. a training image, under its own condition) under `cond` instead (a
+    class or prompt, Conditions of one; None or the same: `q` itself). Its params record the
+    condition; its description says which one it is attributed under."""
+    if cond is None or shown(cond) == shown(q.condition):
+        return q
+    text = shown(cond)
+    return replace(
+        q,
+        condition=cond,
+        description=f"{q.description}; attributed under {text}",
+        params={**q.params, "condition": text, "condition_kind": cond.kind},
+    )
 
 
 def spearman(a, b) -> float:
@@ -47,8 +71,10 @@ def comparison(a: dict, b: dict, label_a: str, label_b: str) -> dict:
         common = sorted(set(sa) & set(sb))
         rho = spearman([sa[r] for r in common], [sb[r] for r in common]) if len(common) > 1 else float("nan")
         over = f"the {len(common)} shown images both lists score"
+    cond = a["query"].get("condition")
     return {
         "query": a["query"],
+        **({} if cond is None else {"condition": cond, "condition_kind": a["query"].get("condition_kind")}),
         "methods": [label_a, label_b],
         "k": a["settings"].get("k"),
         "a": {"method": label_a, "proponents": a["proponents"], "opponents": a["opponents"]},
@@ -67,8 +93,9 @@ def comparison_md(c: dict) -> str:
     """The compare view's summary line."""
     o = c["overlap"]
     rho = "–" if c["spearman"] is None else f"{c['spearman']:.3f}"
+    cond = f" (the query under {c['condition']})" if c.get("condition") else ""
     return (
-        f"**{c['methods'][0]}** vs **{c['methods'][1]}**: top-{c['k']} proponents overlap "
+        f"**{c['methods'][0]}** vs **{c['methods'][1]}**{cond}: top-{c['k']} proponents overlap "
         f"{o['proponents']['count']} of {c['k']}, opponents {o['opponents']['count']} of {c['k']} · "
         f"Spearman correlation of the scores **{rho}** (over {c['spearman_over']})."
     )

@@ -419,12 +419,17 @@ class Explorer:
             values = self._group[key]
         return {"method": label or self.labels[0], **audit.self_influence(idx, m, values)}
 
-    def audit_samples(self, label=None, n=16, seed=0, sampler="ddim", steps=50, progress=None) -> dict:
-        """`n` generated samples paired with their top proponents (explorer/audit.py)."""
+    def audit_samples(
+        self, label=None, n=16, seed=0, sampler="ddim", steps=50, progress=None, condition=None
+    ) -> dict:
+        """`n` generated samples paired with their top proponents (explorer/audit.py); a conditional
+        model's under `condition` (a class or prompt; none: each class in turn, class models)."""
         n = whole(n, "samples", 1, audit.MAX_SAMPLES)
         seed, steps = whole(seed, "the seed", 0, 2**31 - 1), whole(steps, "steps", 1, 1000)
         idx = self.index(label)
-        return audit.sample_pairs(idx, self.model, self.lock, n, seed, sampler, steps, progress=progress)
+        cond = None if condition is None or not str(condition).strip() else self.condition(condition, label)
+        kw = {"progress": progress, "condition": cond}
+        return audit.sample_pairs(idx, self.model, self.lock, n, seed, sampler, steps, **kw)
 
     def compare(self, q: Query, label_a: str, label_b: str, k=8) -> dict:
         """One query attributed by two indexes, side by side (explorer/compare.py)."""

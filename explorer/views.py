@@ -1,7 +1,10 @@
 """The page's two other views, each a tab beside "Attribute": the memorisation audit (training
 images by self-influence; generated samples whose top proponent dominates, paired with it) and
-methods side by side (one query, two indexes). The work is explorer/audit.py and
-explorer/compare.py through `Explorer`; this module is layout and events only."""
+methods side by side (one query, two indexes). A conditional model's tabs have a class or
+prompt box (explorer/conditions_view.py): the audit's samples are generated under it (a class
+model's default: each class in turn), a training image is compared under it (default: its own).
+The work is explorer/audit.py and explorer/compare.py through `Explorer`; this module is layout
+and events only."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import gradio as gr
 import numpy as np
 
 from explorer import audit, compare, exports
+from explorer.conditions_view import EVERY_CLASS, OWN_CONDITION, condition_box, given
 from explorer.render import GALLERY_PX, enlarge, plain
 from explorer.service import Busy, Explorer
 
@@ -53,18 +57,28 @@ def pairs_gallery(pairs: dict, thumbs) -> list:
         out.append(
             (
                 pair_image(img, thumbs[r["top_row"]]),
-                f"sample {r['sample']} · {r['dominance']:.2g}× · id {r['top_row']} · pixel "
+                f"sample {r['sample']}{_cond(r)} · {r['dominance']:.2g}× · id {r['top_row']} · pixel "
                 f"{r['pixel_distance']:.3f} (nearest {r['nearest_distance']:.3f}, id {r['nearest_row']})",
             )
         )
     return out
 
 
+def _cond(r: dict) -> str:
+    """' · class 3' for a conditional model's sample (its condition), '' otherwise."""
+    return f" · {r['condition']}" if r.get("condition") else ""
+
+
 def pairs_md(pairs: dict) -> str:
     s, dom = pairs["settings"], pairs["dominant"]
     t = pairs["timings_s"]
+    under = ""
+    if s.get("condition"):
+        g = s.get("guidance_scale")
+        under = f", {s['condition']}" + (f", guidance {g:g}" if g else "")
     return (
-        f"**{len(dom)} of {s['n']}** samples (seed {s['seed']}, {s['sampler'].upper()} {s['steps']} steps) have a "
+        f"**{len(dom)} of {s['n']}** samples (seed {s['seed']}, {s['sampler'].upper()} "
+        f"{s['steps']} steps{under}) have a "
         f"top proponent that dominates (score ≥ {s['threshold']:g}× the mean of the next "
         f"{audit.NEXT}); sorted by that ratio. Each pair: the sample, then its top proponent; pixel = "
         "RMS pixel distance of the pair (0–1), nearest = the pixel-nearest training image (an independent "
@@ -102,6 +116,7 @@ def _audit_tab(ex: Explorer) -> None:
         )
         seed = gr.Number(0, precision=0, minimum=0, label="seed", elem_id="audit-seed")
         steps = gr.Number(50, precision=0, minimum=1, maximum=1000, label="steps", elem_id="audit-steps")
+        cond = condition_box(ex, "audit-condition", EVERY_CLASS, "the prompt every sample is generated under")
         gen_btn = gr.Button("Generate and audit", variant="primary", elem_id="audit-gen-btn")
     pairs_info = gr.Markdown("", elem_id="audit-pairs-info")
     pairs = _gallery("sample | top proponent", "audit-pairs", 4)
@@ -127,9 +142,10 @@ def _audit_tab(ex: Explorer) -> None:
             {**st, "self_influence": si, "method": label},
         )
 
-    def on_samples(label, nn, sd, stp, st, progress=gr.Progress()):
+    def on_samples(label, nn, sd, stp, c, st, progress=gr.Progress()):
         try:
-            res = ex.audit_samples(label or None, nn, sd, "ddim", stp, progress=progress)
+            c = given(c, EVERY_CLASS)
+            res = ex.audit_samples(label or None, nn, sd, "ddim", stp, progress=progress, condition=c)
         except Exception as e:
             _fail(e)
         return (
@@ -148,7 +164,7 @@ def _audit_tab(ex: Explorer) -> None:
 
     hidden = {"api_visibility": "private"}
     rank_btn.click(on_rank, [method, ranking, m, state], [info, high, low, state], **hidden)
-    gen_btn.click(on_samples, [method, n, seed, steps, state], [pairs_info, pairs, state], **hidden)
+    gen_btn.click(on_samples, [method, n, seed, steps, cond, state], [pairs_info, pairs, state], **hidden)
     export_btn.click(on_export, [state], [files], **hidden)
 
 
@@ -173,6 +189,7 @@ def _compare_tab(ex: Explorer, page) -> None:
         k = gr.Number(8, precision=0, minimum=1, maximum=64, label="k", elem_id="compare-k", min_width=60)
     with gr.Row(equal_height=True):
         row = gr.Number(0, precision=0, minimum=0, label="training image id", elem_id="compare-row")
+        cond = condition_box(ex, "compare-condition", OWN_CONDITION, "empty: the training image's own prompt")
         row_btn = gr.Button("Compare on this training image", variant="primary", elem_id="compare-row-btn")
         cur_btn = gr.Button("Compare on the current query (Attribute tab)", elem_id="compare-current-btn")
     summary = gr.Markdown(
@@ -211,8 +228,12 @@ def _compare_tab(ex: Explorer, page) -> None:
             compare_gallery(c["b"]["opponents"], c["a"]["opponents"], tb),
         )
 
-    def on_row(r, la, lb, kk):
-        return show(lambda: ex.training(r, la or None), la, lb, kk)
+    def on_row(r, c, la, lb, kk):
+        def make():  # the training image under its own condition, or under the one chosen
+            q, c_ = ex.training(r, la or None), given(c, OWN_CONDITION)
+            return q if c_ is None else compare.under(q, ex.condition(c_, la or None))
+
+        return show(make, la, lb, kk)
 
     def on_current(previous, la, lb, kk):
         if previous is None:
@@ -220,7 +241,7 @@ def _compare_tab(ex: Explorer, page) -> None:
         return show(lambda: replace(previous.query, seconds=0.0), la, lb, kk)
 
     hidden = {"api_visibility": "private"}
-    row_btn.click(on_row, [row, a, b, k], [summary, *out], **hidden)
+    row_btn.click(on_row, [row, cond, a, b, k], [summary, *out], **hidden)
     cur_btn.click(on_current, [page.answer, a, b, k], [summary, *out], **hidden)
 
 
