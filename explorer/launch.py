@@ -12,6 +12,15 @@ loopback prints a one-line warning. From the command line the server runs with
 MALLOC_ARENA_MAX=2 (`limit_malloc_arenas`). Without options the default model (assets/mnist-unet)
 and the default index (indexes/mnist-ekfac) are used; a missing default index is built first,
 in the background, while the page shows its progress.
+
+    python app.py --model mnist-unet,mnist-latent   (or attribution serve --model …)
+
+Several models: a model selector, one tab per model, each answering from its own default index.
+The first model's API names are as with one model (`/attribute`, `/attribute_generated`,
+`/attribute_by_band`, `/attribute_conditional`, `/attribute_generated_conditional`,
+`/self_influence`, `/compare`); every later model's take a prefix made of its name
+(`api_prefix`: `mnist-latent` gives `/mnist_latent_attribute_generated_conditional`,
+`/mnist_latent_compare`, …; a model folder, its folder's name).
 """
 
 from __future__ import annotations
@@ -252,10 +261,35 @@ def _load_indexes(index_dirs: list[Path], model, model_path: str | None, device,
     return indexes, build
 
 
+def api_prefix(name: str) -> str:
+    """A model's prefix for its API names: its shipped name or its folder's name, lower case,
+    every run of other characters one '_' ('mnist-latent' -> 'mnist_latent'; 'model' if none)."""
+    import re
+
+    base = Path(name.strip().rstrip("/\\")).name.lower()
+    return re.sub(r"[^a-z0-9]+", "_", base).strip("_") or "model"
+
+
+def prefix_api_names(demo, prefix: str) -> None:
+    """Every named event of `demo` (not yet rendered) renamed `{prefix}_{name}`."""
+    for fn in demo.fns.values():
+        if isinstance(fn.api_name, str):
+            fn.api_name = f"{prefix}_{fn.api_name}"
+
+
 def model_tabs(names: list[str], demos: list):
-    """The model selector: one tab per model, each holding that model's whole page."""
+    """The model selector: one tab per model, each holding that model's whole page. The first
+    model's API names stay as they are; every later model's take its `api_prefix` (made unique
+    by its position where two models' names give the same prefix)."""
     import gradio as gr
 
+    used = set()
+    for i, (name, d) in enumerate(zip(names, demos)):
+        if i:
+            p = api_prefix(name)
+            p = p if p not in used else f"{p}_{i + 1}"
+            used.add(p)
+            prefix_api_names(d, p)
     with gr.Blocks(title="Training-data attribution explorer", delete_cache=(3600, 7200)) as outer:
         with gr.Tabs():
             for name, d in zip(names, demos):
@@ -267,8 +301,9 @@ def model_tabs(names: list[str], demos: list):
 
 def _several_models(args, names: list[str], index_arg: str, host: str, port: int) -> int:
     """`--model a,b`: the model selector (`model_tabs`); each model answers from its own default
-    index (`default_index`), built in the background when missing, one build after another. The
-    second model's API names take a suffix (`/attribute_generated_conditional_1`)."""
+    index (`default_index`), built in the background when missing, one build after another. Every
+    model after the first has its API names prefixed (`model_tabs`, `api_prefix`:
+    `/mnist_latent_attribute_generated_conditional`)."""
     from attribution.errors import ConfigError, IndexLoadError, ModelError
     from attribution.model import pick_device
     from explorer.cli_args import load_model

@@ -1,12 +1,23 @@
 """The model selector (issue 16 item 5): `serve --model A,B` gives one tab per model, each answering
-from its own default index; the second model's API names take a suffix. A tiny pixel model and the
-shipped class-conditional latent model (`mnist-latent`), over small indexes built here."""
+from its own default index; every later model's API names take a prefix made of its name
+(`/mnist_latent_attribute_generated_conditional`). A tiny pixel model and the shipped
+class-conditional latent model (`mnist-latent`), over small indexes built here."""
 
 from __future__ import annotations
 
 import pytest
 
 from explorer import launch
+
+PUBLIC = {
+    "attribute",
+    "attribute_generated",
+    "attribute_by_band",
+    "attribute_conditional",
+    "attribute_generated_conditional",
+    "self_influence",
+    "compare",
+}
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +66,14 @@ def test_two_models_two_tabs_and_both_apis(two_models):
     client = Client(url, verbose=False)
     a = client.predict(0, "ddim", 4, 3, None, api_name="/attribute_generated")
     assert a["index"]["model"]["condition_kind"] == "none" and len(a["proponents"]) == 3
-    b = client.predict(0, "ddim", 10, "3", 3, None, api_name="/attribute_generated_conditional_1")
+    names = {f.api_name for f in demo.fns.values() if isinstance(f.api_name, str)}
+    assert PUBLIC <= names and {f"mnist_latent_{n}" for n in PUBLIC} <= names
+    assert not {f"{n}_1" for n in PUBLIC} & names
+    api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert {f"/{n}" for n in PUBLIC} | {f"/mnist_latent_{n}" for n in PUBLIC} <= set(api)
+    cond = [p for p in api["/mnist_latent_compare"]["parameters"] if p["parameter_name"] == "condition"]
+    assert cond and cond[0]["parameter_has_default"] and cond[0]["parameter_default"] == ""
+    b = client.predict(0, "ddim", 10, "3", 3, None, api_name="/mnist_latent_attribute_generated_conditional")
     assert b["query"]["condition"] == "class 3" and b["index"]["model"]["family"] == "latent"
     assert "guidance_scale" not in a["query"]  # an unconditional model samples unguided
     assert b["query"]["guidance_scale"] == 2.0 and "guidance 2" in b["query"]["description"]  # its own
@@ -84,6 +102,12 @@ def test_the_browser_picks_the_latent_model_and_generates_a_class(two_models, br
         assert page.locator("#proponents >> visible=true").locator("img").count() >= 1
     finally:
         page.close()
+
+
+def test_api_prefixes_are_made_of_model_names():
+    assert launch.api_prefix("mnist-latent") == "mnist_latent"
+    assert launch.api_prefix("/data/My Model.v2/") == "my_model_v2"
+    assert launch.api_prefix("--") == "model"
 
 
 def test_several_models_take_no_index_flag(capsys):
