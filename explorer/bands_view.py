@@ -43,7 +43,12 @@ def draw(ax, data: dict, top: int = TOP) -> None:
     ax.set_title(
         "top proponents" + (", ranked by one band" if ranked else "") + ": score by band", fontsize=8
     )
-    ax.legend(fontsize=5.5, loc="upper right", frameon=False)  # "best" searches the bars: slow
+    parts = np.array([h["bands"] for h in hits], dtype=np.float64).reshape(len(hits), -1)
+    lo, hi = min(0.0, float(parts.min(initial=0.0))), max(0.0, float(parts.max(initial=0.0)))
+    span = (hi - lo) or 1.0
+    ax.set_ylim(lo - 0.04 * span, hi + 0.45 * span)  # headroom: the legend sits above every bar
+    # a fixed place, two columns: loc="best" searches the bars for a free spot, half the draw time
+    ax.legend(fontsize=5.5, loc="upper center", ncol=2, frameon=False)
 
 
 def figure(data: dict, figsize=(5.0, 2.2)):
