@@ -84,12 +84,7 @@ def build_groundtruth(
     processes can share the work; the one that finds all models done assembles the result.
     """
     cfg = cfg or GroundTruthConfig()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg_path = out / "config.json"
-    if cfg_path.exists() and json.loads(cfg_path.read_text()) != asdict(cfg):
-        raise ValueError(f"{out}: holds a ground truth with another config; use another folder")
-    cfg_path.write_text(json.dumps(asdict(cfg), indent=2))
+    out = open_folder(out, cfg)
     data = mnist(size=cfg.size)
     train_images = data.images[: cfg.n_train]
     real = data.images[cfg.n_train : cfg.n_train + cfg.n_real]
@@ -98,18 +93,52 @@ def build_groundtruth(
     masks = _masks(out / "masks.npy", cfg)
     if not (out / "full_measurements.npy").exists():
         save_numpy(out / "full_measurements.npy", measure(full, queries, cfg.measure_draws, cfg.seed + 3))
+
+    def fit_and_measure(rows: torch.Tensor, seed: int) -> np.ndarray:
+        model = train(
+            build_model(cfg.preset, seed=seed), train_images[rows], train_config(cfg, seed), progress=False
+        )
+        return measure(model, queries, cfg.measure_draws, cfg.seed + 3)
+
+    train_subsets(out, cfg, masks, fit_and_measure, worker, log)
+    return out
+
+
+def open_folder(out: str | Path, cfg) -> Path:
+    """`out`, created, holding `cfg` as config.json; ValueError if it holds another config."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_path = out / "config.json"
+    if cfg_path.exists() and json.loads(cfg_path.read_text()) != asdict(cfg):
+        raise ValueError(f"{out}: holds a ground truth with another config; use another folder")
+    cfg_path.write_text(json.dumps(asdict(cfg), indent=2))
+    return out
+
+
+def train_subsets(out: Path, cfg, masks: np.ndarray, fit_and_measure, worker, log) -> None:
+    """Trains this worker's share of the missing (subset j, seed s) models, saving each one's query
+    measurements as soon as it is done (`fit_and_measure(rows, seed)` -> (Q,): the model trained on
+    `rows` with training seed `cfg.seed + 100 + s`, common to every subset); the worker that finds
+    every model done assembles measurements.npy (M, S, Q)."""
     mdir = out / "measurements"
     mdir.mkdir(exist_ok=True)
-    _train_subsets(mdir, cfg, train_images, queries, masks, worker, log)
     missing = _missing(mdir, cfg)
-    if missing:
-        log(f"{len(missing)} models are still being trained by other workers")
-        return out
+    todo = missing[worker[0] :: worker[1]]
+    total = cfg.subsets * cfg.seeds
+    log(f"{total - len(missing)} of {total} subset models done; this worker trains {len(todo)}")
+    t0 = time.time()
+    for n_done, (j, s) in enumerate(todo):
+        rows = torch.from_numpy(np.flatnonzero(masks[j]))
+        save_numpy(mdir / f"{j:03d}-{s}.npy", fit_and_measure(rows, cfg.seed + 100 + s))
+        left = (time.time() - t0) / (n_done + 1) * (len(todo) - n_done - 1)
+        log(f"model {n_done + 1}/{len(todo)} (subset {j}, seed {s}) done; {left / 60:.0f} min left")
+    if _missing(mdir, cfg):
+        log("other workers are still training subset models")
+        return
     meas = np.stack(
         [np.stack([np.load(mdir / f"{j:03d}-{s}.npy") for s in range(cfg.seeds)]) for j in range(cfg.subsets)]
     )  # (M, S, Q)
     save_numpy(out / "measurements.npy", meas.astype(np.float32))
-    return out
 
 
 def _full_model(full_dir: Path, cfg: GroundTruthConfig, train_images: torch.Tensor, progress: bool, log):
@@ -174,30 +203,6 @@ def _missing(mdir: Path, cfg: GroundTruthConfig) -> list[tuple[int, int]]:
         for j in range(cfg.subsets)
         if not (mdir / f"{j:03d}-{s}.npy").exists()
     ]
-
-
-def _train_subsets(mdir: Path, cfg: GroundTruthConfig, train_images, queries, masks, worker, log) -> None:
-    """Trains this worker's share of the missing subset models; saves each one's measurements."""
-    todo = _missing(mdir, cfg)[worker[0] :: worker[1]]
-    log(
-        f"{cfg.subsets * cfg.seeds - len(todo)} of {cfg.subsets * cfg.seeds} subset models done; "
-        f"training the remaining {len(todo)}"
-    )
-    t0 = time.time()
-    for n_done, (j, s) in enumerate(todo):
-        rows = torch.from_numpy(np.flatnonzero(masks[j]))
-        model = train(
-            build_model(cfg.preset, seed=cfg.seed + 100 + s),
-            train_images[rows],
-            train_config(cfg, cfg.seed + 100 + s),
-            progress=False,
-        )
-        save_numpy(mdir / f"{j:03d}-{s}.npy", measure(model, queries, cfg.measure_draws, cfg.seed + 3))
-        el = time.time() - t0
-        log(
-            f"model {n_done + 1}/{len(todo)} (subset {j}, seed {s}) done; "
-            f"{el / (n_done + 1) * (len(todo) - n_done - 1) / 60:.0f} min left"
-        )
 
 
 @dataclass

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -105,16 +104,11 @@ def _data(cfg: LatentGroundTruthConfig, base: DiffusionModel):
 
 def build(out: str | Path, cfg: LatentGroundTruthConfig | None = None, log=print, worker=(0, 1)) -> Path:
     """Build (or resume) the latent ground truth under `out`; `worker` as in `build_groundtruth`."""
-    from attribution.evaluation import _masks, _missing
+    from attribution.evaluation import _masks, open_folder, train_subsets
     from attribution.train_latent import write_pipeline
 
     cfg = cfg or LatentGroundTruthConfig()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg_path = out / "config.json"
-    if cfg_path.exists() and json.loads(cfg_path.read_text()) != asdict(cfg):
-        raise ValueError(f"{out}: holds a ground truth with another config; use another folder")
-    cfg_path.write_text(json.dumps(asdict(cfg), indent=2))
+    out = open_folder(out, cfg)
     base = load_model(cfg.model)
     train_lat, train_cond, real_lat, real_cond = _data(cfg, base)
     if not (out / "full-model" / "unet").exists():
@@ -128,25 +122,12 @@ def build(out: str | Path, cfg: LatentGroundTruthConfig | None = None, log=print
         save_numpy(
             out / "full_measurements.npy", measure(full, queries, qcond, cfg.measure_draws, cfg.seed + 3)
         )
-    mdir = out / "measurements"
-    mdir.mkdir(exist_ok=True)
-    missing = _missing(mdir, cfg)
-    todo = missing[worker[0] :: worker[1]]
-    log(f"{cfg.subsets * cfg.seeds - len(missing)} subset models done; this worker trains {len(todo)}")
-    t0 = time.time()
-    for n_done, (j, s) in enumerate(todo):
-        rows = torch.from_numpy(np.flatnonzero(masks[j]))
-        model = _train(base, train_lat[rows], train_cond.labels[rows], cfg, cfg.seed + 100 + s, cfg.steps)
-        save_numpy(mdir / f"{j:03d}-{s}.npy", measure(model, queries, qcond, cfg.measure_draws, cfg.seed + 3))
-        left = (time.time() - t0) / (n_done + 1) * (len(todo) - n_done - 1)
-        log(f"model {n_done + 1}/{len(todo)} (subset {j}, seed {s}) done; {left / 60:.0f} min left")
-    if _missing(mdir, cfg):
-        log("other workers are still training subset models")
-        return out
-    meas = np.stack(
-        [np.stack([np.load(mdir / f"{j:03d}-{s}.npy") for s in range(cfg.seeds)]) for j in range(cfg.subsets)]
-    )  # (M, S, Q)
-    save_numpy(out / "measurements.npy", meas.astype(np.float32))
+
+    def fit_and_measure(rows: torch.Tensor, seed: int) -> np.ndarray:
+        model = _train(base, train_lat[rows], train_cond.labels[rows], cfg, seed, cfg.steps)
+        return measure(model, queries, qcond, cfg.measure_draws, cfg.seed + 3)
+
+    train_subsets(out, cfg, masks, fit_and_measure, worker, log)
     return out
 
 
