@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from attribution.atomic import save_numpy
 from attribution.conditions import Conditions
 from attribution.data import mnist
+from attribution.evaluation import SubsetsConfig
 from attribution.measurements import Measurement, evaluate
 from attribution.model import DiffusionModel, load_model
 from attribution.sample import sample
@@ -39,22 +40,12 @@ KIND = "latent"
 
 
 @dataclass
-class LatentGroundTruthConfig:
+class LatentGroundTruthConfig(SubsetsConfig):
     kind: str = KIND
     model: str = "mnist-latent"  # whose autoencoder, class map and recipe are used
-    n_train: int = 1000
-    n_generated: int = 50
-    n_real: int = 10
-    subsets: int = 32
-    seeds: int = 2
-    fraction: float = 0.5
     steps: int = 600
     full_steps: int = 1200
-    batch_size: int = 64
-    lr: float = 2e-3
-    measure_draws: int = 256
     sample_steps: int = 50
-    seed: int = 0
 
 
 def measure(
@@ -162,18 +153,7 @@ def load(path: str | Path):
     path = Path(path)
     cfg = LatentGroundTruthConfig(**json.loads((path / "config.json").read_text()))
     full = load_model(path / "full-model")
-    train_lat, train_cond, real_lat, real_cond = _data(cfg, full)
-    q = load_file(str(path / "queries.safetensors"))
+    train_lat, train_cond, _, real_cond = _data(cfg, full)
     labels = torch.cat([torch.arange(cfg.n_generated) % 10, real_cond.labels])
-    return GroundTruth(
-        np.load(path / "masks.npy"),
-        np.load(path / "measurements.npy"),
-        torch.cat([q["generated"], q["real"]]),
-        (q["timesteps"], q["states"]),
-        q["generated"].shape[0],
-        train_lat,
-        path / "full-model",
-        cfg,
-        train_conditions=train_cond,
-        query_conditions=Conditions.classes(labels, full.class_map),
-    )
+    qcond = Conditions.classes(labels, full.class_map)
+    return GroundTruth.read(path, cfg, train_lat, train_conditions=train_cond, query_conditions=qcond)

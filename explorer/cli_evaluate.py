@@ -25,10 +25,10 @@ def cmd_groundtruth(a: argparse.Namespace) -> None:
 
 
 def cmd_retrain(a: argparse.Namespace) -> None:
-    from attribution import evaluation as ev
+    from attribution.retrain_top_k import retrain_top_k
 
     i, n = (int(x) for x in a.worker.split("/"))
-    res = ev.retrain_top_k(
+    res = retrain_top_k(
         a.groundtruth,
         a.out,
         a.method,

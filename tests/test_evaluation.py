@@ -14,12 +14,11 @@ from attribution.evaluation import (
     load_groundtruth,
     mean_se,
     measure,
-    removal_sets,
-    retrain_top_k,
     seed_agreement,
 )
 from attribution.influence import AttributionConfig, Attributor
 from attribution.model import build_model
+from attribution.retrain_top_k import removal_sets, retrain_top_k
 from attribution.train import TrainConfig, train
 
 
