@@ -12,6 +12,12 @@ keys and values; plain Linear: P = 1). An Embedding (a class embedding) is the L
 one-hot class vector: W (O × I) = weightᵀ, a = onehot(c), no bias; so its A factor is the diagonal
 of class frequencies. `a` has shape (R, P, I') and `g` (R, P, O). Both the curvature and the
 features use this.
+
+A Linear or Embedding called more than once in one forward (a DiT's final layer calls block 0's
+timestep-and-class embedding again) contributes the sum of its calls' gradients: its calls are
+recorded as extra positions (the inputs concatenated along P, each call's cotangent likewise), so
+the per-example gradient is Σ over calls and positions, and the K-FAC factors treat the shared
+use as K-FAC-expand does. A convolution called twice is refused.
 """
 
 from __future__ import annotations
@@ -115,8 +121,8 @@ class Recording:
 
     def __init__(self, layers: dict[str, nn.Module]):
         self.layers = layers
-        self.inputs: dict[str, torch.Tensor] = {}
-        self.outputs: dict[str, torch.Tensor] = {}
+        self.inputs: dict[str, torch.Tensor] = {}  # a layer called n times: its n inputs along P
+        self.outputs: dict[str, list[torch.Tensor]] = {}  # every call's output
 
     def a(self, name: str) -> torch.Tensor:
         """a (R, P, I') of a layer (formed on demand, not kept: im2col copies are large)."""
@@ -127,16 +133,21 @@ class Recording:
     ) -> Iterator[tuple[str, torch.Tensor]]:
         """Back-propagate `cotangent` (shape of `out`); yields (name, g (R, P, O)) per layer."""
         names = [n for n in self.layers if n in self.outputs]
-        grads = torch.autograd.grad(
-            out,
-            [self.outputs[n] for n in names],
-            grad_outputs=cotangent,
-            retain_graph=retain_graph,
-            allow_unused=True,
+        flat = [o for n in names for o in self.outputs[n]]
+        grads = iter(
+            torch.autograd.grad(
+                out, flat, grad_outputs=cotangent, retain_graph=retain_graph, allow_unused=True
+            )
         )
-        for n, g in zip(names, grads):
-            if g is not None:
-                yield n, outputs_as_rows(self.layers[n], g.detach())
+        for n in names:
+            calls = [next(grads) for _ in self.outputs[n]]
+            if all(g is None for g in calls):
+                continue
+            rows = [
+                outputs_as_rows(self.layers[n], torch.zeros_like(o) if g is None else g.detach())
+                for g, o in zip(calls, self.outputs[n])
+            ]
+            yield n, rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)
 
     def backward(
         self, out: torch.Tensor, cotangent: torch.Tensor, retain_graph: bool = False
@@ -154,10 +165,24 @@ def record(layers: dict[str, nn.Module]) -> Iterator[Recording]:
     for name, m in layers.items():
 
         def hook(mod, inp, out, name=name):
-            if name in rec.outputs:
-                raise RuntimeError(f"{name} was called twice in one forward; shared layers are not supported")
-            rec.inputs[name] = inp[0]
-            rec.outputs[name] = out
+            if name not in rec.outputs:
+                rec.inputs[name], rec.outputs[name] = inp[0], [out]
+                return
+            if isinstance(mod, nn.Conv2d) or inp[0].shape[0] != rec.inputs[name].shape[0]:
+                raise RuntimeError(
+                    f"{name} was called twice in one forward; a convolution (or a call on other rows) "
+                    "used twice is not supported"
+                )
+            x, prev = inp[0], rec.inputs[name]
+            if isinstance(mod, nn.Embedding):
+                x, prev = x.reshape(x.shape[0], -1), prev.reshape(prev.shape[0], -1)
+            else:
+                x, prev = (
+                    x.reshape(x.shape[0], -1, x.shape[-1]),
+                    prev.reshape(prev.shape[0], -1, prev.shape[-1]),
+                )
+            rec.inputs[name] = torch.cat([prev, x], dim=1)  # the calls as extra positions
+            rec.outputs[name].append(out)
 
         handles.append(m.register_forward_hook(hook))
     try:

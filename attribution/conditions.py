@@ -165,10 +165,10 @@ def select(cond: Cond | None, idx) -> Cond | None:
 def denoise(
     unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond | None = None
 ) -> torch.Tensor:
-    """The denoiser's output (in its own parameterisation) for x_t at t under `cond`."""
-    if cond is None:
-        return unet(x, t).sample
-    return unet(x, t, **cond.to(x.device).kwargs()).sample
+    """The denoiser's output (in its own parameterisation) for x_t at t under `cond`; of a
+    learned-variance output (twice the input's channels: DiT), the prediction half."""
+    out = unet(x, t).sample if cond is None else unet(x, t, **cond.to(x.device).kwargs()).sample
+    return out[:, : x.shape[1]] if out.shape[1] == 2 * x.shape[1] else out
 
 
 def as_cond(model, c: Cond | Conditions | None, n: int) -> Cond | None:

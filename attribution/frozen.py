@@ -105,7 +105,7 @@ def condition(model, conditions: Conditions | None) -> Cond | None:
     if conditions.kind != "class":
         raise DataError("the model is class-conditional but the images carry texts (metadata.jsonl text)")
     labels = conditions.labels.clone()
-    n = model.unet.config.get("num_class_embeds")
+    n = model.unet.config.get("num_class_embeds") or model.unet.config.get("num_embeds_ada_norm")
     if n and (labels.min() < 0 or labels.max() >= n):
         raise DataError(f"class ids must be in 0..{n - 1} for this model, found {int(labels.max())}")
     return Cond(labels=labels)

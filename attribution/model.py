@@ -132,7 +132,13 @@ class DiffusionModel:
         if self.text_encoder is not None:
             return "text"
         c = self.unet.config
-        return "class" if c.get("num_class_embeds") or c.get("class_embed_type") else "none"
+        if (
+            c.get("num_class_embeds")
+            or c.get("class_embed_type")
+            or type(self.unet).__name__ == "DiTTransformer2DModel"
+        ):
+            return "class"
+        return "none"
 
     @property
     def class_map(self) -> dict[str, int] | None:

@@ -10,7 +10,10 @@ Accepted folders (weights from safetensors only, every config read as JSON):
   extractors are not needed and not loaded.
 
 Denoisers: `UNet2DModel` (unconditional, or class-conditional through `num_class_embeds` or
-`class_embed_type="timestep"`) and `UNet2DConditionModel` (text, through cross-attention).
+`class_embed_type="timestep"`), `UNet2DConditionModel` (text, through cross-attention) and
+`DiTTransformer2DModel` (class-conditional DiT, adaLN-Zero; a `transformer` component; its null
+class is `num_embeds_ada_norm` unless conditioning.json says otherwise; a learned-variance
+output's ε half is what the engine uses, as DiTPipeline does).
 `prediction_type` epsilon, v_prediction or sample. Anything else is refused with a `ModelError`
 that names what is supported. `conditioning.json` (optional, in the model folder) records the
 class map {"class_map": {name: id}} and a null class id {"null_class": id} for class models.
@@ -24,11 +27,23 @@ from pathlib import Path
 
 import diffusers
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet2DModel, VQModel
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DiTTransformer2DModel,
+    UNet2DConditionModel,
+    UNet2DModel,
+    VQModel,
+)
 
 from attribution.errors import ModelError
 
-DENOISERS = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
+DENOISERS = {
+    "UNet2DModel": UNet2DModel,
+    "UNet2DConditionModel": UNet2DConditionModel,
+    "DiTTransformer2DModel": DiTTransformer2DModel,
+}
+DENOISER_DIRS = ("unet", "transformer")
 AUTOENCODERS = {"AutoencoderKL": AutoencoderKL, "VQModel": VQModel}
 SCHEDULERS = (
     "DDPMScheduler",
@@ -48,9 +63,10 @@ TEXT_ENCODERS = ("CLIPTextModel",)
 TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast")
 IGNORED = ("safety_checker", "feature_extractor", "image_encoder")
 SUPPORTED = (
-    "supported: a UNet2DModel or UNet2DConditionModel folder, or a pipeline folder with unet/, "
-    "scheduler/, optionally vae/ (AutoencoderKL) or vqvae/ (VQModel) and text_encoder/ "
-    "(CLIPTextModel) + tokenizer/ (CLIPTokenizer); prediction_type epsilon, v_prediction or sample"
+    "supported: a UNet2DModel, UNet2DConditionModel or DiTTransformer2DModel folder, or a pipeline "
+    "folder with unet/ (or a DiT's transformer/), scheduler/, optionally vae/ (AutoencoderKL) or "
+    "vqvae/ (VQModel) and text_encoder/ (CLIPTextModel) + tokenizer/ (CLIPTokenizer); "
+    "prediction_type epsilon, v_prediction or sample"
 )
 
 
@@ -110,7 +126,7 @@ def load_denoiser(folder: Path) -> torch.nn.Module:
     name = _class_name(folder / "config.json", "UNet2DModel")
     if name not in DENOISERS:
         raise ModelError(f"{folder}: holds a {name}, which is not supported; {SUPPORTED}")
-    unet = _from_pretrained(DENOISERS[name], folder, f"U-Net ({name})")
+    unet = _from_pretrained(DENOISERS[name], folder, f"denoiser ({name})")
     check_denoiser(unet, folder)
     return unet
 
@@ -173,11 +189,15 @@ def _components(path: Path) -> dict[str, str]:
 
 
 def check_components(path: Path, comps: dict[str, str]) -> None:
-    """Refuse a pipeline whose components the engine does not know (a DiT `transformer`, …)."""
-    known = {"unet", "scheduler", "vae", "vqvae", "text_encoder", "tokenizer", *IGNORED}
+    """Refuse a pipeline whose components the engine does not know (an SDXL `text_encoder_2`, …)."""
+    known = {*DENOISER_DIRS, "scheduler", "vae", "vqvae", "text_encoder", "tokenizer", *IGNORED}
     unknown = sorted(set(comps) - known)
-    if "unet" not in comps or unknown:
-        what = f"component {unknown[0]!r} ({comps[unknown[0]]})" if unknown else "no unet"
+    if sum(d in comps for d in DENOISER_DIRS) != 1 or unknown:
+        what = (
+            f"component {unknown[0]!r} ({comps[unknown[0]]})"
+            if unknown
+            else "no unet (or both unet and transformer)"
+        )
         raise ModelError(f"{path}: a pipeline with {what} is not supported; {SUPPORTED}")
     if "vae" in comps and "vqvae" in comps:
         raise ModelError(f"{path}: both vae/ and vqvae/; a latent pipeline has one autoencoder")
@@ -218,7 +238,8 @@ def load_parts(path: Path) -> Parts:
     comps = _components(path) if (path / "model_index.json").is_file() else {}
     if comps:
         check_components(path, comps)
-    unet_dir = path / "unet" if (path / "unet" / "config.json").is_file() else path
+    sub = next((d for d in DENOISER_DIRS if (path / d / "config.json").is_file()), None)
+    unet_dir = path / sub if sub else path
     if not (unet_dir / "config.json").is_file():
         raise ModelError(
             f"{path}: no config.json here or in unet/ (expected a diffusers UNet2DModel folder or a "
@@ -236,6 +257,8 @@ def load_parts(path: Path) -> Parts:
         parts.text_encoder, parts.tokenizer = load_text(path)
     if (path / "conditioning.json").is_file():
         parts.conditioning = read_json(path / "conditioning.json")
+    if isinstance(unet, DiTTransformer2DModel):  # LabelEmbedding's extra row is the null class
+        parts.conditioning.setdefault("null_class", int(unet.config.num_embeds_ada_norm))
     check_fit(path, parts)
     return parts
 

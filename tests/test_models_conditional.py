@@ -178,13 +178,20 @@ def test_refusals_name_what_is_supported(tmp_path):
     (bad / "config.json").write_text("[1, 2]")
     with pytest.raises(ModelError, match="expected a JSON object"):
         load_model(bad)
-    dit = tmp_path / "dit"
-    dit.mkdir()
-    (dit / "model_index.json").write_text(
-        json.dumps({"_class_name": "DiTPipeline", "transformer": ["diffusers", "DiTTransformer2DModel"]})
+    sdxl = tmp_path / "sdxl"
+    sdxl.mkdir()
+    (sdxl / "model_index.json").write_text(
+        json.dumps({"unet": ["diffusers", "UNet2DConditionModel"], "text_encoder_2": ["transformers", "X"]})
     )
-    with pytest.raises(ModelError, match="'transformer'.*supported: a UNet2DModel or UNet2DConditionModel"):
-        load_model(dit)
+    with pytest.raises(
+        ModelError, match="'text_encoder_2'.*supported: a UNet2DModel, UNet2DConditionModel or DiT"
+    ):
+        load_model(sdxl)
+    other = tmp_path / "sd3" / "transformer"
+    other.mkdir(parents=True)
+    (other / "config.json").write_text(json.dumps({"_class_name": "SD3Transformer2DModel"}))
+    with pytest.raises(ModelError, match="holds a SD3Transformer2DModel, which is not supported"):
+        load_model(other.parent)
     folder = vpred_folder(tmp_path / "v")
     cfg = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     (folder / "scheduler" / "scheduler_config.json").write_text(
