@@ -38,16 +38,16 @@ NON_NEGATIVE = _count(0, "non-negative whole number")
 
 
 def check_model_family(model) -> None:
-    """ModelError for denoisers the index does not handle: anything but a diffusers `UNet2DModel`
-    or `UNet2DConditionModel` (pixel or latent; unconditional, class- or text-conditional). A DiT
-    (`DiTTransformer2DModel` / `Transformer2DModel`) is refused here as its folder is at load."""
-    from diffusers import UNet2DConditionModel, UNet2DModel
+    """ModelError for denoisers the index does not handle: anything but a diffusers `UNet2DModel`,
+    `UNet2DConditionModel` (pixel or latent; unconditional, class- or text-conditional) or a
+    class-conditional `DiTTransformer2DModel`."""
+    from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 
-    if not isinstance(model.unet, (UNet2DModel, UNet2DConditionModel)):
+    if not isinstance(model.unet, (UNet2DModel, UNet2DConditionModel, DiTTransformer2DModel)):
         raise ModelError(
-            f"an index can be built for UNet2DModel and UNet2DConditionModel denoisers (pixel or "
-            f"latent; unconditional, class- or text-conditional), not {type(model.unet).__name__}; "
-            "DiT models (DiTTransformer2DModel / Transformer2DModel) are not supported yet"
+            f"an index can be built for UNet2DModel, UNet2DConditionModel and DiTTransformer2DModel "
+            f"denoisers (pixel or latent; unconditional, class- or text-conditional), not "
+            f"{type(model.unet).__name__}"
         )
 
 
