@@ -126,7 +126,9 @@ def load_denoiser(folder: Path) -> torch.nn.Module:
     name = _class_name(folder / "config.json", "UNet2DModel")
     if name not in DENOISERS:
         raise ModelError(f"{folder}: holds a {name}, which is not supported; {SUPPORTED}")
-    unet = _from_pretrained(DENOISERS[name], folder, f"denoiser ({name})")
+    unet = _from_pretrained(
+        DENOISERS[name], folder, f"{'transformer' if 'Transformer' in name else 'U-Net'} ({name})"
+    )
     check_denoiser(unet, folder)
     return unet
 
