@@ -98,8 +98,9 @@ def _cells(rows: Rows, examples: int, parts: int, bands: Bands) -> list[torch.Te
 
 
 def _as_slice(idx: torch.Tensor) -> torch.Tensor | slice:
-    """`idx` as a slice if it is a run of consecutive rows (an empty cell stays an empty tensor)."""
-    if idx.numel() and int(idx[-1]) - int(idx[0]) + 1 == idx.numel() and bool((idx.diff() == 1).all()):
+    """`idx` (increasing row indices) as a slice if its rows are consecutive, i.e. span exactly
+    `idx.numel()` rows (an empty cell stays an empty tensor)."""
+    if idx.numel() and int(idx[-1]) - int(idx[0]) + 1 == idx.numel():
         return slice(int(idx[0]), int(idx[-1]) + 1)
     return idx
 

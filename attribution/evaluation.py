@@ -61,10 +61,19 @@ class GroundTruthConfig(SubsetsConfig):
     trajectory_steps: int = 50
 
 
-def measure(model, queries: torch.Tensor, draws: int, seed: int) -> np.ndarray:
-    """Each query's diffusion loss (Q,) under `model`, with draws fixed by (seed, query index)."""
+def measure(
+    model, queries: torch.Tensor, draws: int, seed: int, cond: Conditions | None = None
+) -> np.ndarray:
+    """Each query's diffusion loss (Q,) under `model`, with draws fixed by (seed, query index); a
+    conditional model's under the queries' conditions `cond`, m(q | c_q)."""
     rows = Measurement("loss").rows(
-        queries, list(range(queries.shape[0])), draws, seed, model.alphas_cumprod()
+        queries,
+        list(range(queries.shape[0])),
+        draws,
+        seed,
+        model.alphas_cumprod(),
+        cond=model.condition(cond),
+        prediction=model.prediction_type,
     )
     return evaluate(model.unet, rows).numpy()
 
@@ -100,17 +109,15 @@ def build_groundtruth(
     real = data.images[cfg.n_train : cfg.n_train + cfg.n_real]
     full = _full_model(out / "full-model", cfg, train_images, progress, log)
     queries = _queries(out / "queries.safetensors", cfg, full, real, progress, log)
-    masks = _masks(out / "masks.npy", cfg)
-    if not (out / "full_measurements.npy").exists():
-        save_numpy(out / "full_measurements.npy", measure(full, queries, cfg.measure_draws, cfg.seed + 3))
 
-    def fit_and_measure(rows: torch.Tensor, seed: int) -> np.ndarray:
-        model = train(
+    def fit(rows: torch.Tensor, seed: int):
+        return train(
             build_model(cfg.preset, seed=seed), train_images[rows], train_config(cfg, seed), progress=False
         )
-        return measure(model, queries, cfg.measure_draws, cfg.seed + 3)
 
-    train_subsets(out, cfg, masks, fit_and_measure, worker, log)
+    train_subsets(
+        out, cfg, full, fit, lambda m: measure(m, queries, cfg.measure_draws, cfg.seed + 3), worker, log
+    )
     return out
 
 
@@ -125,11 +132,15 @@ def open_folder(out: str | Path, cfg) -> Path:
     return out
 
 
-def train_subsets(out: Path, cfg, masks: np.ndarray, fit_and_measure, worker, log) -> None:
-    """Trains this worker's share of the missing (subset j, seed s) models, saving each one's query
-    measurements as soon as it is done (`fit_and_measure(rows, seed)` -> (Q,): the model trained on
-    `rows` with training seed `cfg.seed + 100 + s`, common to every subset); the worker that finds
-    every model done assembles measurements.npy (M, S, Q)."""
+def train_subsets(out: Path, cfg, full, fit, measure_of, worker, log) -> None:
+    """The subsets' masks and the full-data model's measurements (each made once), then this
+    worker's share of the missing (subset j, seed s) models, each one's query measurements saved as
+    soon as it is trained: `fit(rows, seed)` is the model trained on `rows` with training seed
+    `cfg.seed + 100 + s` (common to every subset), `measure_of(model)` its queries' losses (Q,).
+    The worker that finds every model done assembles measurements.npy (M, S, Q)."""
+    masks = _masks(out / "masks.npy", cfg)
+    if not (out / "full_measurements.npy").exists():
+        save_numpy(out / "full_measurements.npy", measure_of(full))
     mdir = out / "measurements"
     mdir.mkdir(exist_ok=True)
     missing = _missing(mdir, cfg)
@@ -139,7 +150,7 @@ def train_subsets(out: Path, cfg, masks: np.ndarray, fit_and_measure, worker, lo
     t0 = time.time()
     for n_done, (j, s) in enumerate(todo):
         rows = torch.from_numpy(np.flatnonzero(masks[j]))
-        save_numpy(mdir / f"{j:03d}-{s}.npy", fit_and_measure(rows, cfg.seed + 100 + s))
+        save_numpy(mdir / f"{j:03d}-{s}.npy", measure_of(fit(rows, cfg.seed + 100 + s)))
         left = (time.time() - t0) / (n_done + 1) * (len(todo) - n_done - 1)
         log(f"model {n_done + 1}/{len(todo)} (subset {j}, seed {s}) done; {left / 60:.0f} min left")
     if _missing(mdir, cfg):

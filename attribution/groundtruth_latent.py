@@ -28,13 +28,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from attribution.atomic import save_numpy
 from attribution.conditions import Conditions
 from attribution.data import mnist
-from attribution.evaluation import SubsetsConfig
-from attribution.measurements import Measurement, evaluate
+from attribution.evaluation import GroundTruth, SubsetsConfig, measure, open_folder, train_subsets
 from attribution.model import DiffusionModel, load_model
 from attribution.sample import sample
+from attribution.train_latent import LatentConfig, train_unet, write_pipeline
 
 KIND = "latent"
 
@@ -48,26 +47,8 @@ class LatentGroundTruthConfig(SubsetsConfig):
     sample_steps: int = 50
 
 
-def measure(
-    model: DiffusionModel, latents: torch.Tensor, cond: Conditions, draws: int, seed: int
-) -> np.ndarray:
-    """Each query's conditional diffusion loss (Q,) under `model`, draws fixed by (seed, index)."""
-    rows = Measurement("loss").rows(
-        latents,
-        list(range(latents.shape[0])),
-        draws,
-        seed,
-        model.alphas_cumprod(),
-        cond=model.condition(cond),
-        prediction=model.prediction_type,
-    )
-    return evaluate(model.unet, rows).numpy()
-
-
 def _train(base: DiffusionModel, latents, labels, cfg: LatentGroundTruthConfig, seed: int, steps: int):
     """A denoiser trained by the shipped recipe's denoiser stage, around `base`'s frozen parts."""
-    from attribution.train_latent import LatentConfig, train_unet
-
     lc = LatentConfig(
         seed=seed,
         unet_steps=steps,
@@ -95,9 +76,6 @@ def _data(cfg: LatentGroundTruthConfig, base: DiffusionModel):
 
 def build(out: str | Path, cfg: LatentGroundTruthConfig | None = None, log=print, worker=(0, 1)) -> Path:
     """Build (or resume) the latent ground truth under `out`; `worker` as in `build_groundtruth`."""
-    from attribution.evaluation import _masks, open_folder, train_subsets
-    from attribution.train_latent import write_pipeline
-
     cfg = cfg or LatentGroundTruthConfig()
     out = open_folder(out, cfg)
     base = load_model(cfg.model)
@@ -108,23 +86,27 @@ def build(out: str | Path, cfg: LatentGroundTruthConfig | None = None, log=print
         write_pipeline(full, out / "full-model", {"groundtruth": asdict(cfg)})
     full = load_model(out / "full-model")
     queries, qcond = _queries(out / "queries.safetensors", cfg, full, real_lat, real_cond, log)
-    masks = _masks(out / "masks.npy", cfg)
-    if not (out / "full_measurements.npy").exists():
-        save_numpy(
-            out / "full_measurements.npy", measure(full, queries, qcond, cfg.measure_draws, cfg.seed + 3)
-        )
 
-    def fit_and_measure(rows: torch.Tensor, seed: int) -> np.ndarray:
-        model = _train(base, train_lat[rows], train_cond.labels[rows], cfg, seed, cfg.steps)
-        return measure(model, queries, qcond, cfg.measure_draws, cfg.seed + 3)
+    def fit(rows: torch.Tensor, seed: int) -> DiffusionModel:
+        return _train(base, train_lat[rows], train_cond.labels[rows], cfg, seed, cfg.steps)
 
-    train_subsets(out, cfg, masks, fit_and_measure, worker, log)
+    def measure_of(model: DiffusionModel) -> np.ndarray:
+        return measure(model, queries, cfg.measure_draws, cfg.seed + 3, cond=qcond)
+
+    train_subsets(out, cfg, full, fit, measure_of, worker, log)
     return out
+
+
+def _query_conditions(cfg, full: DiffusionModel, real_cond: Conditions) -> Conditions:
+    """The queries' classes: generated query i under class i mod the number of classes, then the
+    real digits' own."""
+    labels = torch.cat([torch.arange(cfg.n_generated) % len(full.class_map), real_cond.labels])
+    return Conditions.classes(labels, full.class_map)
 
 
 def _queries(q_path: Path, cfg, full: DiffusionModel, real_lat, real_cond: Conditions, log):
     """(latents (Q, 2, 8, 8), their Conditions): guided samples of the full model, then real digits."""
-    gen_labels = torch.arange(cfg.n_generated) % 10
+    qcond = _query_conditions(cfg, full, real_cond)
     if not q_path.exists():
         log(
             f"generating {cfg.n_generated} queries (DDIM {cfg.sample_steps} steps, guidance {full.guidance_scale})"
@@ -136,24 +118,20 @@ def _queries(q_path: Path, cfg, full: DiffusionModel, real_lat, real_cond: Condi
             steps=cfg.sample_steps,
             keep_trajectory=True,
             progress=False,
-            conditions=Conditions.classes(gen_labels, full.class_map),
+            conditions=qcond.subset(list(range(cfg.n_generated))),
             guidance_scale=full.guidance_scale,
         )
         tensors = {"generated": s.latents, "real": real_lat, "timesteps": s.timesteps, "states": s.states}
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(q_path))
     q = load_file(str(q_path))
-    labels = torch.cat([gen_labels, real_cond.labels])
-    return torch.cat([q["generated"], q["real"]]), Conditions.classes(labels, full.class_map)
+    return torch.cat([q["generated"], q["real"]]), qcond
 
 
 def load(path: str | Path):
     """The latent ground truth as an `evaluation.GroundTruth`: latents and conditions on both sides."""
-    from attribution.evaluation import GroundTruth
-
     path = Path(path)
     cfg = LatentGroundTruthConfig(**json.loads((path / "config.json").read_text()))
     full = load_model(path / "full-model")
     train_lat, train_cond, _, real_cond = _data(cfg, full)
-    labels = torch.cat([torch.arange(cfg.n_generated) % 10, real_cond.labels])
-    qcond = Conditions.classes(labels, full.class_map)
+    qcond = _query_conditions(cfg, full, real_cond)
     return GroundTruth.read(path, cfg, train_lat, train_conditions=train_cond, query_conditions=qcond)

@@ -244,7 +244,7 @@ def load_parts(path: Path) -> Parts:
     unet_dir = path / sub if sub else path
     if not (unet_dir / "config.json").is_file():
         raise ModelError(
-            f"{path}: no config.json here or in unet/ (expected a diffusers UNet2DModel folder or a "
+            f"{path}: no config.json here or in unet/ or transformer/ (expected a diffusers denoiser folder or a "
             f"pipeline folder); {SUPPORTED}"
         )
     unet = load_denoiser(unet_dir)

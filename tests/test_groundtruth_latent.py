@@ -8,7 +8,7 @@ import torch
 
 from attribution import groundtruth_latent as gl
 from attribution.conditions import Conditions
-from attribution.evaluation import load_groundtruth, method_lds
+from attribution.evaluation import load_groundtruth, measure, method_lds
 from attribution.influence import AttributionConfig
 from attribution.model import load_model
 
@@ -40,9 +40,9 @@ def test_latent_groundtruth_small(tmp_path):
     assert len(gt.train_conditions) == 40
     # the measurement is conditional: the same latents under other classes have other losses
     other = Conditions.classes((gt.query_conditions.labels + 5) % 10, full.class_map)
-    same = gl.measure(full, gt.queries, gt.query_conditions, 8, CFG.seed + 3)
+    same = measure(full, gt.queries, 8, CFG.seed + 3, cond=gt.query_conditions)
     assert np.allclose(same, np.load(out / "full_measurements.npy"))
-    assert not np.allclose(same, gl.measure(full, gt.queries, other, 8, CFG.seed + 3))
+    assert not np.allclose(same, measure(full, gt.queries, 8, CFG.seed + 3, cond=other))
     # resuming finds everything done and retrains nothing
     files = {p.name: p.stat().st_mtime_ns for p in (out / "measurements").iterdir()}
     gl.build(out, CFG, log=lambda *_: None)
